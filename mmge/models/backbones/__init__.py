@@ -1,0 +1,3 @@
+from .ge_resnet import GEBasicBlock, GEResNet
+
+__all__ = ['GEBasicBlock', 'GEResNet']

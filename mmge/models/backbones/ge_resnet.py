@@ -1,0 +1,228 @@
+"""GE-ResNet: mmdet's ResNet with a Gather-Excite layer in its residual blocks."""
+import copy
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.utils.checkpoint as cp
+from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from mmengine.registry import MODELS
+
+from ..layers.gather import GLOBAL, Size2d, to_size2d
+
+
+class GEBasicBlock(BasicBlock):
+    """mmdet's ``BasicBlock`` that accepts plugins after its last norm layer.
+
+    mmdet's ``BasicBlock`` refuses plugins. This one takes them at position
+    ``'after_conv2'``: on the output of ``conv2``/``norm2``, before the
+    shortcut is added, which is where GE and SE sit. Parameter names are
+    those of mmdet's ``BasicBlock`` plus the plugins'.
+
+    Args:
+        *args: Positional arguments of mmdet's ``BasicBlock``.
+        plugins (list[dict], optional): Plugins as produced by
+            ``ResNet.make_stage_plugins``: dicts with ``cfg`` and
+            ``position='after_conv2'``.
+        **kwargs: Keyword arguments of mmdet's ``BasicBlock``.
+    """
+
+    # Reuse mmdet's plugin builder and runner; they only need ``self``.
+    make_block_plugins = Bottleneck.make_block_plugins
+    forward_plugin = Bottleneck.forward_plugin
+
+    def __init__(self, *args, plugins: Optional[List[dict]] = None,
+                 **kwargs) -> None:
+        super().__init__(*args, plugins=None, **kwargs)
+        plugins = plugins or []
+        for plugin in plugins:
+            if plugin.get('position') != 'after_conv2':
+                raise ValueError(
+                    f"a basic block (ResNet-18/34) takes plugins only at "
+                    f"position 'after_conv2' (after its last norm layer), "
+                    f"got position={plugin.get('position')!r}")
+        self.after_conv2_plugin_names = self.make_block_plugins(
+            self.conv2.out_channels, [p['cfg'] for p in plugins])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward function."""
+
+        def _inner_forward(x):
+            identity = x
+            out = self.relu(self.norm1(self.conv1(x)))
+            out = self.norm2(self.conv2(out))
+            out = self.forward_plugin(out, self.after_conv2_plugin_names)
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            return out + identity
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        else:
+            out = _inner_forward(x)
+        return self.relu(out)
+
+
+@MODELS.register_module()
+class GEResNet(ResNet):
+    """ResNet with Gather-Excite (or another gating layer) in its blocks.
+
+    mmdet's ``ResNet`` (every argument of it works the same here:
+    ``style``, ``frozen_stages``, ``norm_eval``, ``out_indices``,
+    ``with_cp``, ``init_cfg``, ...) with the layer ``ge_cfg`` on the
+    residual branch of every block of the stages ``ge_stages``, after the
+    last norm layer and before the shortcut is added (Hu et al., 2018).
+    Bottleneck models (50/101/152) are exactly mmdet's ``ResNet`` with the
+    plugin at ``'after_conv3'``, parameter names included, so checkpoints
+    move between the two. ResNet-18/34 use :class:`GEBasicBlock`.
+
+    ``ge_cfg`` takes any layer built with ``in_channels``: ``GatherExcite``
+    (the default type), ``SqueezeExcite`` (SE), or mmcv's ``ContextBlock``
+    (GC), so ResNet, SE, GE and GC differ by that one argument; ``None``
+    gives the plain ResNet.
+
+    Args:
+        depth (int): 18, 34, 50, 101 or 152.
+        ge_cfg (dict, optional): Config of the layer; ``type`` defaults to
+            ``'GatherExcite'``. Defaults to GE-theta with extent 8.
+        ge_stages (Sequence[bool], optional): Which stages get the layer,
+            one flag per stage. Defaults to all.
+        input_size (int | tuple[int, int], optional): Network input size
+            ``(h, w)``. Required by global-extent GE-theta/theta-plus, whose
+            per-stage feature sizes are derived from it.
+        num_stages (int): Number of stages. Defaults to 4.
+        strides (Sequence[int]): Stride of each stage's first block.
+            Defaults to (1, 2, 2, 2).
+        plugins (list[dict], optional): Further mmdet plugins.
+        **kwargs: Other arguments of mmdet's ``ResNet``.
+
+    Example:
+        >>> import torch
+        >>> model = GEResNet(50, ge_cfg=dict(variant='theta', extent=8))
+        >>> [o.shape[1] for o in model(torch.rand(1, 3, 64, 64))]
+        [256, 512, 1024, 2048]
+    """
+
+    arch_settings = {
+        18: (GEBasicBlock, (2, 2, 2, 2)),
+        34: (GEBasicBlock, (3, 4, 6, 3)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)),
+        152: (Bottleneck, (3, 8, 36, 3)),
+    }
+
+    def __init__(self,
+                 depth: int,
+                 ge_cfg: Optional[dict] = dict(
+                     type='GatherExcite', variant='theta', extent=8),
+                 ge_stages: Optional[Sequence[bool]] = None,
+                 input_size: Optional[Union[int, Size2d]] = None,
+                 num_stages: int = 4,
+                 strides: Sequence[int] = (1, 2, 2, 2),
+                 plugins: Optional[List[dict]] = None,
+                 **kwargs) -> None:
+        if depth not in self.arch_settings:
+            raise ValueError(f'depth must be one of '
+                             f'{sorted(self.arch_settings)}, got {depth!r}')
+        if ge_stages is None:
+            ge_stages = (True, ) * num_stages
+        if (not isinstance(ge_stages, (tuple, list))
+                or len(ge_stages) != num_stages):
+            raise ValueError(
+                f'ge_stages must be a tuple of {num_stages} bools (one per '
+                f'stage, num_stages={num_stages}), got {ge_stages!r}')
+        for plugin in plugins or []:
+            stages = plugin.get('stages')
+            if stages is not None and len(stages) != num_stages:
+                raise ValueError(
+                    f"plugin {plugin.get('cfg')}: 'stages' must have one "
+                    f'flag per stage ({num_stages}), got {stages!r}')
+        self.ge_cfg = copy.deepcopy(ge_cfg)
+        self.ge_stages = tuple(bool(s) for s in ge_stages)
+        self.input_size = None if input_size is None else to_size2d(
+            input_size, 'input_size')
+
+        block = self.arch_settings[depth][0]
+        position = 'after_conv2' if block is GEBasicBlock else 'after_conv3'
+        ge_plugins = self._make_ge_plugins(position, num_stages, strides)
+        plugins = list(plugins or []) + ge_plugins
+        super().__init__(
+            depth,
+            num_stages=num_stages,
+            strides=strides,
+            plugins=plugins or None,
+            **kwargs)
+        # mmdet zero-initialises the last norm of its own BasicBlock only.
+        if (block is GEBasicBlock and self.zero_init_residual
+                and kwargs.get('init_cfg') is None
+                and kwargs.get('pretrained') is None):
+            for name in self.res_layers:
+                for m in getattr(self, name):
+                    m.init_cfg = dict(
+                        type='Constant', val=0, override=dict(name='norm2'))
+
+    def train(self, mode: bool = True) -> 'GEResNet':
+        """Set train/eval mode, keeping mmdet's frozen stages and
+        ``norm_eval``; returns ``self`` as ``nn.Module.train`` does."""
+        super().train(mode)
+        return self
+
+    def _needs_feat_size(self) -> bool:
+        cfg = self.ge_cfg
+        return (cfg.get('type', 'GatherExcite') in ('GatherExcite',
+                                                     'mmge.GatherExcite')
+                and cfg.get('extent', 8) == GLOBAL
+                and cfg.get('variant', 'theta') != 'theta_minus'
+                and 'feat_size' not in cfg)
+
+    def stage_sizes(self, num_stages: int,
+                    strides: Sequence[int]) -> List[Size2d]:
+        """Feature size after each stage for ``self.input_size``.
+
+        The stem halves the size twice (stride-2 conv, then max pool) and
+        every stride-s stage divides it by s, each time rounding up.
+
+        Args:
+            num_stages (int): Number of stages.
+            strides (Sequence[int]): Stride of each stage.
+
+        Returns:
+            list[tuple[int, int]]: ``(h, w)`` per stage.
+        """
+        h, w = self.input_size
+        h, w = -(-h // 4), -(-w // 4)
+        sizes = []
+        for s in strides[:num_stages]:
+            h, w = -(-h // s), -(-w // s)
+            sizes.append((h, w))
+        return sizes
+
+    def _make_ge_plugins(self, position: str, num_stages: int,
+                         strides: Sequence[int]) -> List[dict]:
+        """One mmdet plugin dict per stage that gets the layer."""
+        if self.ge_cfg is None or not any(self.ge_stages):
+            return []
+        cfg = dict(self.ge_cfg)
+        cfg.setdefault('type', 'GatherExcite')
+        sizes = [None] * num_stages
+        if self._needs_feat_size():
+            if self.input_size is None:
+                raise ValueError(
+                    "global-extent GE-theta (extent='global') needs "
+                    'input_size: its depthwise kernel equals each stage\'s '
+                    'feature size, derived from the input size. Give '
+                    'input_size (e.g. 224), or use a local extent (2, 4, 8) '
+                    'for inputs of varying size such as detection.')
+            sizes = self.stage_sizes(num_stages, strides)
+        plugins = []
+        for i, on in enumerate(self.ge_stages):
+            if not on:
+                continue
+            stage_cfg = dict(cfg)
+            if sizes[i] is not None:
+                stage_cfg['feat_size'] = sizes[i]
+            plugins.append(
+                dict(
+                    cfg=stage_cfg,
+                    stages=tuple(j == i for j in range(num_stages)),
+                    position=position))
+        return plugins

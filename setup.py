@@ -1,0 +1,50 @@
+"""mmge: Gather-Excite for MMDetection and MMPretrain.
+
+Install the OpenMMLab stack first as docs/get_started.md says (mmcv must be
+built with its ops, against the installed torch); ``tools/setup_env.sh`` does
+all of it on a CPU machine.
+"""
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+
+def read_version() -> str:
+    ns = {}
+    with open(osp.join(osp.dirname(__file__), 'mmge', 'version.py')) as f:
+        exec(f.read(), ns)
+    return ns['__version__']
+
+
+# Bounds: the lower ones are the first releases with the APIs mmge uses
+# (MMEngine runner, mmdet 3.x / mmpretrain 1.x registries); the upper ones
+# keep out releases that break the stack: mmdet 3.x asserts mmcv < 2.2.0,
+# and mmcv 2.1 / mmdet 3.3 predate numpy 2. Tested together:
+# torch 2.13.0, torchvision 0.28.0, mmengine 0.10.7, mmcv 2.1.0, mmdet 3.3.0,
+# mmpretrain 1.2.0, pycocotools 2.0.11, numpy 1.26.4 (Python 3.11).
+install_requires = [
+    'torch>=2.0',
+    'torchvision>=0.15',
+    'numpy>=1.24,<2',
+    'mmengine>=0.10.0,<1.0',
+    'mmcv>=2.0.0,<2.2.0',
+    'mmdet>=3.1.0,<3.4.0',
+    'mmpretrain>=1.0.0,<2.0',
+    'pycocotools>=2.0.6',
+]
+
+setup(
+    name='mmge',
+    version=read_version(),
+    description='Gather-Excite (Hu et al., NeurIPS 2018) for MMDetection '
+    'and MMPretrain',
+    long_description=open('README.md', encoding='utf-8').read()
+    if osp.exists('README.md') else '',
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=find_packages(include=['mmge', 'mmge.*']),
+    python_requires='>=3.8',
+    install_requires=install_requires,
+    extras_require={'tests': ['pytest>=7']},
+    zip_safe=False,
+)

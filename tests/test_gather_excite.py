@@ -1,0 +1,237 @@
+"""GatherExcite against the independent reference, and its contract."""
+import numpy as np
+import pytest
+import torch
+
+import reference
+from mmge.models import ConvGather, Excite, GatherExcite, PoolGather
+from mmge.models.layers.gather import gathered_size
+
+VARIANTS = ('theta_minus', 'theta', 'theta_plus')
+EXTENTS = (2, 4, 8, 'global')
+# odd, tiny, divisible and extreme-aspect sizes
+SIZES = ((1, 1), (2, 3), (7, 7), (13, 9), (16, 16), (1, 31), (29, 2),
+         (15, 17))
+
+
+def build(variant, extent, size, channels=4, reduction=2):
+    layer = GatherExcite(
+        channels, variant=variant, extent=extent, reduction=reduction,
+        feat_size=size if extent == 'global' else None).double()
+    # random BN statistics and affine terms, so BN is not an identity
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('extent', EXTENTS)
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_matches_reference(variant, extent, size):
+    layer = build(variant, extent, size).eval()
+    x = torch.randn(2, 4, *size, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    ref = reference.gather_excite(x.numpy(), layer, variant, extent)
+    assert out.shape == x.shape
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', ((13, 9), (1, 31)))
+@pytest.mark.parametrize('variant', ('theta', 'theta_plus'))
+def test_matches_reference_train_mode_bn(variant, size):
+    layer = build(variant, 8, size).train()
+    x = torch.randn(3, 4, *size, dtype=torch.float64)
+    out = layer(x)
+    ref = reference.gather_excite(
+        x.numpy(), layer, variant, 8, train=True)
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('extent', EXTENTS)
+def test_gather_output_size(extent, size):
+    x = torch.randn(1, 3, *size)
+    expect = gathered_size(size, extent)
+    if extent == 'global':
+        assert expect == (1, 1)
+    else:
+        assert expect == tuple(-(-s // extent) for s in size)
+    assert PoolGather(extent)(x).shape[-2:] == expect
+    conv = ConvGather(3, extent, feat_size=size).eval()
+    assert conv(x).shape[-2:] == expect
+
+
+@pytest.mark.parametrize('extent,n_convs', ((2, 1), (4, 2), (8, 3),
+                                            ('global', 1)))
+def test_theta_gather_depth_is_log2_extent(extent, n_convs):
+    layer = GatherExcite(8, variant='theta', extent=extent, feat_size=5)
+    convs = list(layer.gather.convs)
+    assert len(convs) == n_convs
+    for m in convs:
+        assert m.conv.groups == 8 and m.conv.bias is None
+        assert isinstance(m.bn, torch.nn.BatchNorm2d)
+    # ReLU after every conv but the last; theta_plus adds it to the last
+    assert [m.with_activation for m in convs] == [True] * (n_convs - 1) + [
+        False
+    ]
+    plus = GatherExcite(
+        8, variant='theta_plus', extent=extent, feat_size=5)
+    assert all(m.with_activation for m in plus.gather.convs)
+
+
+@pytest.mark.parametrize('extent', EXTENTS)
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_param_count(variant, extent):
+    c, size = 32, (6, 5)
+    layer = GatherExcite(c, variant=variant, extent=extent, feat_size=size)
+    n = sum(p.numel() for p in layer.parameters())
+    if variant == 'theta_minus':
+        expect = 0
+    else:
+        convs = 1 if extent == 'global' else int(np.log2(extent))
+        kernel = size[0] * size[1] if extent == 'global' else 9
+        expect = convs * (c * kernel + 2 * c)  # depthwise conv + BN affine
+        if variant == 'theta_plus':
+            hidden = c // 16
+            expect += c * hidden + hidden + hidden * c + c
+    assert n == expect
+
+
+@pytest.mark.parametrize('extent', EXTENTS)
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_gradients_reach_every_parameter(variant, extent):
+    layer = GatherExcite(32, variant=variant, extent=extent, feat_size=(9, 7))
+    x = torch.randn(2, 32, 9, 7, requires_grad=True)
+    (layer(x) * torch.randn(2, 32, 9, 7)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_attributes_for_inspection():
+    layer = GatherExcite(16, variant='theta_plus', extent='global',
+                         feat_size=(7, 5))
+    assert layer.variant == 'theta_plus'
+    assert layer.extent == 'global'
+    assert layer.feat_size == (7, 5)
+    assert layer.in_channels == 16
+    assert GatherExcite(16, variant='theta_minus').feat_size is None
+    assert 'theta_plus' in repr(layer)
+
+
+def test_sigmoid_gate_bounds_output():
+    # the gate is in [0, 1]: |y| <= |x| everywhere
+    layer = GatherExcite(8, variant='theta', extent=4).eval()
+    x = torch.randn(2, 8, 11, 13) * 10
+    y = layer(x)
+    assert torch.all(y.abs() <= x.abs() + 1e-6)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_bf16_autocast_cpu(variant):
+    layer = GatherExcite(16, variant=variant, extent=8).eval()
+    x = torch.randn(2, 16, 21, 19)
+    with torch.no_grad():
+        ref = layer(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(x)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize('extent', EXTENTS)
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_channels_last(variant, extent):
+    layer = GatherExcite(16, variant=variant, extent=extent,
+                         feat_size=(13, 10)).eval()
+    x = torch.randn(2, 16, 13, 10)
+    xc = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = layer(x), layer(xc)
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_excite_parameter_free_is_plain_gate():
+    x = torch.randn(1, 2, 4, 4)
+    g = torch.zeros(1, 2, 1, 1)
+    torch.testing.assert_close(Excite()(x, g), x * 0.5)
+
+
+# --- bad arguments: clear errors at build time ---------------------------
+
+
+@pytest.mark.parametrize('extent', (3, 0, -8, 6, 1))
+def test_bad_extent_value(extent):
+    with pytest.raises(ValueError, match=r"extent.*power of two.*'global'"):
+        GatherExcite(8, extent=extent)
+
+
+@pytest.mark.parametrize('extent', ('foo', 'Global', ''))
+def test_bad_extent_string(extent):
+    with pytest.raises(ValueError, match='extent'):
+        GatherExcite(8, extent=extent)
+
+
+@pytest.mark.parametrize('extent', (2.0, None, True, [8]))
+def test_bad_extent_type(extent):
+    with pytest.raises(TypeError, match='extent'):
+        GatherExcite(8, extent=extent)
+
+
+@pytest.mark.parametrize('variant', ('theta-minus', 'se', '', None))
+def test_bad_variant(variant):
+    with pytest.raises(ValueError,
+                       match=r"variant must be one of \('theta_minus'"):
+        GatherExcite(8, variant=variant)
+
+
+@pytest.mark.parametrize('reduction', (0, -16))
+def test_bad_reduction_value(reduction):
+    with pytest.raises(ValueError, match='reduction must be an int >= 1'):
+        GatherExcite(8, variant='theta_plus', reduction=reduction)
+
+
+@pytest.mark.parametrize('reduction', (1.5, '16', None))
+def test_bad_reduction_type(reduction):
+    with pytest.raises(TypeError, match='reduction'):
+        GatherExcite(8, reduction=reduction)
+
+
+@pytest.mark.parametrize('channels', (0, -3, 2.0, None))
+def test_bad_in_channels(channels):
+    with pytest.raises(ValueError, match='in_channels must be a positive'):
+        GatherExcite(channels)
+
+
+@pytest.mark.parametrize('variant', ('theta', 'theta_plus'))
+def test_global_theta_needs_feat_size(variant):
+    with pytest.raises(ValueError, match='needs feat_size.*local extent'):
+        GatherExcite(8, variant=variant, extent='global')
+    # the parameter-free global gather needs no size
+    GatherExcite(8, variant='theta_minus', extent='global')
+
+
+@pytest.mark.parametrize('feat_size', ((0, 4), (3, 4, 5), 'x', 2.5))
+def test_bad_feat_size(feat_size):
+    with pytest.raises((TypeError, ValueError), match='feat_size'):
+        GatherExcite(8, variant='theta', extent='global',
+                     feat_size=feat_size)
+
+
+def test_global_theta_at_other_size_says_why():
+    layer = GatherExcite(8, variant='theta', extent='global', feat_size=7)
+    layer(torch.randn(2, 8, 7, 7))
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(2, 8, 9, 7))
+    msg = str(err.value)
+    assert 'built for feature size (7, 7)' in msg and '(9, 7)' in msg
+    assert 'local extent' in msg

@@ -1,0 +1,228 @@
+"""GEResNet: structure, mmdet ResNet behaviour, errors, global extent."""
+import pytest
+import torch
+from mmdet.models.backbones import ResNet
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmge.models import GatherExcite, GEBasicBlock, GEResNet, SqueezeExcite
+
+
+def ge_layers(model, cls=GatherExcite):
+    return [m for m in model.modules() if isinstance(m, cls)]
+
+
+@pytest.mark.parametrize('depth,n_blocks', ((18, 8), (34, 16), (50, 16),
+                                            (101, 33), (152, 50)))
+def test_every_block_gets_one_layer(depth, n_blocks):
+    model = GEResNet(depth, ge_cfg=dict(variant='theta_minus', extent=4))
+    assert len(ge_layers(model)) == n_blocks
+    channels = [m.in_channels for m in ge_layers(model)]
+    expansion = 1 if depth < 50 else 4
+    assert channels[0] == 64 * expansion and channels[-1] == 512 * expansion
+
+
+@pytest.mark.parametrize('depth', (18, 34, 50))
+def test_forward_shapes_odd_input(depth):
+    model = GEResNet(depth, ge_cfg=dict(variant='theta', extent=8))
+    model.init_weights()
+    outs = model(torch.randn(2, 3, 45, 67))
+    expansion = 1 if depth < 50 else 4
+    assert [o.shape[1] for o in outs] == [64 * expansion * 2**i
+                                          for i in range(4)]
+    assert [tuple(o.shape[-2:]) for o in outs] == [(12, 17), (6, 9),
+                                                   (3, 5), (2, 3)]
+
+
+def test_basic_block_layer_sits_after_norm2_before_add():
+    model = GEResNet(18, ge_cfg=dict(variant='theta', extent=2)).eval()
+    block = model.layer1[0]
+    assert isinstance(block, GEBasicBlock)
+    assert block.after_conv2_plugin_names == ['gather_excite']
+    seen = {}
+    block.gather_excite.register_forward_hook(
+        lambda m, i, o: seen.update(inp=i[0], out=o))
+    x = torch.randn(1, 64, 9, 9)
+    y = block(x)
+    expect_in = block.norm2(block.conv2(block.relu(block.norm1(
+        block.conv1(x)))))
+    torch.testing.assert_close(seen['inp'], expect_in)
+    torch.testing.assert_close(y, torch.relu(seen['out'] + x))
+
+
+def test_bottleneck_layer_sits_after_conv3():
+    model = GEResNet(50, ge_cfg=dict(variant='theta_minus', extent=2)).eval()
+    block = model.layer2[0]
+    assert block.after_conv3_plugin_names == ['gather_excite']
+    assert block.after_conv1_plugin_names == []
+    assert block.after_conv2_plugin_names == []
+
+
+def test_zero_init_residual_basic_block():
+    model = GEResNet(18)
+    model.init_weights()
+    for layer in (model.layer1, model.layer4):
+        for block in layer:
+            assert torch.all(block.norm2.weight == 0)
+    no_zero = GEResNet(18, zero_init_residual=False)
+    no_zero.init_weights()
+    assert torch.all(no_zero.layer1[0].norm2.weight == 1)
+
+
+@pytest.mark.parametrize('stages,expect', (((True, False, False, False), 3),
+                                           ((False, False, True, False), 6),
+                                           ((False, ) * 4, 0)))
+def test_ge_stages(stages, expect):
+    model = GEResNet(50, ge_stages=stages)
+    assert len(ge_layers(model)) == expect
+    for i, on in enumerate(stages):
+        assert bool(ge_layers(getattr(model, f'layer{i + 1}'))) == on
+
+
+def test_ge_cfg_none_is_plain_resnet():
+    model = GEResNet(50, ge_cfg=None)
+    plain = ResNet(50)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize('style', ('pytorch', 'caffe'))
+def test_style(style):
+    model = GEResNet(50, style=style)
+    block = model.layer2[0]
+    stride_conv = block.conv1 if style == 'caffe' else block.conv2
+    assert stride_conv.stride == (2, 2)
+    assert model(torch.randn(2, 3, 33, 33))[-1].shape[-2:] == (2, 2)
+
+
+def test_frozen_stages_and_norm_eval():
+    model = GEResNet(50, frozen_stages=1, norm_eval=True)
+    model.train()
+    for p in model.layer1.parameters():  # GE parameters included
+        assert not p.requires_grad
+    assert all(p.requires_grad for p in model.layer2.parameters())
+    assert all(not m.training for m in model.modules()
+               if isinstance(m, _BatchNorm))
+    model = GEResNet(50, norm_eval=False)
+    model.train()
+    assert all(m.training for m in model.modules()
+               if isinstance(m, _BatchNorm))
+
+
+def test_out_indices():
+    model = GEResNet(18, out_indices=(1, 3))
+    outs = model(torch.randn(2, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [128, 512]
+
+
+@pytest.mark.parametrize('depth', (18, 50))
+def test_with_cp_same_outputs_and_grads(depth):
+    torch.manual_seed(1)
+    a = GEResNet(depth, with_cp=False, norm_eval=False)
+    b = GEResNet(depth, with_cp=True, norm_eval=False)
+    b.load_state_dict(a.state_dict())
+    a.train(), b.train()
+    x = torch.randn(2, 3, 40, 40, requires_grad=True)
+    for m in (a, b):
+        m(x)[-1].sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+# --- the global extent: sizes derived from input_size ---------------------
+
+
+@pytest.mark.parametrize('input_size,sizes', (
+    (224, [(56, 56), (28, 28), (14, 14), (7, 7)]),
+    ((225, 100), [(57, 25), (29, 13), (15, 7), (8, 4)]),
+))
+def test_global_feat_size_from_input_size(input_size, sizes):
+    model = GEResNet(
+        50, ge_cfg=dict(variant='theta', extent='global'),
+        input_size=input_size)
+    got = [ge_layers(getattr(model, f'layer{i}'))[0].feat_size
+           for i in range(1, 5)]
+    assert got == sizes
+    h, w = (input_size, input_size) if isinstance(input_size,
+                                                  int) else input_size
+    model.eval()
+    outs = model(torch.randn(1, 3, h, w))
+    assert [tuple(o.shape[-2:]) for o in outs] == sizes
+
+
+def test_global_feat_size_follows_strides():
+    model = GEResNet(
+        50, ge_cfg=dict(variant='theta_plus', extent='global'),
+        input_size=64, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2))
+    assert ge_layers(model.layer4)[0].feat_size == (4, 4)
+    assert model(torch.randn(2, 3, 64, 64))[-1].shape[-2:] == (4, 4)
+
+
+def test_global_theta_without_input_size():
+    with pytest.raises(ValueError, match='needs input_size.*local extent'):
+        GEResNet(50, ge_cfg=dict(variant='theta', extent='global'))
+    # parameter-free global GE needs no size and runs at any size
+    model = GEResNet(50, ge_cfg=dict(variant='theta_minus', extent='global'))
+    model(torch.randn(1, 3, 37, 50))
+
+
+def test_global_theta_other_input_size_fails_clearly():
+    model = GEResNet(
+        18, ge_cfg=dict(variant='theta', extent='global'), input_size=64)
+    with pytest.raises(ValueError, match=r'built for feature size \(16, 16\)'
+                       r'.*\(20, 20\).*local extent'):
+        model(torch.randn(1, 3, 80, 80))
+
+
+# --- bad arguments ---------------------------------------------------------
+
+
+@pytest.mark.parametrize('stages', ((True, True, True), (True, ) * 5, True))
+def test_bad_ge_stages(stages):
+    with pytest.raises(ValueError, match='ge_stages must be a tuple of 4'):
+        GEResNet(50, ge_stages=stages)
+
+
+def test_bad_plugin_stages():
+    plugin = dict(cfg=dict(type='GatherExcite'), stages=(True, False),
+                  position='after_conv3')
+    with pytest.raises(ValueError, match="'stages' must have one flag"):
+        GEResNet(50, ge_cfg=None, plugins=[plugin])
+
+
+@pytest.mark.parametrize('depth', (20, 0, '50'))
+def test_bad_depth(depth):
+    with pytest.raises(ValueError, match=r'depth must be one of \[18, 34'):
+        GEResNet(depth)
+
+
+@pytest.mark.parametrize('cfg,exc,match', (
+    (dict(variant='theta', extent=3), ValueError, 'extent'),
+    (dict(variant='nope'), ValueError, 'variant'),
+    (dict(variant='theta_plus', reduction=0), ValueError, 'reduction'),
+))
+def test_bad_ge_cfg_fails_at_build(cfg, exc, match):
+    with pytest.raises(exc, match=match):
+        GEResNet(50, ge_cfg=cfg)
+
+
+def test_basic_block_rejects_other_plugin_positions():
+    plugin = dict(cfg=dict(type='GatherExcite'), position='after_conv3')
+    with pytest.raises(ValueError, match="only at position 'after_conv2'"):
+        GEResNet(18, ge_cfg=None, plugins=[plugin])
+
+
+# --- SE and GC through the same argument -----------------------------------
+
+
+def test_se_and_gc_in_the_same_slot():
+    se = GEResNet(50, ge_cfg=dict(type='SqueezeExcite'))
+    assert len(ge_layers(se, SqueezeExcite)) == 16
+    assert se.layer1[0].after_conv3_plugin_names == ['squeeze_excite']
+    gc = GEResNet(
+        50, ge_cfg=dict(type='ContextBlock', ratio=1. / 16),
+        ge_stages=(False, True, True, True))
+    assert gc.layer2[0].after_conv3_plugin_names == ['context_block']
+    assert gc.layer1[0].after_conv3_plugin_names == []
+    for model in (se, gc):
+        model(torch.randn(2, 3, 32, 32))
+    basic_se = GEResNet(18, ge_cfg=dict(type='SqueezeExcite'))
+    assert basic_se.layer1[0].after_conv2_plugin_names == ['squeeze_excite']

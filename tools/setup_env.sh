@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Set up (or re-use) the project's virtual environment and install mmge into it.
+#
+#   bash tools/setup_env.sh            # CPU machine (this is what CI runs)
+#   MMGE_VENV=/path/to/venv bash tools/setup_env.sh
+#
+# The stack and its pinned versions are explained in docs/get_started.md.
+# A second run on the same machine is fast: every step is skipped when its
+# result is already importable, and pip re-uses the cached mmcv wheel.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MMGE_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+log() { printf '[setup_env] %s\n' "$*"; }
+
+if [ ! -x "$PY" ]; then
+  log "creating virtual environment at $VENV"
+  python3 -m venv "$VENV"
+fi
+PIP=("$PY" -m pip --disable-pip-version-check)
+# numpy < 2 and friends, for every pip call (see the file).
+export PIP_CONSTRAINT="$ROOT/tools/constraints.txt"
+
+# Run from / so that the checkout itself is not importable as "mmge".
+have() { (cd / && "$PY" -c "$1") >/dev/null 2>&1; }
+
+# 1. torch + torchvision. '!=2.13.0+cpu' keeps pip off a local CPU-only torch wheel
+#    that torchvision's PyPI build cannot load (ENVIRONMENT.md, trap 2). setuptools is
+#    pinned in the same step to a release that torch 2.13 accepts and that still has the
+#    pkg_resources mmcv's setup.py and mmengine import (tools/constraints.txt).
+if ! have 'import torch, torchvision, pkg_resources, numpy, sys; from torchvision.ops import nms; sys.exit(numpy.__version__ >= "2" or not torch.__version__.startswith("2.13."))'; then
+  log "installing torch and torchvision (large download, about 2 minutes)"
+  "${PIP[@]}" install -q "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0" "numpy>=1.24,<2" \
+    "setuptools>=77.0.3,<81" wheel
+fi
+
+# 2. mmcv with its compiled ops. It has to be built against the installed torch, so no
+#    build isolation. The first build takes about 9 minutes on 2 cores; pip caches the wheel.
+if ! have 'from mmcv.ops import RoIAlign, nms'; then
+  log "building mmcv 2.1.0 with ops (first time: about 9 minutes; cached afterwards)"
+  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "${PIP[@]}" install -q --no-build-isolation "mmcv==2.1.0"
+fi
+
+# 3. The OpenMMLab libraries, pycocotools, and mmge itself (editable) with test extras.
+if ! have 'import mmengine, mmdet, mmpretrain, pycocotools, mmge, pytest'; then
+  log "installing mmengine, mmdet, mmpretrain, pycocotools and mmge"
+  "${PIP[@]}" install -q --no-build-isolation -e "$ROOT[tests]"
+fi
+
+"$PY" - <<'PYEOF'
+import torch, torchvision, mmengine, mmcv, mmdet, mmpretrain, pycocotools
+from mmcv.ops import RoIAlign  # noqa: F401  (fails if mmcv was built without ops)
+print('[setup_env] ready: torch %s, torchvision %s, mmengine %s, mmcv %s, mmdet %s, mmpretrain %s'
+      % (torch.__version__, torchvision.__version__, mmengine.__version__,
+         mmcv.__version__, mmdet.__version__, mmpretrain.__version__))
+PYEOF
