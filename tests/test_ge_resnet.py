@@ -156,6 +156,14 @@ def test_global_feat_size_follows_strides():
     assert model(torch.randn(2, 3, 64, 64))[-1].shape[-2:] == (4, 4)
 
 
+def test_global_theta_by_class_or_scoped_name():
+    for layer in (GatherExcite, 'GatherExcite'):
+        model = GEResNet(
+            18, ge_cfg=dict(type=layer, variant='theta', extent='global'),
+            input_size=32)
+        assert ge_layers(model.layer4)[0].feat_size == (1, 1)
+
+
 def test_global_theta_without_input_size():
     with pytest.raises(ValueError, match='needs input_size.*local extent'):
         GEResNet(50, ge_cfg=dict(variant='theta', extent='global'))
@@ -170,6 +178,25 @@ def test_global_theta_other_input_size_fails_clearly():
     with pytest.raises(ValueError, match=r'built for feature size \(16, 16\)'
                        r'.*\(20, 20\).*local extent'):
         model(torch.randn(1, 3, 80, 80))
+
+
+@pytest.mark.parametrize('depth', (18, 50))
+def test_bf16_autocast_and_channels_last(depth):
+    model = GEResNet(depth, ge_cfg=dict(variant='theta_plus', extent=8))
+    model.init_weights()
+    model.eval()
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x)
+        cl = model.to(memory_format=torch.channels_last)(
+            x.to(memory_format=torch.channels_last))
+    for r, b, c in zip(ref, low, cl):
+        assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
+        assert (b.float() - r).abs().mean() < 0.05 * r.abs().mean()
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4)
+        assert c.is_contiguous(memory_format=torch.channels_last)
 
 
 # --- bad arguments ---------------------------------------------------------

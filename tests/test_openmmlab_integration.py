@@ -163,7 +163,7 @@ def test_paper_parameter_counts(depth, ge_cfg, ge_stages, paper, tol):
     assert abs(n / 1e6 - paper) <= tol, f'{n / 1e6:.3f}M vs paper {paper}M'
 
 
-def test_exact_parameter_increments_resnet50():
+def test_exact_parameter_increments():
     base = classifier_params(50, None, None)
     assert base == 25_557_032
     stages = [(3, 256, 56), (4, 512, 28), (6, 1024, 14), (3, 2048, 7)]
@@ -179,6 +179,10 @@ def test_exact_parameter_increments_resnet50():
                              None) - base == mlp
     assert classifier_params(50, dict(variant='theta_minus', extent=8),
                              None) == base
+    # ResNet-101 GE-theta, the row 0.154M under the paper (docs/model_zoo.md)
+    r101 = [(3, 256, 56), (4, 512, 28), (23, 1024, 14), (3, 2048, 7)]
+    assert classifier_params(101, dict(variant='theta', **GLOBAL), None) == \
+        44_549_160 + sum(n * (c * s * s + 2 * c) for n, c, s in r101)
 
 
 # --- checkpoints move between GEResNet and mmdet ResNet + plugin ------------

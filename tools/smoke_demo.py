@@ -2,7 +2,8 @@
 
 Builds Faster R-CNN with RoIAlign on a Caffe-style ResNet-50 in the C4 setting
 (mmdet's ``faster-rcnn_r50-caffe-c4`` model) whose backbone is ``GEResNet``
-with GE-theta, extent 8, in every residual block, then runs one training
+with GE-theta, extent 8, in every residual block of conv2-conv4 (the conv5
+RoI head gets GE with the detection configs), then runs one training
 step's forward (losses) and one prediction on a random image, on the CPU.
 Randomly initialised: it checks that everything plugs together, not accuracy.
 
@@ -10,10 +11,12 @@ Usage:
     python tools/smoke_demo.py [--size H W]
 """
 import argparse
+import logging
 import time
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
@@ -33,12 +36,17 @@ def main():
     from mmdet.structures import DetDataSample
 
     init_default_scope('mmdet')
-    cfg = Config.fromfile('mmdet::_base_/models/faster-rcnn_r50-caffe-c4.py')
+    cfg = Config.fromstring(
+        "_base_ = 'mmdet::_base_/models/faster-rcnn_r50-caffe-c4.py'", '.py')
     cfg.model.backbone.update(
-        type='GEResNet', ge_cfg=dict(variant='theta', extent=8),
-        init_cfg=None)
+        type='GEResNet', ge_cfg=dict(variant='theta', extent=8))
+    # random initialisation: the ImageNet weights would need a download
+    cfg.model.backbone.pop('init_cfg')
+    cfg.model.roi_head.shared_head.pop('init_cfg')
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
+    # mmengine logs every parameter's initialiser at INFO level
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
     model.init_weights()
     n_ge = sum(type(m).__name__ == 'GatherExcite' for m in model.modules())
     n_params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -8,6 +8,7 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmengine.registry import MODELS
 
 from ..layers.gather import GLOBAL, Size2d, to_size2d
+from ..layers.gather_excite import GatherExcite
 
 
 class GEBasicBlock(BasicBlock):
@@ -167,9 +168,12 @@ class GEResNet(ResNet):
         return self
 
     def _needs_feat_size(self) -> bool:
+        """Whether ``ge_cfg`` is a global GE-theta/theta-plus without a size."""
         cfg = self.ge_cfg
-        return (cfg.get('type', 'GatherExcite') in ('GatherExcite',
-                                                     'mmge.GatherExcite')
+        layer = cfg.get('type', 'GatherExcite')
+        if isinstance(layer, str):
+            layer = MODELS.get(layer)
+        return (isinstance(layer, type) and issubclass(layer, GatherExcite)
                 and cfg.get('extent', 8) == GLOBAL
                 and cfg.get('variant', 'theta') != 'theta_minus'
                 and 'feat_size' not in cfg)
