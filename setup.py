@@ -43,6 +43,14 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['mmge', 'mmge.*']),
+    # the configs, for _base_ = 'mmge::configs/<file>.py' (mmge/.mim/configs/
+    # configs links to configs/; a built wheel holds a copy)
+    package_data={
+        'mmge': ['.mim/model-index.yml'] + [
+            f'.mim/configs/configs/{d}*.py'
+            for d in ('', '*/', '*/*/', '*/*/*/')
+        ]
+    },
     python_requires='>=3.8',
     install_requires=install_requires,
     extras_require={'tests': ['pytest>=7']},

@@ -1,0 +1,3 @@
+from .ge_res_layer import GEResLayer
+
+__all__ = ['GEResLayer']
