@@ -1,7 +1,7 @@
 # The paper's detector (Sec. 3.3): faster_rcnn_r50_c4.py with GE-theta,
 # extent 8, in every residual block, the conv5 RoI head's included.
 # Paper: 28.6 mAP (baseline 27.3), COCO 2014 split.
-# Memory-bound at 800x1333? See docs/detection.md for with_cp.
+# Memory-bound at 800x1333? docs/detection.md, "Memory", says what to switch on.
 _base_ = './faster_rcnn_r50_c4.py'
 
 ge_cfg = dict(type='GatherExcite', variant='theta', extent=8)
