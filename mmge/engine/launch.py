@@ -19,8 +19,7 @@ import torch.distributed as dist
 from mmengine.config import Config
 
 from ..utils import allow_mmengine_checkpoints
-
-LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+from .cli import LAUNCHERS
 
 
 def _slurm_env() -> None:
@@ -76,8 +75,10 @@ def setup_runtime(cfg: Config, launcher: str) -> Config:
     cfg.launcher = launcher
     if launcher != 'none' and not torch.cuda.is_available():
         init_cpu_distributed(launcher)
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
-        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+        env_cfg = dict(cfg.get('env_cfg') or {})
+        env_cfg['dist_cfg'] = dict(env_cfg.get('dist_cfg') or {},
+                                   backend='gloo')
+        cfg.env_cfg = env_cfg
         wrapper = dict(cfg.get('model_wrapper_cfg') or {})
         wrapper.setdefault('type', 'MMDistributedDataParallel')
         wrapper['device_ids'] = None

@@ -40,12 +40,5 @@ class SqueezeExcite(BaseModule):
         self.excite = Excite(in_channels, reduction, act_cfg=act_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Squeeze and excite.
-
-        Args:
-            x (Tensor): Features of shape (N, C, H, W).
-
-        Returns:
-            Tensor: Gated features, same shape as ``x``.
-        """
+        """Gate ``x`` (N, C, H, W) by its channel means; same shape out."""
         return self.excite(x, self.gather(x))
