@@ -253,3 +253,23 @@ def test_se_and_gc_in_the_same_slot():
         model(torch.randn(2, 3, 32, 32))
     basic_se = GEResNet(18, ge_cfg=dict(type='SqueezeExcite'))
     assert basic_se.layer1[0].after_conv2_plugin_names == ['squeeze_excite']
+
+
+def test_log_says_whether_ge_layers_were_loaded():
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_instance('mmge-init-report')
+    plain = ResNet(18).state_dict()
+    messages = []
+    handler = __import__('logging').Handler()
+    handler.emit = lambda r: messages.append(r.getMessage())
+    logger.addHandler(handler)
+    try:
+        model = GEResNet(18, ge_cfg=dict(variant='theta', extent=4))
+        model.load_state_dict(plain, strict=False)
+        model.load_state_dict(model.state_dict())
+    finally:
+        logger.removeHandler(handler)
+    assert any('GEResNet: the loaded weights have no entries for its '
+               'gather_excite layers' in m for m in messages)
+    assert any('GEResNet: its gather_excite layers were loaded' in m
+               for m in messages)

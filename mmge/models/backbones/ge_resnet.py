@@ -4,9 +4,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmengine.registry import MODELS
 
+from ..init_report import report_layer_loading
 from ..layers.gather import GLOBAL, Size2d, to_size2d
 from ..layers.gather_excite import GatherExcite
 
@@ -160,6 +162,11 @@ class GEResNet(ResNet):
                 for m in getattr(self, name):
                     m.init_cfg = dict(
                         type='Constant', val=0, override=dict(name='norm2'))
+        if ge_plugins:
+            report_layer_loading(self, [
+                infer_abbr(self._ge_layer_type()) +
+                str(self.ge_cfg.get('postfix', ''))
+            ])
 
     def train(self, mode: bool = True) -> 'GEResNet':
         """Set train/eval mode, keeping mmdet's frozen stages and
@@ -167,12 +174,15 @@ class GEResNet(ResNet):
         super().train(mode)
         return self
 
+    def _ge_layer_type(self) -> Optional[type]:
+        """The class ``ge_cfg`` names (None if the registry has no such)."""
+        layer = self.ge_cfg.get('type', 'GatherExcite')
+        return MODELS.get(layer) if isinstance(layer, str) else layer
+
     def _needs_feat_size(self) -> bool:
         """Whether ``ge_cfg`` is a global GE-theta/theta-plus without a size."""
         cfg = self.ge_cfg
-        layer = cfg.get('type', 'GatherExcite')
-        if isinstance(layer, str):
-            layer = MODELS.get(layer)
+        layer = self._ge_layer_type()
         return (isinstance(layer, type) and issubclass(layer, GatherExcite)
                 and cfg.get('extent', 8) == GLOBAL
                 and cfg.get('variant', 'theta') != 'theta_minus'

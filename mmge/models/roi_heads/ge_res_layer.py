@@ -7,6 +7,8 @@ from mmdet.models.layers import ResLayer as _ResLayer
 from mmdet.models.roi_heads.shared_heads import ResLayer
 from mmengine.registry import MODELS
 
+from ..init_report import report_layer_loading
+
 
 @MODELS.register_module()
 class GEResLayer(ResLayer):
@@ -67,3 +69,5 @@ class GEResLayer(ResLayer):
                 norm_cfg=norm_cfg,
                 dcn=dcn,
                 plugins=[dict(cfg=cfg, position='after_conv3')]))
+        report_layer_loading(
+            self, getattr(self, f'layer{stage + 1}')[0].after_conv3_plugin_names)
