@@ -5,8 +5,9 @@
 #   MMGE_VENV=/path/to/venv bash tools/setup_env.sh
 #
 # The stack and its pinned versions are explained in docs/get_started.md.
-# A second run on the same machine is fast: every step is skipped when its
-# result is already importable, and pip re-uses the cached mmcv wheel.
+# A second run on the same machine is fast: every dependency step is skipped when its
+# result is already importable (pip re-uses the cached mmcv wheel), and mmge itself is
+# reinstalled from the checkout in seconds.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,11 +45,17 @@ if ! have 'from mmcv.ops import RoIAlign, nms'; then
     "${PIP[@]}" install -q --no-build-isolation "mmcv==2.1.0"
 fi
 
-# 3. The OpenMMLab libraries, pycocotools, and mmge itself (editable) with test extras.
-if ! have 'import mmengine, mmdet, mmpretrain, pycocotools, mmge, pytest'; then
-  log "installing mmengine, mmdet, mmpretrain, pycocotools and mmge"
-  "${PIP[@]}" install -q --no-build-isolation -e "$ROOT[tests]"
+# 3. The OpenMMLab libraries, pycocotools and pytest (setup.py's requirements).
+if ! have 'import mmengine, mmdet, mmpretrain, pycocotools, pytest'; then
+  log "installing mmengine, mmdet, mmpretrain, pycocotools and pytest"
+  "${PIP[@]}" install -q --no-build-isolation "$ROOT[tests]"
 fi
+
+# 4. mmge itself, from this checkout, every time (a few seconds). A regular install, not an
+#    editable one: mmengine looks for the configs that `_base_ = 'mmge::configs/...'` names
+#    next to the installed package, and does not find them through a PEP 660 editable install.
+log "installing mmge from $ROOT"
+"${PIP[@]}" install -q --no-build-isolation --no-deps --force-reinstall "$ROOT"
 
 "$PY" - <<'PYEOF'
 import torch, torchvision, mmengine, mmcv, mmdet, mmpretrain, pycocotools
