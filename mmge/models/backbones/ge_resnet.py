@@ -101,7 +101,7 @@ class GEResNet(ResNet):
     Example:
         >>> import torch
         >>> model = GEResNet(50, ge_cfg=dict(variant='theta', extent=8))
-        >>> [o.shape[1] for o in model(torch.rand(1, 3, 64, 64))]
+        >>> [o.shape[1] for o in model(torch.rand(2, 3, 64, 64))]
         [256, 512, 1024, 2048]
     """
 
