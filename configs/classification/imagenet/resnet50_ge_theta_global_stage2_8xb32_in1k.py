@@ -1,0 +1,4 @@
+# Table 1: GE-theta (global) in the paper's stage 2 only (mmdet's layer1).
+_base_ = './resnet50_ge_theta_global_8xb32_in1k.py'
+
+model = dict(backbone=dict(ge_stages=(True, False, False, False)))

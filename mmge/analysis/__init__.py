@@ -1,0 +1,4 @@
+from .complexity import classifier_complexity
+from .paper_numbers import PAPER, baseline_of
+
+__all__ = ['PAPER', 'baseline_of', 'classifier_complexity']

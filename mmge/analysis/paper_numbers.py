@@ -1,0 +1,46 @@
+"""The paper's ImageNet numbers per mmge config (../shared/PAPER_TABLES.md).
+
+Keys are config names under configs/classification/imagenet/. ``base`` names
+the row whose FLOPs an increment is measured against (the table's baseline).
+Error rates in %, GFLOPs and parameters (M) as printed in the paper.
+"""
+PAPER = {
+    # Table 2: ResNet-50
+    'resnet50_8xb32_in1k': dict(
+        table='2', top1=23.30, top5=6.55, gflops=3.86, params=25.6),
+    'resnet50_se_8xb32_in1k': dict(
+        table='2', top1=22.12, top5=5.99, gflops=3.87, params=28.1),
+    'resnet50_ge_theta_minus_global_8xb32_in1k': dict(
+        table='2', top1=22.14, top5=6.24, gflops=3.86, params=25.6),
+    'resnet50_ge_theta_global_8xb32_in1k': dict(
+        table='1, 2', top1=22.00, top5=5.87, gflops=3.87, params=31.2),
+    'resnet50_ge_theta_plus_8xb32_in1k': dict(
+        table='2', top1=21.88, top5=5.80, gflops=3.87, params=33.7),
+    # Table 1: GE-theta (global) in one stage
+    'resnet50_ge_theta_global_stage2_8xb32_in1k': dict(
+        table='1', top1=23.29, top5=6.50, gflops=3.86, params=28.0),
+    'resnet50_ge_theta_global_stage3_8xb32_in1k': dict(
+        table='1', top1=22.70, top5=6.24, gflops=3.86, params=27.2),
+    'resnet50_ge_theta_global_stage4_8xb32_in1k': dict(
+        table='1', top1=22.50, top5=6.20, gflops=3.86, params=26.8),
+    # Table 3: ResNet-101 (and ResNet-152 as reference)
+    'resnet101_8xb32_in1k': dict(
+        table='2, 3', top1=22.20, top5=6.14, gflops=7.57, params=44.6),
+    'resnet101_se_8xb32_in1k': dict(
+        table='3', top1=20.94, top5=5.50, gflops=7.58, params=49.4),
+    'resnet101_ge_theta_minus_global_8xb32_in1k': dict(
+        table='3', top1=21.47, top5=5.69, gflops=7.58, params=44.6),
+    'resnet101_ge_theta_global_8xb32_in1k': dict(
+        table='3', top1=21.46, top5=5.45, gflops=7.59, params=53.7),
+    'resnet101_ge_theta_plus_8xb32_in1k': dict(
+        table='3', top1=20.74, top5=5.29, gflops=7.59, params=58.4),
+    'resnet152_8xb32_in1k': dict(
+        table='3', top1=21.87, top5=5.78, gflops=11.28, params=60.3),
+}
+
+
+def baseline_of(name: str) -> str:
+    """The table baseline a row's FLOP increment is measured against."""
+    return 'resnet101_8xb32_in1k' if name.startswith(
+        'resnet101') else 'resnet152_8xb32_in1k' if name.startswith(
+            'resnet152') else 'resnet50_8xb32_in1k'
