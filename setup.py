@@ -47,8 +47,9 @@ setup(
     # configs links to configs/; a built wheel holds a copy)
     package_data={
         'mmge': ['.mim/model-index.yml'] + [
-            f'.mim/configs/configs/{d}*.py'
+            f'.mim/configs/configs/{d}{f}'
             for d in ('', '*/', '*/*/', '*/*/*/')
+            for f in ('*.py', 'metafile.yml')
         ]
     },
     python_requires='>=3.8',
