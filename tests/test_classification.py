@@ -131,3 +131,54 @@ def test_repository_metafile_is_current():
     assert index['Import'] == [
         'configs/classification/imagenet/metafile.yml'
     ]
+
+
+def test_converter_feeds_the_detector(tmp_path):
+    """ImageNet GE-theta E8 classifier -> backbone weights -> C4 detector."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    cfg = Config.fromfile(_path('resnet50_ge_theta_e8_8xb32_in1k'))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        clf = MODELS.build(cfg.model)
+    clf.init_weights()
+    src, dst = tmp_path / 'cls.pth', tmp_path / 'det_backbone.pth'
+    torch.save(dict(state_dict=clf.state_dict(), meta=dict(epoch=300)), src)
+    out = subprocess.run([
+        sys.executable, 'tools/model_converters/cls_to_det_backbone.py',
+        str(src), str(dst)
+    ], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'of them of GE layers' in out.stdout
+
+    det_cfg = Config.fromfile(
+        osp.join(ROOT, 'configs', 'faster_rcnn_ge_theta_e8.py'))
+    det_cfg.model.backbone.init_cfg.checkpoint = str(dst)
+    det_cfg.model.roi_head.shared_head.init_cfg.checkpoint = str(dst)
+    init_default_scope('mmdet')
+    det = DET_MODELS.build(det_cfg.model)
+    det.init_weights()
+    src_sd = clf.backbone.state_dict()
+    for key in ('layer1.0.gather_excite.gather.convs.2.conv.weight',
+                'layer3.5.conv2.weight'):
+        torch.testing.assert_close(det.backbone.state_dict()[key],
+                                   src_sd[key])
+    torch.testing.assert_close(
+        det.roi_head.shared_head.state_dict()[
+            'layer4.2.gather_excite.gather.convs.0.conv.weight'],
+        src_sd['layer4.2.gather_excite.gather.convs.0.conv.weight'])
+
+
+@pytest.mark.parametrize('content,match', (
+    ({'state_dict': {'head.fc.weight': torch.zeros(1)}}, "no 'backbone.'"),
+    ([1, 2], 'holds no state dict'),
+))
+def test_converter_bad_input(tmp_path, content, match):
+    src = tmp_path / 'x.pth'
+    torch.save(content, src)
+    out = subprocess.run([
+        sys.executable, 'tools/model_converters/cls_to_det_backbone.py',
+        str(src), str(tmp_path / 'y.pth')
+    ], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and match in out.stderr
+    assert not (tmp_path / 'y.pth').exists()
