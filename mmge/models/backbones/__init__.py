@@ -1,3 +1,4 @@
 from .ge_resnet import GEBasicBlock, GEResNet
+from .ge_shufflenet_v1 import GEShuffleNetV1, GEShuffleUnit
 
-__all__ = ['GEBasicBlock', 'GEResNet']
+__all__ = ['GEBasicBlock', 'GEResNet', 'GEShuffleNetV1', 'GEShuffleUnit']

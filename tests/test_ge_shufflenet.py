@@ -1,0 +1,58 @@
+"""GEShuffleNetV1: mmpretrain's ShuffleNetV1 plus a layer on every branch."""
+import pytest
+import torch
+from mmpretrain.models.backbones import ShuffleNetV1
+
+from mmge.models import GatherExcite, GEShuffleNetV1, GEShuffleUnit
+
+
+def test_plain_weights_load_with_only_the_layers_missing():
+    plain = ShuffleNetV1(groups=3)
+    model = GEShuffleNetV1(groups=3, ge_cfg=dict(variant='theta', extent=4))
+    res = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not res.unexpected_keys
+    assert res.missing_keys and all('.gather_excite.' in k
+                                    for k in res.missing_keys)
+    assert GEShuffleNetV1(ge_cfg=None).state_dict().keys() == \
+        plain.state_dict().keys()
+
+
+def test_layer_sits_on_the_branch_before_add_and_concat():
+    model = GEShuffleNetV1(groups=3, ge_cfg=dict(variant='theta_minus',
+                                                 extent=2)).eval()
+    units = [u for layer in model.layers for u in layer]
+    assert len(units) == 16 and all(isinstance(u, GEShuffleUnit)
+                                    for u in units)
+    concat, add = model.layers[1][0], model.layers[1][1]
+    assert concat.gather_excite.in_channels == 480 - 240  # new channels
+    assert add.gather_excite.in_channels == 480
+    seen = {}
+    add.gather_excite.register_forward_hook(
+        lambda m, i, o: seen.update(out=o))
+    x = torch.randn(1, 480, 9, 9)
+    y = add(x)
+    torch.testing.assert_close(y, torch.relu(x + seen['out']))
+
+
+def test_plain_unit_output_unchanged_without_layer():
+    torch.manual_seed(0)
+    plain = ShuffleNetV1(groups=3)
+    plain.eval()  # mmpretrain's train() returns None
+    model = GEShuffleNetV1(groups=3, ge_cfg=None).eval()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], plain(x)[0])
+
+
+def test_global_needs_input_size_and_derives_stage_sizes():
+    with pytest.raises(ValueError, match='needs input_size'):
+        GEShuffleNetV1(ge_cfg=dict(variant='theta', extent='global'))
+    model = GEShuffleNetV1(
+        ge_cfg=dict(variant='theta_plus', extent='global'), input_size=96)
+    sizes = [layer[0].gather_excite.feat_size for layer in model.layers]
+    assert sizes == [(12, 12), (6, 6), (3, 3)]
+    model.eval()
+    assert model(torch.randn(1, 3, 96, 96))[0].shape == (1, 960, 3, 3)
+    assert all(isinstance(u.gather_excite, GatherExcite)
+               for layer in model.layers for u in layer)
