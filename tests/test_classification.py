@@ -208,3 +208,16 @@ def test_converter_bad_input(tmp_path, content, match):
     ], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and match in out.stderr
     assert not (tmp_path / 'y.pth').exists()
+
+
+def test_missing_imagenet_root_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, 'tools/train.py',
+         _path('resnet50_ge_theta_global_8xb32_in1k'), '--work-dir',
+         str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+        env=dict(__import__('os').environ,
+                 IMAGENET_ROOT=str(tmp_path / 'none') + '/'), timeout=300)
+    assert out.returncode != 0 and 'Traceback' not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: train_dataloader.dataset.data_root')
+    assert 'IMAGENET_ROOT' in last and 'image-net.org' in last

@@ -3,10 +3,19 @@ import os.path as osp
 
 from mmengine.config import Config
 
-COCO_HINT = ('get COCO from https://cocodataset.org (images train2017/, '
-             'val2017/ and annotations/instances_*.json; or the 2014 '
-             'release) and point COCO_ROOT (and COCO_YEAR) at it, see '
-             'docs/detection.md')
+HINTS = {
+    'CocoDataset':
+    'get COCO from https://cocodataset.org (images train2017/, val2017/ '
+    'and annotations/instances_*.json; or the 2014 release) and point '
+    'COCO_ROOT (and COCO_YEAR) at it, see docs/detection.md',
+    'ImageNet':
+    'get ImageNet-1k from https://image-net.org (train/ and val/ as '
+    'mmpretrain lays them out) and point IMAGENET_ROOT at it',
+    'CIFAR10':
+    'point CIFAR_ROOT at a folder where the CIFAR python archive is or '
+    'may be downloaded',
+}
+HINTS['CIFAR100'] = HINTS['CIFAR10']
 
 
 class DataPathError(FileNotFoundError):
@@ -36,20 +45,20 @@ def check_data_paths(cfg: Config, loaders=('train_dataloader',
     """
     for loader in loaders:
         for ds in _datasets(cfg, loader):
+            hint = HINTS.get(ds.get('type'), 'see the config\'s comments')
             root = ds.get('data_root') or ''
             if root and not osp.isdir(root):
                 raise DataPathError(
                     f'{loader}.dataset.data_root: {root!r} does not exist; '
-                    f'{COCO_HINT}')
+                    f'{hint}')
             ann = ds.get('ann_file')
-            if ann:
-                path = osp.join(root, ann)
-                if not osp.isfile(path):
-                    raise DataPathError(
-                        f'{loader}.dataset.ann_file: {path!r} does not '
-                        f'exist; {COCO_HINT}')
-            img = (ds.get('data_prefix') or {}).get('img')
-            if img is not None and not osp.isdir(osp.join(root, img)):
+            if ann and not osp.isfile(osp.join(root, ann)):
                 raise DataPathError(
-                    f'{loader}.dataset.data_prefix.img: '
-                    f'{osp.join(root, img)!r} does not exist; {COCO_HINT}')
+                    f'{loader}.dataset.ann_file: {osp.join(root, ann)!r} '
+                    f'does not exist; {hint}')
+            prefix = ds.get('data_prefix')
+            img = prefix.get('img') if isinstance(prefix, dict) else prefix
+            if img and not osp.isdir(osp.join(root, img)):
+                raise DataPathError(
+                    f'{loader}.dataset.data_prefix: {osp.join(root, img)!r} '
+                    f'does not exist; {hint}')
