@@ -18,6 +18,9 @@ IMAGENET = sorted(
     glob.glob(osp.join(ROOT, 'configs', 'classification', 'imagenet',
                        '*.py')))
 
+CIFAR = sorted(
+    glob.glob(osp.join(ROOT, 'configs', 'classification', 'cifar', '*.py')))
+
 
 def _path(name):
     return osp.join(ROOT, 'configs', 'classification', 'imagenet',
@@ -41,7 +44,7 @@ def test_config_builds_and_trains_one_step(path):
 
 
 def test_every_paper_row_has_a_config():
-    names = {osp.splitext(osp.basename(p))[0] for p in IMAGENET}
+    names = {osp.splitext(osp.basename(p))[0] for p in IMAGENET + CIFAR}
     assert set(PAPER) <= names
     for extent in ('e2', 'e4', 'e8', 'global'):  # Fig. 2's extents
         for variant in ('theta_minus', 'theta'):
@@ -105,8 +108,9 @@ def test_shufflenet_increments_are_the_branch_layers():
 
 
 def test_paper_rows_meet_the_targets():
-    measured = {n: classifier_complexity(_path(n)) for n in PAPER}
-    for name, paper in PAPER.items():
+    rows = {n: p for n, p in PAPER.items() if 'params' in p}
+    measured = {n: classifier_complexity(_path(n)) for n in rows}
+    for name, paper in rows.items():
         tol_p, tol_f = TOLERANCE.get(name, targets(name))
         row = measured[name]
         assert abs(row['params'] / 1e6 - paper['params']) <= tol_p, name
@@ -118,8 +122,8 @@ def test_paper_rows_meet_the_targets():
 
 def test_complexity_report_writes_table_metafile_and_page(tmp_path):
     page = tmp_path / 'zoo.md'
-    page.write_text('intro\n<!-- complexity-report:start -->\nold\n'
-                    '<!-- complexity-report:end -->\nafter\n')
+    page.write_text('intro\n<!-- complexity-report:imagenet:start -->\nold\n'
+                    '<!-- complexity-report:imagenet:end -->\nafter\n')
     names = ['resnet50_8xb32_in1k', 'resnet50_ge_theta_global_8xb32_in1k',
              'resnet50_ge_theta_e8_8xb32_in1k']
     out = subprocess.run(
@@ -143,19 +147,36 @@ def test_complexity_report_writes_table_metafile_and_page(tmp_path):
     assert [m['Name'] for m in models] == names
 
 
-def test_repository_metafile_is_current():
+@pytest.mark.parametrize('folder', ('imagenet', 'cifar'))
+def test_repository_metafiles_are_current(folder):
+    from mmengine.fileio import load
+    meta = load(osp.join(ROOT, 'configs', 'classification', folder,
+                         'metafile.yml'))
+    listed = {m['Name']: m for m in meta['Models']}
+    configs = IMAGENET if folder == 'imagenet' else CIFAR
+    assert set(listed) == {osp.splitext(osp.basename(p))[0]
+                           for p in configs}
+    for name, m in listed.items():
+        assert ('Results' in m) == (name in PAPER)
+        if name not in PAPER:
+            continue
+        assert m['Results'][0]['Dataset'] == (
+            'ImageNet-1k' if folder == 'imagenet' else 'CIFAR-100'
+            if m['Name'].endswith('100') else 'CIFAR-10')
+
+
+def test_repository_metafile_numbers():
     from mmengine.fileio import load
     meta = load(osp.join(ROOT, 'configs', 'classification', 'imagenet',
                          'metafile.yml'))
     listed = {m['Name']: m for m in meta['Models']}
-    assert set(listed) == {osp.splitext(osp.basename(p))[0]
-                           for p in IMAGENET}
     row = listed['resnet50_ge_theta_plus_8xb32_in1k']
     assert row['Metadata']['Parameters'] == classifier_complexity(
         _path('resnet50_ge_theta_plus_8xb32_in1k'))['params']
     index = load(osp.join(ROOT, 'model-index.yml'))
     assert index['Import'] == [
-        'configs/classification/imagenet/metafile.yml'
+        'configs/classification/imagenet/metafile.yml',
+        'configs/classification/cifar/metafile.yml'
     ]
 
 
@@ -221,3 +242,26 @@ def test_missing_imagenet_root_is_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith('error: train_dataloader.dataset.data_root')
     assert 'IMAGENET_ROOT' in last and 'image-net.org' in last
+
+
+
+@pytest.mark.parametrize('path', CIFAR, ids=osp.basename)
+def test_cifar_config_builds_and_trains_one_step(path):
+    from mmpretrain.registry import MODELS
+    cfg = Config.fromfile(path)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(cfg.model)
+    model.train()
+    logits = model(torch.randn(2, 3, 32, 32), mode='tensor')
+    assert logits.shape == (2, 100 if 'cifar100' in path else 10)
+    logits.logsumexp(1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_cifar_table_is_complete():
+    names = {osp.splitext(osp.basename(p))[0] for p in CIFAR}
+    for net in ('preact_resnet110', 'preact_resnet164', 'wrn16_8'):
+        for variant in ('', '_se', '_ge_theta_minus', '_ge_theta',
+                        '_ge_theta_plus'):
+            for data in ('cifar10', 'cifar100'):
+                assert f'{net}{variant}_{data}' in names

@@ -55,6 +55,24 @@ PAPER = {
 }
 
 
+# Table 5: CIFAR error % (no complexity columns); config names under
+# configs/classification/cifar/
+_CIFAR = {
+    'preact_resnet110': ((6.37, 26.88), (5.21, 23.85), (6.01, 26.58),
+                         (5.57, 24.29), (4.93, 23.36)),
+    'preact_resnet164': ((5.46, 24.33), (4.39, 21.31), (5.12, 23.94),
+                         (4.67, 21.86), (4.07, 20.85)),
+    'wrn16_8': ((4.27, 20.43), (3.88, 19.14), (4.12, 20.25), (4.02, 19.76),
+                (3.72, 18.87)),
+}
+for _net, _rows in _CIFAR.items():
+    for _tag, (_c10, _c100) in zip(
+            ('', '_se', '_ge_theta_minus', '_ge_theta', '_ge_theta_plus'),
+            _rows):
+        PAPER[f'{_net}{_tag}_cifar10'] = dict(table='5', top1=_c10)
+        PAPER[f'{_net}{_tag}_cifar100'] = dict(table='5', top1=_c100)
+
+
 def baseline_of(name: str) -> str:
     """The table baseline a row's FLOP increment is measured against."""
     for prefix, base in (('resnet101', 'resnet101_8xb32_in1k'),

@@ -24,7 +24,6 @@ from mmengine.utils import ProgressBar
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEFAULT_CONFIGS = osp.join(ROOT, 'configs', 'classification', 'imagenet',
                            '*.py')
-START, END = '<!-- complexity-report:start -->', '<!-- complexity-report:end -->'
 
 
 def parse_args(argv=None):
@@ -34,6 +33,10 @@ def parse_args(argv=None):
                         'configs/classification/imagenet/*.py)')
     parser.add_argument('--markdown', help='page whose report section to '
                         'rewrite (between the complexity-report markers)')
+    parser.add_argument(
+        '--section', default='imagenet',
+        help='which marked section of the page (default: imagenet): '
+        '<!-- complexity-report:SECTION:start/end -->')
     parser.add_argument('--metafile', help='write the OpenMMLab metafile')
     parser.add_argument('--json', help='write the rows as json')
     return parser.parse_args(argv)
@@ -59,7 +62,7 @@ def compare(rows):
         row['mparams'] = row['params'] / 1e6
         paper = PAPER.get(name)
         row['paper'] = paper
-        if paper is None:
+        if paper is None or 'params' not in paper:
             continue
         row['params_diff'] = row['mparams'] - paper['params']
         base = baseline_of(name)
@@ -79,9 +82,12 @@ def table(rows):
     lines = [head, '|' + ' --- |' * 10]
     for name, r in rows.items():
         p = r['paper']
-        if p is None:
+        if p is None or 'params' not in p:
+            err = '-' if p is None else f'{p["top1"]:.2f} (Table {p["table"]})'
             lines.append(f'| {name} | {r["mparams"]:.3f} | - | - | '
-                         f'{r["gflops"]:.3f} | - | - | - | - | no paper row |')
+                         f'{r["gflops"]:.3f} | - | - | - | {err} | '
+                         f'{"no paper row" if p is None else "no paper count"}'
+                         f' |')
             continue
         inc = (f'{r["inc"]:+.4f} | {r["paper_inc"]:+.4f} | '
                f'{r["inc_diff"]:+.4f}' if 'inc' in r else '- | - | -')
@@ -93,13 +99,15 @@ def table(rows):
     return '\n'.join(lines)
 
 
-def write_markdown(path, text):
+def write_markdown(path, text, section):
+    start = f'<!-- complexity-report:{section}:start -->'
+    end = f'<!-- complexity-report:{section}:end -->'
     with open(path) as f:
         page = f.read()
-    if START not in page or END not in page:
-        sys.exit(f'error: {path} has no {START} ... {END} section')
-    page = re.sub(re.escape(START) + '.*?' + re.escape(END),
-                  f'{START}\n{text}\n{END}', page, flags=re.S)
+    if start not in page or end not in page:
+        sys.exit(f'error: {path} has no {start} ... {end} section')
+    page = re.sub(re.escape(start) + '.*?' + re.escape(end),
+                  f'{start}\n{text}\n{end}', page, flags=re.S)
     with open(path, 'w') as f:
         f.write(page)
 
@@ -110,8 +118,9 @@ def write_metafile(path, rows):
         '# own counts (mmengine.analysis). Results: the paper\'s numbers',
         '# (Hu et al. 2018), not trained by mmge.',
         'Collections:', '  - Name: GE-ResNet', '    Metadata:',
-        '      Training Data: ImageNet-1k',
-        '      Architecture: [ResNet, ShuffleNet, Gather-Excite]', '    Paper:',
+        '      Training Data: [ImageNet-1k, CIFAR-10, CIFAR-100]',
+        '      Architecture: [ResNet, ShuffleNet, Wide ResNet, Gather-Excite]',
+        '    Paper:',
         "      Title: 'Gather-Excite: Exploiting Feature Context in "
         "Convolutional Neural Networks'",
         '      URL: https://arxiv.org/abs/1810.12348',
@@ -125,13 +134,17 @@ def write_metafile(path, rows):
         ]
         if r['paper'] is not None:
             p = r['paper']
+            dataset = ('CIFAR-100' if name.endswith('cifar100') else
+                       'CIFAR-10' if name.endswith('cifar10') else
+                       'ImageNet-1k')
             lines += [
                 f'    # the paper\'s accuracy (Table {p["table"]})',
                 '    Results:', '      - Task: Image Classification',
-                '        Dataset: ImageNet-1k', '        Metrics:',
-                f'          Top 1 Accuracy: {100 - p["top1"]:.2f}',
-                f'          Top 5 Accuracy: {100 - p["top5"]:.2f}'
+                f'        Dataset: {dataset}', '        Metrics:',
+                f'          Top 1 Accuracy: {100 - p["top1"]:.2f}'
             ]
+            if 'top5' in p:
+                lines.append(f'          Top 5 Accuracy: {100 - p["top5"]:.2f}')
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
@@ -145,11 +158,12 @@ def main(argv=None):
     rows = compare(measure(configs))
     text = table(rows)
     print(text)
-    checked = [r for r in rows.values() if r['paper'] is not None]
-    print(f'\n{sum(r["ok"] for r in checked)} of {len(checked)} paper rows '
-          f'within targets')
+    checked = [r for r in rows.values() if 'ok' in r]
+    if checked:
+        print(f'\n{sum(r["ok"] for r in checked)} of {len(checked)} paper '
+              f'rows within targets')
     if args.markdown:
-        write_markdown(args.markdown, text)
+        write_markdown(args.markdown, text, args.section)
     if args.metafile:
         write_metafile(args.metafile, rows)
     if args.json:

@@ -1,0 +1,8 @@
+# ResNet-110 with GE-theta-minus (global extent) in every unit, CIFAR-100
+# (Table 5).
+_base_ = './preact_resnet110_cifar100.py'
+
+model = dict(
+    backbone=dict(
+        ge_cfg=dict(
+            type='GatherExcite', variant='theta_minus', extent='global')))

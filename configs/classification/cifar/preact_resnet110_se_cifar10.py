@@ -1,0 +1,6 @@
+# ResNet-110 with SE (r16) in every unit, CIFAR-10 (Table 5).
+_base_ = './preact_resnet110_cifar10.py'
+
+model = dict(
+    backbone=dict(
+        ge_cfg=dict(type='SqueezeExcite', reduction=16)))
