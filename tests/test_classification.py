@@ -265,3 +265,38 @@ def test_cifar_table_is_complete():
                         '_ge_theta_plus'):
             for data in ('cifar10', 'cifar100'):
                 assert f'{net}{variant}_{data}' in names
+
+
+def test_classification_demo_short_run(tmp_path):
+    work = tmp_path / 'demo'
+    out = subprocess.run(
+        [sys.executable, 'tools/demo.py', '--task', 'classification',
+         '--work-dir', str(work), '--data-root', str(tmp_path / 'data'),
+         '--epochs', '2', '--num-train', '96', '--num-val', '30',
+         '--log-interval', '1'], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((work / 'metrics.json').read_text())
+    assert 0 <= metrics['accuracy/top1'] <= 100
+    assert (work / 'epoch_2.pth').is_file()
+    assert 'top-1' in out.stdout and 'held-out' in out.stdout
+    assert 'eta:' in out.stdout + out.stderr  # MMEngine's progress line
+
+
+def test_classification_dist_train_two_processes_gloo(tmp_path):
+    from mmge.datasets import make_shapes_classification
+    data = tmp_path / 'data'
+    make_shapes_classification(str(data), num_train=64, num_val=16)
+    env = dict(__import__('os').environ, PYTHON=sys.executable,
+               PORT='29521', PYTHONWARNINGS='ignore',
+               SHAPES_CLS_ROOT=str(data) + '/')
+    out = subprocess.run([
+        'bash', 'tools/dist_train.sh',
+        osp.join('configs', 'demo', 'ge_resnet18_shapes_cls.py'), '2',
+        '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+        'default_hooks.checkpoint.interval=1'
+    ], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / 'work' / 'epoch_1.pth').is_file()
+    assert 'accuracy/top1' in out.stdout + out.stderr

@@ -345,3 +345,24 @@ def test_demo_short_run(tmp_path):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert 'done in' in out.stdout
+
+
+def test_shapes_datasets_regenerate_cleanly(tmp_path):
+    from mmge.datasets import make_shapes_classification
+    root = str(tmp_path / 'cls')
+    make_shapes_classification(root, num_train=30, num_val=9, seed=0)
+    make_shapes_classification(root, num_train=12, num_val=6, seed=1)
+    found = sum(len(files) for _, _, files in os.walk(
+        osp.join(root, 'train')))
+    assert found == 12  # nothing left of the first, larger set
+    first = json.load(open(make_shapes_dataset(
+        str(tmp_path / 'det'), num_train=5, num_val=3)['val']))
+    again = json.load(open(make_shapes_dataset(
+        str(tmp_path / 'det2'), num_train=5, num_val=3)['val']))
+    assert first == again  # same seed, same data
+    other = tmp_path / 'mine'
+    other.mkdir()
+    (other / 'notes.txt').write_text('keep me')
+    with pytest.raises(ValueError, match='holds no generated dataset'):
+        make_shapes_classification(str(other))
+    assert (other / 'notes.txt').read_text() == 'keep me'

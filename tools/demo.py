@@ -1,7 +1,10 @@
-"""The detection demo: data, training, COCO evaluation and pictures, on a CPU.
+"""The demos: data, training, evaluation (and pictures), on a CPU.
 
-    python tools/demo.py [--work-dir work_dirs/demo] [--data-root data/shapes]
-        [--epochs 12] [--num-train 400] [--num-val 100] [--seed 0]
+    python tools/demo.py [--task detection|classification]
+        [--work-dir DIR] [--data-root DIR] [--epochs N] [--num-train N]
+        [--num-val N] [--seed 0]
+
+Detection (the default, the README's main job):
 
 1. Generates (from --seed) a small COCO-format dataset of squares, circles
    and triangles (mmge.datasets.make_shapes_dataset).
@@ -14,6 +17,12 @@
 
 The work dir then holds the checkpoint, the log, metrics.json,
 results.bbox.json and predictions.png.
+
+Classification (--task classification): generates one-shape images
+(mmge.datasets.make_shapes_classification), trains
+configs/demo/ge_resnet18_shapes_cls.py (a narrow GE-theta global ResNet-18)
+with tools/train.py and reports top-1 on the held-out split with
+tools/test.py; the work dir holds the checkpoint, the log and metrics.json.
 """
 import argparse
 import glob
@@ -25,18 +34,31 @@ import sys
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIG = osp.join(ROOT, 'configs', 'demo', 'faster_rcnn_ge_theta_e8_shapes.py')
+TASKS = {
+    # task: (config, data root variable, defaults: work dir, data root,
+    #        epochs, train images, held-out images)
+    'detection': ('faster_rcnn_ge_theta_e8_shapes.py', 'SHAPES_ROOT',
+                  ('work_dirs/demo', 'data/shapes', 12, 400, 100)),
+    'classification': ('ge_resnet18_shapes_cls.py', 'SHAPES_CLS_ROOT',
+                       ('work_dirs/demo_cls', 'data/shapes_cls', 15, 3000,
+                        300)),
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Detection demo: generated shapes, GE-theta (E8) '
-        'Faster R-CNN, COCO mAP, pictures')
-    parser.add_argument('--work-dir', default='work_dirs/demo')
-    parser.add_argument('--data-root', default='data/shapes')
-    parser.add_argument('--epochs', type=int, default=12)
-    parser.add_argument('--num-train', type=int, default=400)
-    parser.add_argument('--num-val', type=int, default=100)
+        description='Demos on generated shapes: GE-theta (E8) Faster R-CNN '
+        'with COCO mAP and pictures, or a GE-theta classifier with top-1')
+    parser.add_argument(
+        '--task', choices=sorted(TASKS), default='detection',
+        help='which demo (default: detection)')
+    parser.add_argument('--work-dir', help='default: work_dirs/demo, '
+                        'work_dirs/demo_cls')
+    parser.add_argument('--data-root', help='default: data/shapes, '
+                        'data/shapes_cls')
+    parser.add_argument('--epochs', type=int, help='default: 12, 15')
+    parser.add_argument('--num-train', type=int, help='default: 400, 3000')
+    parser.add_argument('--num-val', type=int, help='default: 100, 300')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
         '--log-interval', type=int, default=10,
@@ -45,6 +67,12 @@ def parse_args(argv=None):
         '--num-pictures', type=int, default=4,
         help='held-out images to draw predictions on (default 4)')
     args = parser.parse_args(argv)
+    defaults = TASKS[args.task][2]
+    for name, value in zip(
+        ('work_dir', 'data_root', 'epochs', 'num_train', 'num_val'),
+            defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ('epochs', 'num_train', 'num_val', 'log_interval',
                  'num_pictures'):
         if getattr(args, name) < 1:
@@ -61,8 +89,9 @@ def run(step: str, cmd: list) -> None:
 
 def write_config(args, work_dir: str, data_root: str) -> str:
     from mmengine.config import Config
-    os.environ['SHAPES_ROOT'] = data_root + '/'
-    cfg = Config.fromfile(CONFIG)
+    config, root_var, _ = TASKS[args.task]
+    os.environ[root_var] = data_root + '/'
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'demo', config))
     e = args.epochs
     cfg.train_cfg.max_epochs = e
     cfg.train_cfg.val_interval = e
@@ -112,27 +141,46 @@ def _rescaled(result, factor: float):
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
-    sys.path.insert(0, ROOT)
-    from mmge.datasets import make_shapes_dataset
+    from mmge.datasets import make_shapes_classification, make_shapes_dataset
 
     work_dir = osp.abspath(args.work_dir)
     data_root = osp.abspath(args.data_root)
     os.makedirs(work_dir, exist_ok=True)
     print(f'=== data: {args.num_train} train / {args.num_val} held-out images '
           f'in {data_root} (seed {args.seed})', flush=True)
-    anns = make_shapes_dataset(data_root, num_train=args.num_train,
-                               num_val=args.num_val, seed=args.seed)
+    make = (make_shapes_dataset
+            if args.task == 'detection' else make_shapes_classification)
+    data = make(data_root, num_train=args.num_train, num_val=args.num_val,
+                seed=args.seed)
     config = write_config(args, work_dir, data_root)
 
     py = sys.executable
     run('train', [py, 'tools/train.py', config, '--work-dir', work_dir])
     checkpoint = osp.join(work_dir, f'epoch_{args.epochs}.pth')
+    metrics_file = osp.join(work_dir, 'metrics.json')
+    if args.task == 'detection':
+        summary = detection_eval(args, config, checkpoint, work_dir, data,
+                                 data_root, metrics_file)
+    else:
+        summary = classification_eval(config, checkpoint, work_dir,
+                                      metrics_file, start)
+    # this run's logs: training's first, then testing's
+    logs = sorted(p for p in glob.glob(osp.join(work_dir, '*', '*.log'))
+                  if osp.getmtime(p) >= start)
+    print(f'\n=== done in {time.time() - start:.0f}s: {summary}')
+    print(f'checkpoint  {checkpoint}\nlog         {logs[0] if logs else "-"}'
+          f'\nmetrics     {metrics_file}')
+
+
+def detection_eval(args, config, checkpoint, work_dir, anns, data_root,
+                   metrics_file) -> str:
+    """tools/test.py with a results json, tools/coco_eval.py, pictures."""
+    py = sys.executable
     results = osp.join(work_dir, 'results')
     run('test', [
         py, 'tools/test.py', config, checkpoint, '--work-dir', work_dir,
         '--json-prefix', results
     ])
-    metrics_file = osp.join(work_dir, 'metrics.json')
     run('score', [
         py, 'tools/coco_eval.py', results + '.bbox.json', anns['val'],
         '--per-class', '--out', metrics_file
@@ -140,19 +188,28 @@ def main(argv=None):
     picture = osp.join(work_dir, 'predictions.png')
     draw_predictions(config, checkpoint, anns['val'],
                      osp.join(data_root, 'val'), picture, args.num_pictures)
-
     with open(metrics_file) as f:
         metrics = json.load(f)
-    # this run's logs: training's first, then testing's
-    logs = sorted(p for p in glob.glob(osp.join(work_dir, '*', '*.log'))
-                  if osp.getmtime(p) >= start)
     ap50 = metrics['bbox_mAP_50']
-    print(f'\n=== done in {time.time() - start:.0f}s: bbox mAP '
-          f'{metrics["bbox_mAP"]:.3f}, mAP@0.5 {ap50:.3f} '
-          f'(goal >= 0.5: {"met" if ap50 >= 0.5 else "NOT met"})')
-    print(f'checkpoint  {checkpoint}\nlog         {logs[0] if logs else "-"}'
-          f'\nmetrics     {metrics_file}\nresults     {results}.bbox.json'
-          f'\npredictions {picture}')
+    print(f'results     {results}.bbox.json\npredictions {picture}')
+    return (f'bbox mAP {metrics["bbox_mAP"]:.3f}, mAP@0.5 {ap50:.3f} '
+            f'(goal >= 0.5: {"met" if ap50 >= 0.5 else "NOT met"})')
+
+
+def classification_eval(config, checkpoint, work_dir, metrics_file,
+                        start) -> str:
+    """tools/test.py; its metrics (MMEngine's test log json) -> metrics."""
+    run('test', [
+        sys.executable, 'tools/test.py', config, checkpoint, '--work-dir',
+        work_dir
+    ])
+    logs = sorted(p for p in glob.glob(osp.join(work_dir, '*', '*.json'))
+                  if osp.getmtime(p) >= start)
+    with open(logs[-1]) as f:  # the test run's: one line of metrics
+        metrics = json.loads(f.read().splitlines()[-1])
+    with open(metrics_file, 'w') as f:
+        json.dump(metrics, f, indent=2)
+    return f'top-1 {metrics["accuracy/top1"]:.2f}% on the held-out images'
 
 
 if __name__ == '__main__':

@@ -1,13 +1,16 @@
-"""A small COCO-format detection dataset of simple shapes, made from a seed.
+"""Small datasets of simple shapes, made from a seed: the demos' built-in data.
 
-The built-in data of the detection demo: no download, the same files for the
-same arguments on every machine. Each image has a textured background and a
-few filled squares, circles and triangles of random colour and size that
-overlap little; the boxes are exact.
+No download, the same files for the same arguments on every machine. Each
+image has a textured background and filled squares, circles or triangles of
+random colour and size. :func:`make_shapes_dataset` writes a COCO-format
+detection set (a few objects an image, exact boxes);
+:func:`make_shapes_classification` an image-folder classification set (one
+object an image, its class the label).
 """
 import json
 import os
 import os.path as osp
+import shutil
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -73,6 +76,75 @@ def make_image(rng: np.random.RandomState, size: int, max_objects: int,
     return image, objects
 
 
+def _check_counts(**values) -> None:
+    for name, (value, low) in values.items():
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f'{name} must be an int >= {low}, got {value!r}')
+
+
+def _up_to_date(root: str, meta: dict, paths) -> bool:
+    """Whether ``root`` already holds the files ``meta`` describes.
+
+    If not, empties the folders of a dataset generated before with other
+    arguments (it has ``meta.json``), so no stale image stays; a non-empty
+    folder that was not generated here is refused, never emptied.
+    """
+    meta_path = osp.join(root, 'meta.json')
+    if osp.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f) == meta and all(osp.exists(p) for p in paths):
+                return True
+        for sub in ('train', 'val', 'annotations'):
+            shutil.rmtree(osp.join(root, sub), ignore_errors=True)
+        os.remove(meta_path)
+    elif osp.isdir(root) and os.listdir(root):
+        raise ValueError(
+            f'{root!r} is not empty and holds no generated dataset '
+            f'(no meta.json); give an empty or new folder')
+    return False
+
+
+def make_shapes_classification(root: str,
+                               num_train: int = 600,
+                               num_val: int = 150,
+                               img_size: int = 64,
+                               seed: int = 0) -> Dict[str, str]:
+    """Write a one-shape-per-image classification set under ``root``.
+
+    ``root/{train,val}/<class>/<index>.png`` (mmpretrain's
+    ``CustomDataset`` layout; classes are the folder names). Rewritten only
+    when missing or when the arguments changed (``root/meta.json``).
+
+    Args:
+        root (str): Output folder.
+        num_train (int): Training images. Defaults to 600.
+        num_val (int): Held-out images. Defaults to 150.
+        img_size (int): Side of the square images. Defaults to 64.
+        seed (int): Random seed. Defaults to 0.
+
+    Returns:
+        dict: The two split folders (``'train'``, ``'val'``).
+    """
+    _check_counts(num_train=(num_train, 1), num_val=(num_val, 1),
+                  img_size=(img_size, 32))
+    meta = dict(task='classification', num_train=num_train, num_val=num_val,
+                img_size=img_size, seed=seed, classes=list(CLASSES))
+    splits = {s: osp.join(root, s) for s in ('train', 'val')}
+    if _up_to_date(root, meta, splits.values()):
+        return splits
+    rng = np.random.RandomState(seed)
+    for split, count in (('train', num_train), ('val', num_val)):
+        for name in CLASSES:
+            os.makedirs(osp.join(splits[split], name), exist_ok=True)
+        for i in range(count):
+            image, ((label, _), ) = make_image(rng, img_size, 1,
+                                               img_size // 4, img_size // 2)
+            image.save(osp.join(splits[split], CLASSES[label], f'{i:06d}.png'))
+    with open(osp.join(root, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return splits
+
+
 def make_shapes_dataset(root: str,
                         num_train: int = 400,
                         num_val: int = 100,
@@ -96,22 +168,15 @@ def make_shapes_dataset(root: str,
     Returns:
         dict: Paths of the two annotation files (``'train'``, ``'val'``).
     """
-    for name, value, low in (('num_train', num_train, 1),
-                             ('num_val', num_val, 1),
-                             ('img_size', img_size, 32),
-                             ('max_objects', max_objects, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f'{name} must be an int >= {low}, got {value!r}')
+    _check_counts(num_train=(num_train, 1), num_val=(num_val, 1),
+                  img_size=(img_size, 32), max_objects=(max_objects, 1))
     meta = dict(num_train=num_train, num_val=num_val, img_size=img_size,
                 max_objects=max_objects, seed=seed, classes=list(CLASSES))
     ann_dir = osp.join(root, 'annotations')
     paths = {s: osp.join(ann_dir, f'instances_{s}.json')
              for s in ('train', 'val')}
-    meta_path = osp.join(root, 'meta.json')
-    if all(osp.exists(p) for p in paths.values()) and osp.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f) == meta:
-                return paths
+    if _up_to_date(root, meta, paths.values()):
+        return paths
     os.makedirs(ann_dir, exist_ok=True)
     rng = np.random.RandomState(seed)
     min_side, max_side = max(8, img_size // 8), img_size // 2
@@ -136,6 +201,6 @@ def make_shapes_dataset(root: str,
             categories=[dict(id=i + 1, name=n) for i, n in enumerate(CLASSES)])
         with open(paths[split], 'w') as f:
             json.dump(coco, f)
-    with open(meta_path, 'w') as f:
+    with open(osp.join(root, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return paths

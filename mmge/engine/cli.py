@@ -77,7 +77,15 @@ def run(prepare: Callable[[], Config], launcher: str, action: str):
             TypeError) as e:
         sys.exit(f'error: {e}')
     try:
-        return getattr(runner, action)()
+        result = getattr(runner, action)()
     except pickle.UnpicklingError as e:
         sys.exit(f'error: refused to load checkpoint '
                  f'{cfg.get("load_from")!r}: {refusal_message(e)}')
+    # MMEngine leaves the process group up; gloo torn down at interpreter
+    # exit can abort ("terminate called without an active exception"), so
+    # end it here, once every rank is done
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
