@@ -300,3 +300,17 @@ def test_classification_dist_train_two_processes_gloo(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / 'work' / 'epoch_1.pth').is_file()
     assert 'accuracy/top1' in out.stdout + out.stderr
+
+
+def test_missing_cifar_root_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, 'tools/train.py',
+         osp.join(ROOT, 'configs', 'classification', 'cifar',
+                  'wrn16_8_ge_theta_cifar100.py'), '--work-dir',
+         str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+        env=dict(__import__('os').environ,
+                 CIFAR_ROOT=str(tmp_path / 'none') + '/'), timeout=300)
+    assert out.returncode != 0 and 'Traceback' not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: train_dataloader.dataset.data_root')
+    assert str(tmp_path / 'none') in last and 'CIFAR_ROOT' in last

@@ -12,8 +12,9 @@ HINTS = {
     'get ImageNet-1k from https://image-net.org (train/ and val/ as '
     'mmpretrain lays them out) and point IMAGENET_ROOT at it',
     'CIFAR10':
-    'point CIFAR_ROOT at a folder where the CIFAR python archive is or '
-    'may be downloaded',
+    'create it and put the CIFAR python archive there (mmpretrain '
+    'downloads it into an existing empty folder when the internet is '
+    'reachable), and point CIFAR_ROOT at it',
 }
 HINTS['CIFAR100'] = HINTS['CIFAR10']
 
