@@ -1,7 +1,6 @@
 # GCNet's ImageNet recipe (seeds/002): insert the blocks into a trained
 # ResNet-50 and fine-tune 40 epochs from lr 0.02 with cosine decay, batch 256.
-# The configs that use it start from plain ResNet-50 ImageNet weights
-# (RESNET50_WEIGHTS, default torchvision's): only the new blocks are new.
+# The configs that use it start from ../models/resnet50_torchvision.py.
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-4))
 param_scheduler = dict(type='CosineAnnealingLR', T_max=40, by_epoch=True)
