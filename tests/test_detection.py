@@ -18,7 +18,7 @@ from mmge.models import GatherExcite, GEResLayer, GEResNet
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(
     glob.glob(osp.join(ROOT, 'configs', '*.py')) +
-    glob.glob(osp.join(ROOT, 'configs', 'demo', '*.py')))
+    glob.glob(osp.join(ROOT, 'configs', 'demo', 'faster_rcnn*.py')))
 DEMO = osp.join(ROOT, 'configs', 'demo', 'faster_rcnn_ge_theta_e8_shapes.py')
 PY = sys.executable
 
