@@ -1,0 +1,144 @@
+"""Time and memory of GE in ResNet-50 against the plain network.
+
+    python tools/benchmark/ge_benchmark.py [--batch 4] [--size 224]
+        [--repeats 5] [--variants theta theta_minus theta_plus] [--extent 8]
+
+For each model, the median over --repeats alternating rounds of: one
+training step (forward, loss, backward, SGD step), one inference forward
+(eval, no grad), and the bytes of tensors saved for backward (counted once
+per storage with torch.autograd.graph.saved_tensors_hooks, so that figure
+does not depend on the machine's noise). Rows: plain ResNet-50, SE, the GE
+formula as written (resize, sigmoid, multiply), and mmge's GatherExcite, per
+variant; every figure is also given as a ratio to the plain network.
+A benchmark, not a test: run it on an idle machine.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='GE time and memory against plain ResNet-50')
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--extent', type=int, default=8)
+    parser.add_argument('--variants', nargs='+',
+                        default=['theta', 'theta_minus', 'theta_plus'])
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads (default: torch\'s choice)')
+    return parser.parse_args(argv)
+
+
+class FormulaGE(nn.Module):
+    """GE as the formula reads: x * sigmoid(resize(f(gather(x))))."""
+
+    def __init__(self, in_channels, **kwargs):
+        super().__init__()
+        from mmge.models import GatherExcite
+        self.ge = GatherExcite(in_channels, **kwargs)
+
+    def forward(self, x):
+        context = self.ge.gather(x)
+        if self.ge.excite.mlp is not None:
+            context = self.ge.excite.mlp(context)
+        gate = F.interpolate(context, size=x.shape[-2:], mode='nearest')
+        return x * gate.sigmoid()
+
+
+def build(ge_cfg):
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    from mmge.models import GEResNet
+    model = GEResNet(50, ge_cfg=ge_cfg, out_indices=(3, ), norm_eval=False)
+    # mmengine logs every parameter's initialiser at INFO level
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
+    model.init_weights()
+    return model
+
+
+def saved_bytes(model, x):
+    """Bytes of the distinct storages autograd saves for backward."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)[-1]
+    del out
+    return sum(seen.values())
+
+
+def train_step(model, x, opt):
+    model.train()
+    start = time.perf_counter()
+    loss = model(x)[-1].float().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def infer(model, x):
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import mmge  # noqa: F401
+    rows = {'plain': None, 'SE': dict(type='SqueezeExcite')}
+    for v in args.variants:
+        cfg = dict(variant=v, extent=args.extent)
+        rows[f'{v} formula'] = dict(type=FormulaGE, **cfg)
+        rows[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    models = {name: build(cfg) for name, cfg in rows.items()}
+    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-4)
+            for n, m in models.items()}
+    for name, m in models.items():  # warm-up
+        train_step(m, x, opts[name])
+        infer(m, x)
+    times = {n: dict(train=[], infer=[]) for n in models}
+    for _ in range(args.repeats):  # alternate the models within a round
+        for name, m in models.items():
+            times[name]['train'].append(train_step(m, x, opts[name]))
+            times[name]['infer'].append(infer(m, x))
+    memory = {n: saved_bytes(m, x) for n, m in models.items()}
+    base = times['plain']
+    base_train = statistics.median(base['train'])
+    base_infer = statistics.median(base['infer'])
+    print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
+          f'extent {args.extent}, torch {torch.__version__}, '
+          f'{torch.get_num_threads()} threads, median of {args.repeats}\n')
+    print('| model | train step (s) | / plain | inference (s) | / plain | '
+          'saved for backward (MB) | / plain |')
+    print('| --- | --- | --- | --- | --- | --- | --- |')
+    for name in models:
+        tr = statistics.median(times[name]['train'])
+        inf = statistics.median(times[name]['infer'])
+        mb = memory[name] / 2**20
+        print(f'| {name} | {tr:.3f} | {tr / base_train:.2f}x | {inf:.3f} | '
+              f'{inf / base_infer:.2f}x | {mb:.0f} | '
+              f'{memory[name] / memory["plain"]:.2f}x |')
+
+
+if __name__ == '__main__':
+    main()
