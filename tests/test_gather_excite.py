@@ -235,3 +235,46 @@ def test_global_theta_at_other_size_says_why():
     msg = str(err.value)
     assert 'built for feature size (7, 7)' in msg and '(9, 7)' in msg
     assert 'local extent' in msg
+
+
+@pytest.mark.parametrize('size', ((13, 9), (16, 16), (1, 31), (29, 2)))
+@pytest.mark.parametrize('extent', (2, 8))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_gradients_equal_the_formula(variant, extent, size):
+    """The layer's backward equals autograd through the plain formula."""
+    import torch.nn.functional as F
+    layer = build(variant, extent, size).train()
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, *size, dtype=torch.float64)
+
+    def formula(inp):
+        ctx = layer.gather(inp)
+        if layer.excite.mlp is not None:
+            ctx = layer.excite.mlp(ctx)
+        gate = F.interpolate(ctx, size=inp.shape[-2:], mode='nearest')
+        return inp * gate.sigmoid()
+
+    grads = []
+    for fn in (layer, formula):
+        layer.zero_grad()
+        x.grad = None
+        (fn(x) * w).sum().backward()
+        grads.append([x.grad.clone()] + [
+            p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_resized_gate_is_not_saved_for_backward():
+    layer = GatherExcite(8, variant='theta_minus', extent=4)
+    x = torch.randn(2, 8, 32, 32, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    full = [s for s in storages.values() if s[-2:] == (32, 32)]
+    assert full == [(2, 8, 32, 32)]  # x itself, no resized gate

@@ -53,6 +53,30 @@ def check_channels(channels: int, name: str = 'in_channels') -> int:
     return channels
 
 
+class _NearestGate(torch.autograd.Function):
+    """``x * resize_nearest(gate, size of x)``, keeping only ``x`` and the
+    small ``gate`` for backward (not the resized gate)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, gate)
+        return x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, gate = ctx.saved_tensors
+        grad_x = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            up = F.interpolate(gate, size=x.shape[-2:], mode='nearest')
+            grad_x = (grad * up).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            # the exact adjoint of the forward's nearest resize
+            grad_gate = torch.ops.aten.upsample_nearest2d_backward(
+                grad * x, list(x.shape[-2:]), list(gate.shape), None,
+                None).to(gate.dtype)
+        return grad_x, grad_gate
+
+
 class Excite(nn.Module):
     """Gate ``x`` with the sigmoid of the (optionally transformed) context.
 
@@ -62,7 +86,8 @@ class Excite(nn.Module):
     ``channels -> channels // reduction -> channels`` with an activation in
     between (GE-theta-plus, SE). The sigmoid runs at the context's
     resolution, before the nearest resize (the two commute), and a 1x1
-    context is broadcast rather than resized.
+    context is broadcast rather than resized. In training, the resized gate
+    is not kept for backward: it is resized again from the small one.
 
     Args:
         channels (int, optional): Number of channels; required with
@@ -100,6 +125,8 @@ class Excite(nn.Module):
         if self.mlp is not None:
             context = self.mlp(context)
         gate = context.sigmoid()
-        if gate.shape[-2:] != (1, 1) and gate.shape[-2:] != x.shape[-2:]:
-            gate = F.interpolate(gate, size=x.shape[-2:], mode='nearest')
-        return x * gate
+        if gate.shape[-2:] == (1, 1) or gate.shape[-2:] == x.shape[-2:]:
+            return x * gate
+        if torch.is_grad_enabled():
+            return _NearestGate.apply(x, gate)
+        return x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
