@@ -278,3 +278,46 @@ def test_resized_gate_is_not_saved_for_backward():
         layer(x)
     full = [s for s in storages.values() if s[-2:] == (32, 32)]
     assert full == [(2, 8, 32, 32)]  # x itself, no resized gate
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_bf16_autocast_training_step(variant):
+    layer = GatherExcite(16, variant=variant, extent=4).train()
+    x = torch.randn(2, 16, 21, 19, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().mean().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_channels_last_training_step_matches_contiguous():
+    layer = GatherExcite(16, variant='theta', extent=4).train()
+    x = torch.randn(2, 16, 21, 19)
+    grads = []
+    for inp in (x.clone(), x.clone().to(memory_format=torch.channels_last)):
+        inp.requires_grad_(True)
+        layer.zero_grad()
+        (layer(inp) * torch.arange(inp.numel()).view_as(inp) / 1e4).sum(
+        ).backward()
+        grads.append([inp.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant,extent', (('theta', 8), ('theta_minus', 4),
+                                            ('theta_plus', 'global')))
+def test_compiles_without_graph_breaks(variant, extent):
+    layer = GatherExcite(16, variant=variant, extent=extent,
+                         feat_size=(13, 10)).train()
+    # fullgraph=True raises on any graph break; the eager backend keeps the
+    # test fast (no code generation)
+    compiled = torch.compile(layer, fullgraph=True, backend='eager')
+    x = torch.randn(2, 16, 13, 10, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, layer(x))
+    assert x.grad is not None
