@@ -2,7 +2,6 @@
 import glob
 import json
 import os.path as osp
-import shutil
 import subprocess
 import sys
 

@@ -3,7 +3,7 @@ import contextlib
 import io
 import json
 import os.path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import Dict
 
 import numpy as np
 from pycocotools.coco import COCO

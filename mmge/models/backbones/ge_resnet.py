@@ -1,6 +1,6 @@
 """GE-ResNet: mmdet's ResNet with a Gather-Excite layer in its residual blocks."""
 import copy
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.utils.checkpoint as cp
@@ -9,8 +9,8 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
-from ..layers.gather import GLOBAL, Size2d, to_size2d
-from ..layers.gather_excite import GatherExcite
+from ..layers.gather import Size2d, to_size2d
+from ..layers.gather_excite import needs_feat_size
 
 
 class GEBasicBlock(BasicBlock):
@@ -179,15 +179,6 @@ class GEResNet(ResNet):
         layer = self.ge_cfg.get('type', 'GatherExcite')
         return MODELS.get(layer) if isinstance(layer, str) else layer
 
-    def _needs_feat_size(self) -> bool:
-        """Whether ``ge_cfg`` is a global GE-theta/theta-plus without a size."""
-        cfg = self.ge_cfg
-        layer = self._ge_layer_type()
-        return (isinstance(layer, type) and issubclass(layer, GatherExcite)
-                and cfg.get('extent', 8) == GLOBAL
-                and cfg.get('variant', 'theta') != 'theta_minus'
-                and 'feat_size' not in cfg)
-
     def stage_sizes(self, num_stages: int,
                     strides: Sequence[int]) -> List[Size2d]:
         """Feature size after each stage for ``self.input_size``.
@@ -218,7 +209,7 @@ class GEResNet(ResNet):
         cfg = dict(self.ge_cfg)
         cfg.setdefault('type', 'GatherExcite')
         sizes = [None] * num_stages
-        if self._needs_feat_size():
+        if needs_feat_size(self.ge_cfg):
             if self.input_size is None:
                 raise ValueError(
                     "global-extent GE-theta (extent='global') needs "

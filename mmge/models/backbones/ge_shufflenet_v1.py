@@ -11,7 +11,8 @@ from mmpretrain.models.backbones.shufflenet_v1 import ShuffleNetV1, ShuffleUnit
 from mmpretrain.models.utils import channel_shuffle
 
 from ..init_report import report_layer_loading
-from ..layers.gather import GLOBAL, to_size2d
+from ..layers.gather import to_size2d
+from ..layers.gather_excite import needs_feat_size
 
 
 class GEShuffleUnit(ShuffleUnit):
@@ -85,9 +86,7 @@ class GEShuffleNetV1(ShuffleNetV1):
             self.ge_cfg.setdefault('type', 'GatherExcite')
         self.input_size = None if input_size is None else to_size2d(
             input_size, 'input_size')
-        self._stage = 0
         super().__init__(**kwargs)
-        del self._stage
         if self.ge_cfg is not None:
             report_layer_loading(self, [self.layers[0][0].ge_name])
 
@@ -97,29 +96,26 @@ class GEShuffleNetV1(ShuffleNetV1):
         super().train(mode)
         return self
 
-    def _stage_cfg(self) -> Optional[dict]:
-        """``ge_cfg`` for the stage being built (feature size if global)."""
+    def _stage_cfg(self, stage: int) -> Optional[dict]:
+        """``ge_cfg`` for stage ``stage`` (its feature size if global)."""
         if self.ge_cfg is None:
             return None
         cfg = dict(self.ge_cfg)
-        needs_size = (cfg['type'] in ('GatherExcite', MODELS.get(
-            'GatherExcite')) and cfg.get('extent', 8) == GLOBAL
-                      and cfg.get('variant', 'theta') != 'theta_minus'
-                      and 'feat_size' not in cfg)
-        if needs_size:
+        if needs_feat_size(cfg):
             if self.input_size is None:
                 raise ValueError(
                     "global-extent GE-theta (extent='global') needs "
                     'input_size, from which each stage\'s feature size is '
                     'derived; or use a local extent (2, 4, 8)')
-            div = 8 * 2**self._stage
+            div = 8 * 2**stage
             cfg['feat_size'] = tuple(-(-s // div) for s in self.input_size)
         return cfg
 
     def make_layer(self, out_channels: int, num_blocks: int,
                    first_block: bool = False) -> nn.Sequential:
         """A stage of :class:`GEShuffleUnit`, the first one downsampling."""
-        ge_cfg = self._stage_cfg()
+        # mmpretrain appends each stage to self.layers after building it
+        ge_cfg = self._stage_cfg(len(self.layers))
         layers = []
         for i in range(num_blocks):
             layers.append(
@@ -135,5 +131,4 @@ class GEShuffleNetV1(ShuffleNetV1):
                     with_cp=self.with_cp,
                     ge_cfg=ge_cfg))
             self.in_channels = out_channels
-        self._stage += 1
         return nn.Sequential(*layers)

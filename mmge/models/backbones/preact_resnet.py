@@ -9,7 +9,8 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
-from ..layers.gather import GLOBAL, to_size2d
+from ..layers.gather import to_size2d
+from ..layers.gather_excite import needs_feat_size
 
 
 class PreActBlock(BaseModule):
@@ -125,7 +126,7 @@ class PreActResNet(BaseModule):
         self.ge_cfg = copy.deepcopy(ge_cfg)
         size = to_size2d(input_size, 'input_size')
         self.conv1 = build_conv_layer(None, 3, 16, 3, padding=1, bias=False)
-        in_channels, sizes = 16, []
+        in_channels = 16
         self.stages = nn.ModuleList()
         for i, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
             size = tuple(-(-s // stride) for s in size)
@@ -139,7 +140,6 @@ class PreActResNet(BaseModule):
                 in_channels = unit.out_channels
                 units.append(unit)
             self.stages.append(nn.Sequential(*units))
-            sizes.append(size)
         self.norm_name, norm = build_norm_layer(norm_cfg, in_channels)
         self.add_module(self.norm_name, norm)
         self.relu = nn.ReLU(inplace=True)
@@ -164,9 +164,8 @@ class PreActResNet(BaseModule):
             return None
         cfg = dict(self.ge_cfg)
         cfg.setdefault('type', 'GatherExcite')
-        if (cfg['type'] == 'GatherExcite' and cfg.get('extent', 8) == GLOBAL
-                and cfg.get('variant', 'theta') != 'theta_minus'):
-            cfg.setdefault('feat_size', size)
+        if needs_feat_size(cfg):
+            cfg['feat_size'] = size
         return cfg
 
     @property

@@ -6,9 +6,31 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from .excite import Excite, check_channels, check_reduction
-from .gather import ConvGather, Extent, PoolGather, check_extent
+from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')
+
+
+def needs_feat_size(cfg: dict) -> bool:
+    """Whether a layer config is global GE-theta/theta-plus without a size.
+
+    Backbones use it to decide when to give each stage's ``feat_size``.
+
+    Args:
+        cfg (dict): A layer config; ``type`` (a name or a class) defaults to
+            ``'GatherExcite'``.
+
+    Returns:
+        bool: True for a ``GatherExcite`` (or subclass) with the global
+        extent, a parametric variant and no ``feat_size``.
+    """
+    layer = cfg.get('type', 'GatherExcite')
+    if isinstance(layer, str):
+        layer = MODELS.get(layer)
+    return (isinstance(layer, type) and issubclass(layer, GatherExcite)
+            and cfg.get('extent', 8) == GLOBAL
+            and cfg.get('variant', 'theta') != 'theta_minus'
+            and 'feat_size' not in cfg)
 
 
 @MODELS.register_module()
