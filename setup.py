@@ -54,6 +54,9 @@ setup(
     },
     python_requires='>=3.8',
     install_requires=install_requires,
-    extras_require={'tests': ['pytest>=7']},
+    extras_require={
+        # onnx, onnxruntime and onnxscript: the ONNX export test
+        'tests': ['pytest>=7', 'onnx', 'onnxruntime', 'onnxscript']
+    },
     zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""The benchmark script runs and prints its table (no timing asserted)."""
+"""The benchmark scripts run and print their tables (no timing asserted)."""
 import os.path as osp
 import subprocess
 import sys
@@ -6,17 +6,46 @@ import sys
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def test_benchmark_prints_every_row():
-    out = subprocess.run([
-        sys.executable, 'tools/benchmark/ge_benchmark.py', '--batch', '2',
-        '--size', '64', '--repeats', '1', '--variants', 'theta'
-    ], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _table(args):
+    out = subprocess.run([sys.executable] + args, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith('| ')]
-    names = [r.split('|')[1].strip() for r in rows[2:]]
-    assert names == ['plain', 'SE', 'theta formula', 'theta mmge']
-    plain = rows[2].split('|')
-    assert plain[3].strip() == '1.00x' and plain[7].strip() == '1.00x'
-    # GE saves more for backward than the plain network
-    ge_ratio = float(rows[5].split('|')[7].strip().rstrip('x'))
-    assert ge_ratio > 1.0
+    rows = [line.split('|')[1:-1] for line in out.stdout.splitlines()
+            if line.startswith('| ')]
+    return [[c.strip() for c in r] for r in rows[2:]]
+
+
+def _ratio(cell):
+    return float(cell.rstrip('x'))
+
+
+def test_benchmark_prints_every_row():
+    rows = _table([
+        'tools/benchmark/ge_benchmark.py', '--batch', '2', '--size', '64',
+        '--repeats', '1', '--variants', 'theta'
+    ])
+    names = [r[0] for r in rows]
+    expect = ['plain', 'SE', 'theta formula', 'theta mmge',
+              'theta mmge, memory-saving']
+    assert [n for n in names if n != 'theta timm'] == expect
+    by_name = dict(zip(names, rows))
+    assert by_name['plain'][2] == '1.00x' and by_name['plain'][6] == '1.000x'
+    # GE keeps its input (more than plain, less than the formula); the
+    # memory-saving mode keeps nothing of its own but its (small) weights
+    mmge, saving = by_name['theta mmge'], by_name['theta mmge, memory-saving']
+    assert 1.0 < _ratio(mmge[6]) < _ratio(by_name['theta formula'][6])
+    assert _ratio(saving[6]) < _ratio(mmge[6])
+    assert _ratio(saving[6]) <= 1.03
+
+
+def test_detection_benchmark_prints_every_row():
+    rows = _table([
+        'tools/benchmark/detection_benchmark.py', '--size', '96', '128',
+        '--repeats', '1', '--boxes', '2', '--rois', '8', '--memory-saving'
+    ])
+    names = [r[0] for r in rows]
+    assert names == ['faster_rcnn_r50_c4', 'faster_rcnn_ge_theta_e8',
+                     'faster_rcnn_ge_theta_e8, memory-saving']
+    assert rows[0][2] == '1.00x' and rows[0][4] == '1.000x'
+    assert _ratio(rows[1][4]) > 1.0
+    assert _ratio(rows[2][4]) < _ratio(rows[1][4])

@@ -40,13 +40,18 @@ def test_basic_block_layer_sits_after_norm2_before_add():
     assert block.after_conv2_plugin_names == ['gather_excite']
     seen = {}
     block.gather_excite.register_forward_hook(
-        lambda m, i, o: seen.update(inp=i[0], out=o))
+        lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs),
+        with_kwargs=True)
     x = torch.randn(1, 64, 9, 9)
     y = block(x)
-    expect_in = block.norm2(block.conv2(block.relu(block.norm1(
-        block.conv1(x)))))
-    torch.testing.assert_close(seen['inp'], expect_in)
-    torch.testing.assert_close(y, torch.relu(seen['out'] + x))
+    conv2_out = block.conv2(block.relu(block.norm1(block.conv1(x))))
+    # GE gets norm2's input and norm2, and adds the shortcut itself
+    torch.testing.assert_close(seen['args'][0], conv2_out)
+    torch.testing.assert_close(seen['args'][1], x)
+    assert seen['kwargs']['norm'] is block.norm2
+    with torch.no_grad():
+        expect = torch.relu(block.gather_excite(block.norm2(conv2_out)) + x)
+    torch.testing.assert_close(y, expect)
 
 
 def test_bottleneck_layer_sits_after_conv3():

@@ -28,10 +28,18 @@ def test_layer_sits_on_the_branch_before_add_and_concat():
     assert add.gather_excite.in_channels == 480
     seen = {}
     add.gather_excite.register_forward_hook(
-        lambda m, i, o: seen.update(out=o))
+        lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs),
+        with_kwargs=True)
     x = torch.randn(1, 480, 9, 9)
     y = add(x)
-    torch.testing.assert_close(y, torch.relu(x + seen['out']))
+    # GE gets the expanding conv's output, its BN and the shortcut
+    expand = add.g_conv_1x1_expand
+    assert seen['kwargs']['norm'] is expand.norm
+    torch.testing.assert_close(seen['args'][1], x)
+    with torch.no_grad():
+        branch = expand.norm(seen['args'][0])
+        expect = torch.relu(x + add.gather_excite(branch))
+    torch.testing.assert_close(y, expect)
 
 
 def test_plain_unit_output_unchanged_without_layer():

@@ -45,9 +45,10 @@ if ! have 'from mmcv.ops import RoIAlign, nms'; then
     "${PIP[@]}" install -q --no-build-isolation "mmcv==2.1.0"
 fi
 
-# 3. The OpenMMLab libraries, pycocotools and pytest (setup.py's requirements).
-if ! have 'import mmengine, mmdet, mmpretrain, pycocotools, pytest'; then
-  log "installing mmengine, mmdet, mmpretrain, pycocotools and pytest"
+# 3. The OpenMMLab libraries, pycocotools, pytest and the ONNX test's onnx, onnxruntime and
+#    onnxscript (setup.py's requirements).
+if ! have 'import mmengine, mmdet, mmpretrain, pycocotools, pytest, onnx, onnxruntime, onnxscript'; then
+  log "installing mmengine, mmdet, mmpretrain, pycocotools, pytest and onnx(runtime)"
   "${PIP[@]}" install -q --no-build-isolation "$ROOT[tests]"
 fi
 

@@ -9,7 +9,9 @@ training step (forward, loss, backward, SGD step), one inference forward
 per storage with torch.autograd.graph.saved_tensors_hooks, so that figure
 does not depend on the machine's noise). Rows: plain ResNet-50, SE, the GE
 formula as written (resize, sigmoid, multiply), and mmge's GatherExcite, per
-variant; every figure is also given as a ratio to the plain network.
+variant (and timm's GatherExcite when timm is importable); mmge's layer
+also in its memory-saving mode. Every figure is also given as a ratio to the
+plain network.
 A benchmark, not a test: run it on an idle machine.
 """
 import argparse
@@ -36,7 +38,8 @@ def parse_args(argv=None):
 
 
 class FormulaGE(nn.Module):
-    """GE as the formula reads: x * sigmoid(resize(f(gather(x))))."""
+    """GE as the formula reads: x * sigmoid(resize(f(gather(x)))), with
+    plain autograd (mmge's layer's modules, none of its forward)."""
 
     def __init__(self, in_channels, **kwargs):
         super().__init__()
@@ -44,11 +47,36 @@ class FormulaGE(nn.Module):
         self.ge = GatherExcite(in_channels, **kwargs)
 
     def forward(self, x):
-        context = self.ge.gather(x)
+        gather = self.ge.gather
+        context = gather.convs(x) if hasattr(gather, 'convs') else gather(x)
         if self.ge.excite.mlp is not None:
             context = self.ge.excite.mlp(context)
         gate = F.interpolate(context, size=x.shape[-2:], mode='nearest')
         return x * gate.sigmoid()
+
+
+def timm_ge(variant, extent):
+    """timm's GatherExcite as a layer config, or None without timm."""
+    try:
+        from timm.layers import GatherExcite as TimmGE
+    except ImportError:
+        return None
+
+    class TimmLayer(nn.Module):
+
+        def __init__(self, in_channels):
+            super().__init__()
+            # timm: extent 0 is global; use_mlp gives theta-plus;
+            # extent > 0 without add_maxpool/mlp and with the conv gather
+            # is GE-theta, without it GE-theta-minus
+            self.ge = TimmGE(
+                in_channels, extent=extent, extra_params=variant != 'theta_minus',
+                use_mlp=variant == 'theta_plus')
+
+        def forward(self, x):
+            return self.ge(x)
+
+    return dict(type=TimmLayer)
 
 
 def build(ge_cfg):
@@ -107,7 +135,12 @@ def main(argv=None):
     for v in args.variants:
         cfg = dict(variant=v, extent=args.extent)
         rows[f'{v} formula'] = dict(type=FormulaGE, **cfg)
+        timm_cfg = timm_ge(v, args.extent)
+        if timm_cfg is not None:
+            rows[f'{v} timm'] = timm_cfg
         rows[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
+        rows[f'{v} mmge, memory-saving'] = dict(
+            type='GatherExcite', memory_efficient=True, **cfg)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     models = {name: build(cfg) for name, cfg in rows.items()}
@@ -137,7 +170,7 @@ def main(argv=None):
         mb = memory[name] / 2**20
         print(f'| {name} | {tr:.3f} | {tr / base_train:.2f}x | {inf:.3f} | '
               f'{inf / base_infer:.2f}x | {mb:.0f} | '
-              f'{memory[name] / memory["plain"]:.2f}x |')
+              f'{memory[name] / memory["plain"]:.3f}x |')
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ import copy
 from typing import List, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
@@ -10,7 +11,28 @@ from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
 from ..layers.gather import Size2d, to_size2d
-from ..layers.gather_excite import needs_feat_size
+from ..layers.gather_excite import GatherExcite, needs_feat_size
+
+
+def fused_ge(block: nn.Module, names: List[str]) -> Optional[GatherExcite]:
+    """The block's GE layer, when it is the only plugin at its position.
+
+    Such a layer is called with the last norm layer's input, the norm layer
+    and the shortcut, so that it adds the shortcut in its own pass and, in
+    its memory-saving mode, recomputes the norm's output in backward.
+
+    Args:
+        block (nn.Module): A residual block.
+        names (list[str]): Plugin names at the position after the last norm.
+
+    Returns:
+        GatherExcite | None: The layer, or None (then the block runs as
+        mmdet's).
+    """
+    if len(names) != 1:
+        return None
+    layer = getattr(block, names[0])
+    return layer if isinstance(layer, GatherExcite) else None
 
 
 class GEBasicBlock(BasicBlock):
@@ -49,14 +71,51 @@ class GEBasicBlock(BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward function."""
 
+        ge = fused_ge(self, self.after_conv2_plugin_names)
+
         def _inner_forward(x):
             identity = x
             out = self.relu(self.norm1(self.conv1(x)))
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            if ge is not None:
+                return ge(self.conv2(out), identity, norm=self.norm2)
             out = self.norm2(self.conv2(out))
+            out = self.forward_plugin(out, self.after_conv2_plugin_names)
+            return out + identity
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        else:
+            out = _inner_forward(x)
+        return self.relu(out)
+
+
+class GEBottleneck(Bottleneck):
+    """mmdet's ``Bottleneck`` whose GE layer adds the shortcut itself.
+
+    Same parameters, names and results as mmdet's ``Bottleneck`` with the
+    plugins; when the only ``'after_conv3'`` plugin is a
+    :class:`GatherExcite`, it is given ``conv3``'s output, ``norm3`` and
+    the shortcut (see :func:`fused_ge`). Otherwise mmdet's forward runs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward function."""
+        ge = fused_ge(self, self.after_conv3_plugin_names) \
+            if self.with_plugins else None
+        if ge is None:
+            return super().forward(x)
+
+        def _inner_forward(x):
+            identity = x
+            out = self.relu(self.norm1(self.conv1(x)))
+            out = self.forward_plugin(out, self.after_conv1_plugin_names)
+            out = self.relu(self.norm2(self.conv2(out)))
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             if self.downsample is not None:
                 identity = self.downsample(x)
-            return out + identity
+            return ge(self.conv3(out), identity, norm=self.norm3)
 
         if self.with_cp and x.requires_grad:
             out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
@@ -76,7 +135,10 @@ class GEResNet(ResNet):
     last norm layer and before the shortcut is added (Hu et al., 2018).
     Bottleneck models (50/101/152) are exactly mmdet's ``ResNet`` with the
     plugin at ``'after_conv3'``, parameter names included, so checkpoints
-    move between the two. ResNet-18/34 use :class:`GEBasicBlock`.
+    move between the two (:class:`GEBottleneck` only lets the GE layer add
+    the shortcut in its own pass). ResNet-18/34 use :class:`GEBasicBlock`.
+    ``ge_cfg=dict(..., memory_efficient=True)`` switches on GE's
+    memory-saving mode (see :class:`GatherExcite`).
 
     ``ge_cfg`` takes any layer built with ``in_channels``: ``GatherExcite``
     (the default type), ``SqueezeExcite`` (SE), or mmcv's ``ContextBlock``
@@ -108,9 +170,9 @@ class GEResNet(ResNet):
     arch_settings = {
         18: (GEBasicBlock, (2, 2, 2, 2)),
         34: (GEBasicBlock, (3, 4, 6, 3)),
-        50: (Bottleneck, (3, 4, 6, 3)),
-        101: (Bottleneck, (3, 4, 23, 3)),
-        152: (Bottleneck, (3, 8, 36, 3)),
+        50: (GEBottleneck, (3, 4, 6, 3)),
+        101: (GEBottleneck, (3, 4, 23, 3)),
+        152: (GEBottleneck, (3, 8, 36, 3)),
     }
 
     def __init__(self,

@@ -12,7 +12,7 @@ from mmpretrain.models.utils import channel_shuffle
 
 from ..init_report import report_layer_loading
 from ..layers.gather import to_size2d
-from ..layers.gather_excite import needs_feat_size
+from ..layers.gather_excite import GatherExcite, needs_feat_size
 
 
 class GEShuffleUnit(ShuffleUnit):
@@ -46,9 +46,20 @@ class GEShuffleUnit(ShuffleUnit):
             out = self.depthwise_conv3x3_bn(self.g_conv_1x1_compress(x))
             if self.groups > 1:
                 out = channel_shuffle(out, self.groups)
-            out = self.g_conv_1x1_expand(out)
-            if self.ge_name is not None:
-                out = getattr(self, self.ge_name)(out)
+            ge = None if self.ge_name is None else getattr(self, self.ge_name)
+            expand = self.g_conv_1x1_expand
+            if isinstance(ge, GatherExcite) and expand.with_norm and \
+                    not expand.with_activation and \
+                    expand.order == ('conv', 'norm', 'act'):
+                # GE adds the shortcut and may recompute the norm's output
+                out = expand.conv(out)
+                if self.combine == 'concat':
+                    return self._concat(
+                        self.avgpool(x), self.act(ge(out, norm=expand.norm)))
+                return self.act(ge(out, x, norm=expand.norm))
+            out = expand(out)
+            if ge is not None:
+                out = ge(out)
             if self.combine == 'concat':
                 return self._concat(self.avgpool(x), self.act(out))
             return self.act(self._add(x, out))

@@ -4,6 +4,7 @@ The excite operator ``xi_E(x, g) = x * f(g)`` rescales the features ``x`` by a
 gate ``f(g)`` in [0, 1] computed from the gathered context ``g`` and brought
 back to the size of ``x`` by nearest-neighbour interpolation.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -53,28 +54,146 @@ def check_channels(channels: int, name: str = 'in_channels') -> int:
     return channels
 
 
-class _NearestGate(torch.autograd.Function):
-    """``x * resize_nearest(gate, size of x)``, keeping only ``x`` and the
-    small ``gate`` for backward (not the resized gate)."""
+@functools.lru_cache(maxsize=256)
+def block_factor(out_size: int, in_size: int, double: bool = False) -> int:
+    """How PyTorch's nearest resize maps ``in_size`` cells to ``out_size``.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, gate)
-        return x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
+    Args:
+        out_size (int): Output length.
+        in_size (int): Input length.
+        double (bool): For float64 tensors, whose resize computes its
+            indices in double precision (others use float32).
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, gate = ctx.saved_tensors
-        grad_x = grad_gate = None
-        if ctx.needs_input_grad[0]:
-            up = F.interpolate(gate, size=x.shape[-2:], mode='nearest')
-            grad_x = (grad * up).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # the exact adjoint of the forward's nearest resize
-            grad_gate = torch.ops.aten.upsample_nearest2d_backward(
-                grad * x, list(x.shape[-2:]), list(gate.shape), None,
-                None).to(gate.dtype)
-        return grad_x, grad_gate
+    Returns:
+        int: ``s`` when output cell ``j`` takes input cell ``j // s`` (every
+        input cell repeated ``s`` times, so the resize is a broadcast over a
+        reshaped tensor), else 0. Decided by running ``F.interpolate``
+        itself on an index ramp, so it agrees with it bit for bit
+        (memoised: a pure function of its arguments).
+    """
+    if out_size == in_size:
+        return 1
+    if out_size % in_size:
+        return 0
+    s = out_size // in_size
+    return s if torch.equal(
+        nearest_index(out_size, in_size, double=double),
+        torch.arange(out_size) // s) else 0
+
+
+def nearest_index(out_size: int,
+                  in_size: int,
+                  device: Optional[torch.device] = None,
+                  double: bool = False) -> torch.Tensor:
+    """Input cell of each output cell of PyTorch's nearest resize.
+
+    Args:
+        out_size (int): Output length.
+        in_size (int): Input length.
+        device (torch.device, optional): Device of the result.
+        double (bool): For float64 tensors (see :func:`block_factor`).
+
+    Returns:
+        Tensor: int64 indices of shape (out_size, ), exactly those
+        ``F.interpolate(mode='nearest')`` uses.
+    """
+    dtype = torch.float64 if double else torch.float32
+    ramp = torch.arange(in_size, dtype=dtype).view(1, 1, 1, -1)
+    index = F.interpolate(ramp, size=(1, out_size), mode='nearest')
+    return index.view(-1).long().to(device)
+
+
+def _widen(gate: torch.Tensor, width: int) -> torch.Tensor:
+    """Nearest-resize the last dim of a small gate to ``width``."""
+    w = gate.shape[-1]
+    double = gate.dtype == torch.float64
+    s = block_factor(width, w, double)
+    if s == 1:
+        return gate
+    if s:
+        return gate.repeat_interleave(s, dim=-1)
+    return gate.index_select(
+        -1, nearest_index(width, w, gate.device, double))
+
+
+def resize_multiply(x: torch.Tensor,
+                    gate: torch.Tensor,
+                    identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')``, plus
+    ``identity`` when given, without building the full-size gate when the
+    sizes allow.
+
+    The gate is widened to ``x``'s width (a tensor ``H / h`` times smaller
+    than ``x``); when every gate row covers the same number of rows of
+    ``x`` the product is a broadcast over ``x`` viewed as
+    (N, C, h, H / h, W), else the gate is also resized in height. The
+    residual add, when given, happens in the same pass (``addcmul``).
+
+    Args:
+        x (Tensor): Features (N, C, H, W).
+        gate (Tensor): Gate (N, C, h, w), h <= H and w <= W.
+        identity (Tensor, optional): Tensor of ``x``'s shape to add.
+
+    Returns:
+        Tensor: Shape (N, C, H, W).
+    """
+    n, c, height, width = x.shape
+    h, w = gate.shape[-2:]
+    if (h, w) == (1, 1):
+        return x * gate if identity is None else torch.addcmul(
+            identity, x, gate)
+    double = gate.dtype == torch.float64
+    gate = _widen(gate, width)
+    s = block_factor(height, h, double)
+    if not s:
+        gate = gate.index_select(
+            -2, nearest_index(height, h, gate.device, double))
+        return x * gate if identity is None else torch.addcmul(
+            identity, x, gate)
+    if not (x.is_contiguous()
+            or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    # written through a 5-d view of a fresh 4-d tensor, which is returned
+    out = torch.empty_like(x, dtype=torch.result_type(x, gate) if identity
+                           is None else torch.promote_types(
+                               torch.result_type(x, gate), identity.dtype))
+    shape = (n, c, h, s, width)
+    if identity is None:
+        torch.mul(x.view(shape), gate.unsqueeze(3), out=out.view(shape))
+    else:
+        torch.addcmul(identity.reshape(shape), x.view(shape),
+                      gate.unsqueeze(3), out=out.view(shape))
+    return out
+
+
+def resize_multiply_grad(grad: torch.Tensor, x: torch.Tensor,
+                         gate: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`resize_multiply` with respect to the gate.
+
+    The adjoint of the nearest resize applied to ``grad * x``: every gate
+    cell sums the cells of ``x`` that took its value.
+
+    Args:
+        grad (Tensor): Gradient of the output, (N, C, H, W).
+        x (Tensor): The features that were gated, (N, C, H, W).
+        gate (Tensor): The gate, (N, C, h, w) (only its size and dtype are
+            used).
+
+    Returns:
+        Tensor: Shape (N, C, h, w).
+    """
+    n, c, height, width = x.shape
+    h, w = gate.shape[-2:]
+    prod = grad * x
+    if (h, w) == (1, 1):
+        return prod.sum((2, 3), keepdim=True)
+    double = gate.dtype == torch.float64
+    sh, sw = block_factor(height, h, double), block_factor(width, w, double)
+    if sh and sw:
+        return prod.reshape(n, c, h, sh, width).sum(3).reshape(
+            n, c, h, w, sw).sum(-1)
+    return torch.ops.aten.upsample_nearest2d_backward(
+        prod, [height, width], [n, c, h, w], None, None)
 
 
 class Excite(nn.Module):
@@ -85,9 +204,8 @@ class Excite(nn.Module):
     a bottleneck MLP of two 1x1 convolutions with bias,
     ``channels -> channels // reduction -> channels`` with an activation in
     between (GE-theta-plus, SE). The sigmoid runs at the context's
-    resolution, before the nearest resize (the two commute), and a 1x1
-    context is broadcast rather than resized. In training, the resized gate
-    is not kept for backward: it is resized again from the small one.
+    resolution, before the nearest resize (the two commute), and the resize
+    is a broadcast wherever the sizes allow (:func:`resize_multiply`).
 
     Args:
         channels (int, optional): Number of channels; required with
@@ -112,6 +230,19 @@ class Excite(nn.Module):
                 ConvModule(channels, hidden, 1, bias=True, act_cfg=act_cfg),
                 ConvModule(hidden, channels, 1, bias=True, act_cfg=None))
 
+    def gate(self, context: torch.Tensor) -> torch.Tensor:
+        """The gate ``sigmoid(mlp(context))`` at the context's resolution.
+
+        Args:
+            context (Tensor): Gathered context (N, C, h, w).
+
+        Returns:
+            Tensor: Gate in [0, 1], shape (N, C, h, w).
+        """
+        if self.mlp is not None:
+            context = self.mlp(context)
+        return context.sigmoid()
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Excite.
 
@@ -122,11 +253,8 @@ class Excite(nn.Module):
         Returns:
             Tensor: ``x`` gated, shape (N, C, H, W).
         """
-        if self.mlp is not None:
-            context = self.mlp(context)
-        gate = context.sigmoid()
-        if gate.shape[-2:] == (1, 1) or gate.shape[-2:] == x.shape[-2:]:
-            return x * gate
-        if torch.is_grad_enabled():
-            return _NearestGate.apply(x, gate)
-        return x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
+        gate = self.gate(context)
+        if torch.compiler.is_compiling():
+            # one traceable formula, valid for symbolic sizes too
+            return x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
+        return resize_multiply(x, gate)

@@ -154,6 +154,9 @@ class ConvGather(nn.Module):
             (GE-theta-plus does). Defaults to False.
     """
 
+    #: input elements per call of the first convolution on the CPU
+    cpu_chunk = 2**20
+
     def __init__(self,
                  channels: int,
                  extent: Extent = 8,
@@ -206,7 +209,20 @@ class ConvGather(nn.Module):
                 f'tied to one input size. Build it for this size (GEResNet '
                 f'input_size / GatherExcite feat_size), or use a local '
                 f'extent (2, 4, 8), which works at any size.')
-        return self.convs(x)
+        if x.device.type != 'cpu' or x.shape[0] < 2 or \
+                x.numel() <= self.cpu_chunk or torch.compiler.is_compiling():
+            return self.convs(x)
+        # The CPU depthwise convolution's input gradient slows down several
+        # times once a call outgrows the cache (ResNet-50's first stage at
+        # batch 4); the first, full-resolution convolution runs on chunks
+        # of the batch and its norm layer on the whole batch.
+        first = self.convs[0]
+        step = max(1, self.cpu_chunk // x[0].numel())
+        x = torch.cat([first.conv(part) for part in x.split(step)])
+        x = first.norm(x)
+        if first.with_activation:
+            x = first.activate(x)
+        return self.convs[1:](x)
 
     def extra_repr(self) -> str:
         s = f'extent={self.extent!r}'

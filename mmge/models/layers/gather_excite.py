@@ -2,10 +2,13 @@
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from .excite import Excite, check_channels, check_reduction
+from .excite import (Excite, check_channels, check_reduction,
+                     resize_multiply)
+from .ge_autograd import GEFunction
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')
@@ -67,6 +70,13 @@ class GatherExcite(BaseModule):
             ``dict(type='BN')``.
         act_cfg (dict): Activation of the parametric gather and the MLP.
             Defaults to ``dict(type='ReLU')``.
+        memory_efficient (bool): The memory-saving mode: in training, keep
+            for backward the input of the norm layer that feeds GE (which
+            the network keeps anyway) and recompute GE's input from it,
+            instead of keeping GE's input. Needs that norm layer in
+            :meth:`forward` (``GEResNet``, ``GEResLayer`` and
+            ``GEShuffleNetV1`` pass it). Either way the gather and the gate
+            are recomputed in backward, not stored. Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config.
 
     Example:
@@ -86,8 +96,13 @@ class GatherExcite(BaseModule):
                  feat_size: Optional[Union[int, Tuple[int, int]]] = None,
                  norm_cfg: dict = dict(type='BN'),
                  act_cfg: dict = dict(type='ReLU'),
+                 memory_efficient: bool = False,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         super().__init__(init_cfg)
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f'memory_efficient must be a bool, got '
+                            f'{memory_efficient!r}')
+        self.memory_efficient = memory_efficient
         if variant not in VARIANTS:
             raise ValueError(
                 f'variant must be one of {VARIANTS}, got {variant!r}')
@@ -112,16 +127,51 @@ class GatherExcite(BaseModule):
         """tuple[int, int] | None: The size global GE-theta is tied to."""
         return getattr(self.gather, 'feat_size', None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self,
+                x: torch.Tensor,
+                identity: Optional[torch.Tensor] = None,
+                norm: Optional[nn.Module] = None) -> torch.Tensor:
         """Gather context and excite ``x`` with it.
 
         Args:
-            x (Tensor): Features of shape (N, C, H, W).
+            x (Tensor): Features of shape (N, C, H, W); with ``norm``, the
+                norm layer's input.
+            identity (Tensor, optional): The block's shortcut, added to the
+                gated features in the same pass.
+            norm (nn.Module, optional): The norm layer feeding GE: the
+                features are ``norm(x)``. Required by ``memory_efficient``.
 
         Returns:
-            Tensor: Gated features, same shape as ``x``.
+            Tensor: Gated features (plus ``identity``), same shape as ``x``.
+
+        Raises:
+            ValueError: In the memory-saving mode, if ``norm`` is not given.
         """
-        return self.excite(x, self.gather(x))
+        if self.memory_efficient and norm is None:
+            raise ValueError(
+                'GatherExcite(memory_efficient=True) recomputes its input '
+                'from the norm layer before it, so it must be called as '
+                'layer(x, identity, norm=...), as GEResNet, GEResLayer and '
+                'GEShuffleNetV1 do; as a plugin of mmdet\'s ResNet it only '
+                'sees the norm\'s output: use memory_efficient=False there')
+        if norm is not None and not self.memory_efficient:
+            x, norm = norm(x), None
+        params = tuple(
+            p for m in (self, norm) if m is not None
+            for p in m.parameters() if p.requires_grad)
+        if torch.compiler.is_compiling():
+            # plain differentiable ops: the compiler plans memory itself
+            if norm is not None:
+                x = norm(x)
+            out = self.excite(x, self.gather(x))
+            return out if identity is None else out + identity
+        if torch.is_grad_enabled() and (
+                x.requires_grad or params or
+                (identity is not None and identity.requires_grad)):
+            return GEFunction.apply(self, norm, x, identity, *params)
+        if norm is not None:
+            x = norm(x)
+        return resize_multiply(x, self.excite.gate(self.gather(x)), identity)
 
     def extra_repr(self) -> str:
         s = f'{self.in_channels}, variant={self.variant!r}, ' \

@@ -7,6 +7,7 @@ from mmdet.models.layers import ResLayer as _ResLayer
 from mmdet.models.roi_heads.shared_heads import ResLayer
 from mmengine.registry import MODELS
 
+from ..backbones.ge_resnet import GEBottleneck
 from ..init_report import report_layer_loading
 
 
@@ -58,7 +59,7 @@ class GEResLayer(ResLayer):
         self.add_module(
             f'layer{stage + 1}',
             _ResLayer(
-                block,
+                GEBottleneck,
                 64 * 2**(stage - 1) * block.expansion,
                 64 * 2**stage,
                 stage_blocks[stage],

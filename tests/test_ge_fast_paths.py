@@ -1,0 +1,281 @@
+"""The fast paths of GE (issue 5) against the plain formula of SPEC.md.
+
+The layer gates through a broadcast instead of a resized gate, adds the
+shortcut in the same pass, recomputes the gather in backward and, in its
+memory-saving mode, recomputes its input from the norm layer before it.
+None of that may change a value: every test compares with autograd through
+``x * F.interpolate(sigmoid(f(gather(x))), size=x.shape[-2:])``.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmge.models import GatherExcite, GEResNet
+from mmge.models.layers.excite import (block_factor, nearest_index,
+                                       resize_multiply, resize_multiply_grad)
+
+VARIANTS = ('theta_minus', 'theta', 'theta_plus')
+SIZES = ((13, 9), (16, 16), (56, 56), (1, 31), (29, 2), (25, 42))
+
+
+def formula(layer, x, identity=None, norm=None):
+    """SPEC.md's GE, written as it reads, with plain autograd."""
+    if norm is not None:
+        x = norm(x)
+    gather = layer.gather
+    ctx = gather.convs(x) if hasattr(gather, 'convs') else gather(x)
+    if layer.excite.mlp is not None:
+        ctx = layer.excite.mlp(ctx)
+    y = x * F.interpolate(ctx, size=x.shape[-2:], mode='nearest').sigmoid()
+    return y if identity is None else y + identity
+
+
+@pytest.mark.parametrize('dtype', (torch.float32, torch.float64))
+def test_nearest_index_is_interpolates_own(dtype):
+    """In both directions and both precisions (float64 resizes compute
+    their indices in double precision and differ, e.g. 2 -> 164)."""
+    double = dtype == torch.float64
+    for in_size in range(1, 40):
+        for out_size in range(in_size, 200):
+            ramp = torch.arange(in_size, dtype=dtype)
+            expect = F.interpolate(
+                ramp.view(1, 1, -1, 1), size=(out_size, 1),
+                mode='nearest').view(-1).long()
+            assert torch.equal(
+                nearest_index(out_size, in_size, double=double), expect)
+            s = block_factor(out_size, in_size, double)
+            if s:
+                assert torch.equal(expect, torch.arange(out_size) // s)
+            else:
+                assert out_size % in_size or not torch.equal(
+                    expect,
+                    torch.arange(out_size) // (out_size // in_size))
+
+
+def test_block_factor_values():
+    assert block_factor(56, 7) == 8
+    assert block_factor(7, 7) == 1
+    assert block_factor(13, 2) == 0  # rows 0-6 and 7-12: unequal runs
+    assert block_factor(334, 42) == 0
+
+
+@pytest.mark.parametrize('size,gate', (((56, 56), (7, 7)), ((13, 9), (2, 2)),
+                                       ((25, 42), (4, 6)), ((29, 2), (4, 1)),
+                                       ((8, 8), (1, 1)), ((9, 9), (9, 9))))
+@pytest.mark.parametrize('channels_last', (False, True))
+def test_resize_multiply_and_its_gradient(size, gate, channels_last):
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    identity = torch.randn(2, 3, *size, dtype=torch.float64)
+    g = torch.rand(2, 3, *gate, dtype=torch.float64, requires_grad=True)
+    up = F.interpolate(g, size=size, mode='nearest')
+    torch.testing.assert_close(resize_multiply(x, g.detach()), x * up)
+    torch.testing.assert_close(
+        resize_multiply(x, g.detach(), identity), x * up + identity)
+    grad = torch.randn(2, 3, *size, dtype=torch.float64)
+    expect, = torch.autograd.grad(x * up, g, grad)
+    torch.testing.assert_close(resize_multiply_grad(grad, x, g), expect)
+
+
+def _check_against_formula(variant, extent, size, memory_efficient,
+                           channels=6):
+    kw = dict(feat_size=size) if extent == 'global' else {}
+    layer = GatherExcite(channels, variant=variant, extent=extent,
+                         reduction=2, memory_efficient=memory_efficient,
+                         **kw).double().train()
+    norm = nn.BatchNorm2d(channels).double().train()
+    ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+    x = torch.randn(2, channels, *size, dtype=torch.float64,
+                    requires_grad=True)
+    identity = torch.randn_like(x, requires_grad=True)
+    grad = torch.randn_like(x)
+    results = []
+    for m, n, fn in ((layer, norm, layer), (ref_layer, ref_norm, None)):
+        out = fn(x, identity, norm=n) if fn is not None else formula(
+            m, x, identity, n)
+        wrt = [x, identity, *m.parameters(), *n.parameters()]
+        results.append([out, *torch.autograd.grad(out, wrt, grad)])
+        results[-1] += list(m.buffers()) + list(n.buffers())
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('extent', (2, 8, 'global'))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_values_and_gradients_equal_the_formula(variant, extent, size):
+    """Output, the gradients of input, shortcut and every parameter, and the
+    running statistics (updated once, not again by the recomputation)."""
+    _check_against_formula(variant, extent, size, memory_efficient=False)
+
+
+@pytest.mark.parametrize('size', ((13, 9), (16, 16), (29, 2)))
+@pytest.mark.parametrize('extent', (2, 8, 'global'))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_memory_saving_mode_equals_the_formula(variant, extent, size):
+    _check_against_formula(variant, extent, size, memory_efficient=True)
+
+
+def _saved_storages(fn):
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, list(saved.values())
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_default_mode_keeps_only_its_input(variant):
+    layer = GatherExcite(8, variant=variant, extent=4, reduction=2)
+    x = torch.randn(2, 8, 32, 32, requires_grad=True) * 1
+    _, saved = _saved_storages(lambda: layer(x))
+    params = {p.data_ptr() for p in layer.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert len(activations) == 1
+    assert activations[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_memory_saving_mode_keeps_only_the_norms_input(variant):
+    layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
+                         memory_efficient=True)
+    norm = nn.BatchNorm2d(8)
+    conv = nn.Conv2d(8, 8, 1)
+    inp = torch.randn(2, 8, 32, 32)
+    c_box = []
+
+    def run():
+        c = conv(inp)
+        c_box.append(c)
+        return layer(c, norm=norm)
+
+    _, saved = _saved_storages(run)
+    params = {p.data_ptr() for m in (layer, norm, conv)
+              for p in m.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    # the conv keeps its input; GE keeps the conv's output, which the
+    # norm layer would keep without GE: nothing of GE's own
+    assert sorted(t.data_ptr() for t in activations) == sorted(
+        [inp.data_ptr(), c_box[0].data_ptr()])
+
+
+def test_memory_saving_mode_needs_the_norm():
+    layer = GatherExcite(8, memory_efficient=True)
+    with pytest.raises(ValueError, match='norm=') as err:
+        layer(torch.randn(1, 8, 8, 8))
+    assert 'memory_efficient=False' in str(err.value)
+    with pytest.raises(TypeError, match='memory_efficient must be a bool'):
+        GatherExcite(8, memory_efficient='yes')
+
+
+def test_ge_resnet_memory_saving_mode_same_values_less_memory():
+    torch.manual_seed(0)
+    models = [
+        GEResNet(50, ge_cfg=dict(variant='theta', extent=4,
+                                 memory_efficient=m), norm_eval=False)
+        for m in (False, True)
+    ]
+    plain = GEResNet(50, ge_cfg=None, norm_eval=False)
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    outs, grads, saved = [], [], []
+    for m in models + [plain]:
+        m.train()
+        out, kept = _saved_storages(lambda: m(x)[-1])
+        saved.append(sum(t.untyped_storage().nbytes() for t in kept))
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append([p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # GE's own full-resolution input per block is gone in the memory mode
+    assert saved[1] < saved[0]
+    assert saved[1] <= 1.03 * saved[2]
+    for name in ('running_mean', 'running_var'):
+        for a, b in zip(models[0].modules(), models[1].modules()):
+            if hasattr(a, name):
+                torch.testing.assert_close(getattr(a, name),
+                                           getattr(b, name))
+
+
+def test_channels_last_stays_channels_last():
+    layer = GatherExcite(16, variant='theta', extent=8)
+    x = torch.randn(2, 16, 24, 24).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    for train in (True, False):
+        layer.train(train)
+        with torch.set_grad_enabled(train):
+            out = layer(x, torch.randn(2, 16, 24, 24).contiguous(
+                memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    model = GEResNet(50, ge_cfg=dict(variant='theta', extent=8)).eval()
+    model = model.to(memory_format=torch.channels_last)
+    img = torch.randn(1, 3, 64, 64).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        outs = model(img)
+    assert all(o.is_contiguous(memory_format=torch.channels_last)
+               for o in outs)
+
+
+def test_ge_resnet_compiles_without_graph_breaks():
+    model = GEResNet(18, ge_cfg=dict(variant='theta', extent=4)).train()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    x = torch.randn(2, 3, 64, 48)
+    outs = compiled(x)
+    outs[-1].sum().backward()
+    for a, b in zip(outs, model(x)):
+        torch.testing.assert_close(a, b)
+
+
+def _randomise_norm_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize('what', ('layer', 'ge_resnet50'))
+def test_onnx_export_with_dynamic_height_and_width(what, tmp_path):
+    """Exported at 64x64, run by onnxruntime at sizes the export never saw,
+    divisible by the extent or not (a resize to constant sizes, pytorch
+    issue 84374, would fail here)."""
+    ort = pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    if what == 'layer':
+        model, channels = GatherExcite(
+            8, variant='theta_plus', extent=8, reduction=2), 8
+    else:
+        model, channels = GEResNet(
+            50, ge_cfg=dict(variant='theta', extent=8)), 3
+    model.eval()
+    _randomise_norm_stats(model)
+    h = torch.export.Dim('h', min=1, max=4096)
+    w = torch.export.Dim('w', min=1, max=4096)
+    program = torch.onnx.export(
+        model, (torch.randn(1, channels, 64, 64), ),
+        dynamic_shapes=({2: h, 3: w}, ), dynamo=True)
+    path = str(tmp_path / f'{what}.onnx')
+    program.save(path)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for size in ((64, 64), (37, 53), (100, 23), (13, 9)):
+        inp = torch.randn(1, channels, *size)
+        with torch.no_grad():
+            expect = model(inp)
+        expect = expect if isinstance(expect, tuple) else (expect, )
+        got = session.run(None, {session.get_inputs()[0].name: inp.numpy()})
+        assert len(got) == len(expect)
+        for a, b in zip(got, expect):
+            assert a.shape == tuple(b.shape)
+            torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4,
+                                       atol=1e-4)
