@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
+from mmcv.cnn import build_plugin_layer
 from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmengine.registry import MODELS
@@ -54,7 +55,6 @@ class GEBasicBlock(BasicBlock):
     # Reuse mmdet's plugin builder and runner; they only need ``self``.
     make_block_plugins = Bottleneck.make_block_plugins
     forward_plugin = Bottleneck.forward_plugin
-
     def __init__(self, *args, plugins: Optional[List[dict]] = None,
                  **kwargs) -> None:
         super().__init__(*args, plugins=None, **kwargs)
@@ -72,6 +72,8 @@ class GEBasicBlock(BasicBlock):
         """Forward function."""
 
         ge = fused_ge(self, self.after_conv2_plugin_names)
+        if 'before_block' in self._modules:  # GEResNet's before_last_block
+            x = self.before_block(x)
 
         def _inner_forward(x):
             identity = x
@@ -102,6 +104,8 @@ class GEBottleneck(Bottleneck):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward function."""
+        if 'before_block' in self._modules:  # GEResNet's before_last_block
+            x = self.before_block(x)
         ge = fused_ge(self, self.after_conv3_plugin_names) \
             if self.with_plugins else None
         if ge is None:
@@ -158,6 +162,13 @@ class GEResNet(ResNet):
         strides (Sequence[int]): Stride of each stage's first block.
             Defaults to (1, 2, 2, 2).
         plugins (list[dict], optional): Further mmdet plugins.
+        before_last_block (dict, optional): A layer between the last two
+            blocks of one stage, as GCNet places its non-local block ("before
+            the last residual block of c4"): ``dict(cfg=..., stage=2)``,
+            ``cfg`` built with ``in_channels`` (e.g. mmcv's ``NonLocal2d``
+            or ``SimplifiedNonLocal2d``), ``stage`` 0-based. Its parameters
+            are named ``layer{stage+1}.{last}.before_block.*``, so plain
+            ResNet weights still load. Defaults to None.
         **kwargs: Other arguments of mmdet's ``ResNet``.
 
     Example:
@@ -184,6 +195,7 @@ class GEResNet(ResNet):
                  num_stages: int = 4,
                  strides: Sequence[int] = (1, 2, 2, 2),
                  plugins: Optional[List[dict]] = None,
+                 before_last_block: Optional[dict] = None,
                  **kwargs) -> None:
         if depth not in self.arch_settings:
             raise ValueError(f'depth must be one of '
@@ -224,11 +236,34 @@ class GEResNet(ResNet):
                 for m in getattr(self, name):
                     m.init_cfg = dict(
                         type='Constant', val=0, override=dict(name='norm2'))
+        self.before_last_block = copy.deepcopy(before_last_block)
+        if before_last_block is not None:
+            self._insert_before_last_block(before_last_block, num_stages)
         if ge_plugins:
             report_layer_loading(self, [
                 infer_abbr(self._ge_layer_type()) +
                 str(self.ge_cfg.get('postfix', ''))
             ])
+
+    def _insert_before_last_block(self, spec: dict, num_stages: int) -> None:
+        """Build ``before_last_block`` into its stage's last block."""
+        if not isinstance(spec, dict) or set(spec) != {'cfg', 'stage'}:
+            raise ValueError(
+                "before_last_block must be dict(cfg=<layer config>, "
+                f"stage=<0..{num_stages - 1}>), got {spec!r}")
+        stage = spec['stage']
+        if not isinstance(stage, int) or not 0 <= stage < num_stages:
+            raise ValueError(f'before_last_block stage must be an int in '
+                             f'0..{num_stages - 1}, got {stage!r}')
+        blocks = getattr(self, self.res_layers[stage])
+        if len(blocks) < 2:
+            raise ValueError(f'before_last_block: stage {stage} has only '
+                             f'{len(blocks)} block')
+        last = blocks[-1]
+        channels = last.conv1.in_channels
+        _, layer = build_plugin_layer(
+            copy.deepcopy(spec['cfg']), in_channels=channels)
+        last.add_module('before_block', layer)
 
     def train(self, mode: bool = True) -> 'GEResNet':
         """Set train/eval mode, keeping mmdet's frozen stages and
