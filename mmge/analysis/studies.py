@@ -43,9 +43,8 @@ def class_selectivity(class_means: torch.Tensor) -> torch.Tensor:
         raise ValueError('class selectivity needs non-negative activations '
                          '(take them after a ReLU)')
     means = class_means.double()
-    mu_max, arg = means.max(dim=0)
-    total = means.sum(dim=0)
-    mu_rest = (total - mu_max) / (means.shape[0] - 1)
+    mu_max = means.amax(dim=0)
+    mu_rest = (means.sum(dim=0) - mu_max) / (means.shape[0] - 1)
     denom = mu_max + mu_rest
     index = torch.where(denom > 0, (mu_max - mu_rest) / denom.clamp_min(EPS),
                         torch.zeros_like(denom))
@@ -75,8 +74,7 @@ def gate_prune_mask(gates: torch.Tensor, ratio: float,
     if order not in ('ascending', 'descending'):
         raise ValueError("order must be 'ascending' or 'descending', got "
                          f'{order!r}')
-    n, c = gates.shape
-    k = int(round(ratio * c))
+    k = int(round(ratio * gates.shape[1]))
     mask = torch.ones_like(gates, dtype=torch.float32)
     if k:
         idx = gates.argsort(dim=1, descending=order == 'descending')[:, :k]

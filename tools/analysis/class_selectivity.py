@@ -87,7 +87,7 @@ def class_means(model, dataloader, blocks, max_images=None):
             lambda m, i, o, k=k: feats.__setitem__(k, o.mean((2, 3))))
         for k, b in enumerate(blocks)
     ]
-    sums: Dict[int, torch.Tensor] = {}
+    sums: Dict[int, Dict[int, torch.Tensor]] = {}  # class -> block -> sum
     counts: Dict[int, int] = {}
     total = len(dataloader.dataset)
     if max_images:

@@ -167,20 +167,6 @@ def train_iter(model, batch, opt):
     return time.perf_counter() - start
 
 
-def saved_bytes(model, batch):
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = losses(model, batch)
-    del loss
-    return sum(seen.values())
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -196,7 +182,9 @@ def main(argv=None):
     for _ in range(args.repeats):
         for name, m in models.items():
             times[name].append(train_iter(m, batch, opts[name]))
-    memory = {n: saved_bytes(m, batch) for n, m in models.items()}
+    from mmge.utils import saved_tensor_bytes
+    memory = {n: saved_tensor_bytes(lambda m=m: losses(m, batch))
+              for n, m in models.items()}
     base = next(iter(models))
     base_time = statistics.median(times[base])
     h, w = args.size

@@ -92,22 +92,6 @@ def build(ge_cfg):
     return model
 
 
-def saved_bytes(model, x):
-    """Bytes of the distinct storages autograd saves for backward."""
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)[-1]
-    del out
-    return sum(seen.values())
-
-
 def train_step(model, x, opt):
     model.train()
     start = time.perf_counter()
@@ -154,7 +138,9 @@ def main(argv=None):
         for name, m in models.items():
             times[name]['train'].append(train_step(m, x, opts[name]))
             times[name]['infer'].append(infer(m, x))
-    memory = {n: saved_bytes(m, x) for n, m in models.items()}
+    from mmge.utils import saved_tensor_bytes
+    memory = {n: saved_tensor_bytes(lambda m=m: m.train()(x)[-1])
+              for n, m in models.items()}
     base = times['plain']
     base_train = statistics.median(base['train'])
     base_infer = statistics.median(base['infer'])

@@ -3,6 +3,6 @@ from .ge_shufflenet_v1 import GEShuffleNetV1, GEShuffleUnit
 from .preact_resnet import PreActBlock, PreActResNet, WideResNet
 
 __all__ = [
-    'GEBasicBlock', 'GEBottleneck', 'GEResNet', 'GEShuffleNetV1', 'GEShuffleUnit',
-    'PreActBlock', 'PreActResNet', 'WideResNet'
+    'GEBasicBlock', 'GEBottleneck', 'GEResNet', 'GEShuffleNetV1',
+    'GEShuffleUnit', 'PreActBlock', 'PreActResNet', 'WideResNet'
 ]

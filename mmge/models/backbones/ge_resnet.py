@@ -55,6 +55,7 @@ class GEBasicBlock(BasicBlock):
     # Reuse mmdet's plugin builder and runner; they only need ``self``.
     make_block_plugins = Bottleneck.make_block_plugins
     forward_plugin = Bottleneck.forward_plugin
+
     def __init__(self, *args, plugins: Optional[List[dict]] = None,
                  **kwargs) -> None:
         super().__init__(*args, plugins=None, **kwargs)

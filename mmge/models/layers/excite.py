@@ -97,10 +97,18 @@ def nearest_index(out_size: int,
         Tensor: int64 indices of shape (out_size, ), exactly those
         ``F.interpolate(mode='nearest')`` uses.
     """
+    return _nearest_index_cpu(out_size, in_size, double).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_index_cpu(out_size: int, in_size: int,
+                       double: bool) -> torch.Tensor:
+    """:func:`nearest_index` on the CPU, memoised (a pure function of its
+    arguments; callers only read the result)."""
     dtype = torch.float64 if double else torch.float32
     ramp = torch.arange(in_size, dtype=dtype).view(1, 1, 1, -1)
     index = F.interpolate(ramp, size=(1, out_size), mode='nearest')
-    return index.view(-1).long().to(device)
+    return index.view(-1).long()
 
 
 def _widen(gate: torch.Tensor, width: int) -> torch.Tensor:
@@ -154,9 +162,10 @@ def resize_multiply(x: torch.Tensor,
             or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     # written through a 5-d view of a fresh 4-d tensor, which is returned
-    out = torch.empty_like(x, dtype=torch.result_type(x, gate) if identity
-                           is None else torch.promote_types(
-                               torch.result_type(x, gate), identity.dtype))
+    dtype = torch.result_type(x, gate)
+    if identity is not None:
+        dtype = torch.promote_types(dtype, identity.dtype)
+    out = torch.empty_like(x, dtype=dtype)
     shape = (n, c, h, s, width)
     if identity is None:
         torch.mul(x.view(shape), gate.unsqueeze(3), out=out.view(shape))

@@ -156,19 +156,19 @@ class GatherExcite(BaseModule):
                 'sees the norm\'s output: use memory_efficient=False there')
         if norm is not None and not self.memory_efficient:
             x, norm = norm(x), None
-        params = tuple(
-            p for m in (self, norm) if m is not None
-            for p in m.parameters() if p.requires_grad)
         if torch.compiler.is_compiling():
             # plain differentiable ops: the compiler plans memory itself
             if norm is not None:
                 x = norm(x)
             out = self.excite(x, self.gather(x))
             return out if identity is None else out + identity
-        if torch.is_grad_enabled() and (
-                x.requires_grad or params or
-                (identity is not None and identity.requires_grad)):
-            return GEFunction.apply(self, norm, x, identity, *params)
+        if torch.is_grad_enabled():
+            params = tuple(
+                p for m in (self, norm) if m is not None
+                for p in m.parameters() if p.requires_grad)
+            if x.requires_grad or params or (identity is not None
+                                             and identity.requires_grad):
+                return GEFunction.apply(self, norm, x, identity, *params)
         if norm is not None:
             x = norm(x)
         return resize_multiply(x, self.excite.gate(self.gather(x)), identity)

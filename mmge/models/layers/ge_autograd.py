@@ -33,18 +33,12 @@ def call_frozen(module: nn.Module, *args) -> torch.Tensor:
     Returns:
         Tensor: The module's output.
     """
+    if not module.training:
+        return module(*args)  # no buffer is written outside training
     buffers = {name: b.clone() for name, b in module.named_buffers()}
-    if not buffers or not module.training:
+    if not buffers:
         return module(*args)
     return torch.func.functional_call(module, buffers, args)
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """channels_last if ``t`` is stored so, else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class GEFunction(torch.autograd.Function):
@@ -80,15 +74,14 @@ class GEFunction(torch.autograd.Function):
             leaf = inp.detach().requires_grad_(ctx.needs_input_grad[2])
             x = leaf if norm is None else call_frozen(norm, leaf)
             gate = layer.excite.gate(call_frozen(layer.gather, x))
-        x_value = x.detach()
-        grad_gate = resize_multiply_grad(grad, x_value, gate)
+        gate_value = gate.detach()
+        grad_gate = resize_multiply_grad(grad, x.detach(), gate_value)
         outputs: List[torch.Tensor] = [gate]
         grad_outputs: List[torch.Tensor] = [grad_gate.to(gate.dtype)]
-        grad_x = None
         if norm is not None:
             # the direct path joins the gather's inside the norm's backward
             outputs.append(x)
-            grad_outputs.append(resize_multiply(grad, gate.detach()))
+            grad_outputs.append(resize_multiply(grad, gate_value))
         inputs = [t for t in [leaf] + params if t.requires_grad]
         grads = torch.autograd.grad(
             outputs, inputs, grad_outputs, allow_unused=True) \
@@ -96,13 +89,9 @@ class GEFunction(torch.autograd.Function):
         grads = dict(zip(map(id, inputs), grads))
         grad_inp = grads.get(id(leaf))
         if norm is None and ctx.needs_input_grad[2]:
-            # gather path + direct path in one pass, in grad's memory
-            # format (the gather may have worked in another)
-            if grad_inp is not None:
-                grad_inp = grad_inp.contiguous(
-                    memory_format=_memory_format(grad))
-            grad_x = resize_multiply(grad, gate.detach(), grad_inp)
-            grad_inp = grad_x.to(inp.dtype)
+            # gather path + direct path in one pass
+            grad_inp = resize_multiply(grad, gate_value, grad_inp).to(
+                inp.dtype)
         grad_identity = grad if ctx.with_identity else None
         return (None, None, grad_inp, grad_identity,
                 *[grads.get(id(p)) for p in params])
