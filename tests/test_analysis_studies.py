@@ -133,28 +133,12 @@ def test_gcnet_comparison_configs_build(name, layer):
                        model.layer3[4].named_modules())
 
 
-def test_class_selectivity_command(tmp_path):
-    """The command on a freshly initialised demo classifier and generated
-    images: PNG and JSON written, one index per channel and block."""
-    from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
-
-    from mmge.datasets.shapes import make_shapes_classification
-    data = tmp_path / 'shapes'
-    # the demo model's global GE is built for 64x64 inputs
-    make_shapes_classification(str(data), num_train=6, num_val=24,
-                               img_size=64)
-    config = osp.join(ROOT, 'configs/demo/ge_resnet18_shapes_cls.py')
-    env = dict(os.environ, SHAPES_CLS_ROOT=str(data) + '/')
-    os.environ['SHAPES_CLS_ROOT'] = str(data) + '/'
-    try:
-        cfg = Config.fromfile(config)
-    finally:
-        del os.environ['SHAPES_CLS_ROOT']
-    init_default_scope('mmpretrain')
-    model = MODELS.build(cfg.model)
-    ckpt = tmp_path / 'model.pth'
-    torch.save({'state_dict': model.state_dict()}, ckpt)
+def test_class_selectivity_command(demo_model, tmp_path):
+    """The command on a demo classifier with random weights and generated
+    images: PNG and JSON written, one index per channel and block, the
+    indices those computed here."""
+    config, ckpt, model, env = demo_model(
+        'configs/demo/ge_resnet18_shapes_cls.py')
     out_dir = tmp_path / 'out'
     res = subprocess.run([
         sys.executable, 'tools/analysis/class_selectivity.py', '--model',
@@ -173,6 +157,28 @@ def test_class_selectivity_command(tmp_path):
     assert all(0.0 <= i <= 1.0 for block in ge['index'] for i in block)
     # the same model twice gives the same indices
     assert ge['index'] == report['models']['GE again']['index']
+    # the last block's indices, from class means computed here
+    from mmengine.runner import Runner
+    from mmge.analysis.loading import load_model
+    os.environ['SHAPES_CLS_ROOT'] = env['SHAPES_CLS_ROOT']
+    try:
+        _, cfg = load_model(config, ckpt)
+    finally:
+        del os.environ['SHAPES_CLS_ROOT']
+    feats, labels = [], []
+    h = last[-1].register_forward_hook(
+        lambda m, i, o: feats.append(o.mean((2, 3)).double()))
+    with torch.no_grad():
+        for batch in Runner.build_dataloader(cfg.val_dataloader):
+            data = model.data_preprocessor(batch, False)
+            model.extract_feat(data['inputs'])
+            labels += [int(s.gt_label) for s in data['data_samples']]
+    h.remove()
+    feats, labels = torch.cat(feats), torch.tensor(labels)
+    means = torch.stack([feats[labels == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(
+        torch.tensor(ge['index'][1], dtype=means.dtype),
+        class_selectivity(means))
 
 
 def test_class_selectivity_command_names_a_missing_checkpoint(tmp_path):

@@ -217,8 +217,11 @@ def test_state_dict_moves_both_ways(ge_cfg, global_):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for a, b in zip(ge(x), plain(x)):
-            # GEResNet adds the shortcut in GE's pass (addcmul): rounding
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            # GEResNet adds the shortcut in GE's pass (addcmul): rounding,
+            # which 16 blocks grow to ~1e-5 of the output's scale on some
+            # CPUs (AMD EPYC here)
+            torch.testing.assert_close(
+                a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
     back = GEResNet(50, ge_cfg=ge_cfg, input_size=64 if global_ else None)
     res = back.load_state_dict(plain.state_dict(), strict=True)
     assert not res.missing_keys and not res.unexpected_keys

@@ -61,6 +61,15 @@ def parse_args(argv=None):
     parser.add_argument('--num-val', type=int, help='default: 100, 300')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
+        '--config', help="train this config instead of the task's demo "
+        'config (one of configs/demo/ for the same task and data, e.g. '
+        'configs/demo/resnet18_shapes_cls.py, the baseline classifier)')
+    parser.add_argument(
+        '--val-interval', type=int,
+        help='validate every N epochs (default: once, after the last); '
+        '1 gives the per-epoch val curve of '
+        'tools/analysis/convergence_curves.py')
+    parser.add_argument(
         '--log-interval', type=int, default=10,
         help='log every N iterations (default 10)')
     parser.add_argument(
@@ -73,8 +82,12 @@ def parse_args(argv=None):
             defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.val_interval is None:
+        args.val_interval = args.epochs
+    if args.config is not None and not osp.isfile(args.config):
+        parser.error(f'--config {args.config!r} does not exist')
     for name in ('epochs', 'num_train', 'num_val', 'log_interval',
-                 'num_pictures'):
+                 'num_pictures', 'val_interval'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1')
     return args
@@ -91,10 +104,11 @@ def write_config(args, work_dir: str, data_root: str) -> str:
     from mmengine.config import Config
     config, root_var, _ = TASKS[args.task]
     os.environ[root_var] = data_root + '/'
-    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'demo', config))
+    cfg = Config.fromfile(args.config or
+                          osp.join(ROOT, 'configs', 'demo', config))
     e = args.epochs
     cfg.train_cfg.max_epochs = e
-    cfg.train_cfg.val_interval = e
+    cfg.train_cfg.val_interval = args.val_interval
     cfg.default_hooks.checkpoint.interval = e
     cfg.default_hooks.logger.interval = args.log_interval
     cfg.param_scheduler[-1].end = e

@@ -29,7 +29,10 @@ model = dict(
         num_classes=3,
         in_channels=128,
         loss=dict(type='CrossEntropyLoss', loss_weight=1.0),
-        topk=(1, )))
+        topk=(1, ),
+        # log training accuracy, for train error curves
+        # (tools/analysis/convergence_curves.py)
+        cal_acc=True))
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -97,7 +97,8 @@ def mean_pairwise_cosine_distance(vectors: torch.Tensor) -> float:
     v = v / v.norm(dim=1, keepdim=True).clamp_min(EPS)
     cos = v @ v.T
     i, j = torch.triu_indices(len(v), len(v), offset=1)
-    return float((1 - cos[i, j]).mean())
+    # clamped: rounding can put 1 - cos of parallel vectors just below 0
+    return float((1 - cos[i, j]).clamp_min(0).mean())
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,14 @@ a channel is ``(mu_max - mu_rest) / (mu_max + mu_rest)``
 ``class_selectivity.json`` (every index, per model and block).
 """
 import argparse
-import json
-import os
-import os.path as osp
-import sys
-from typing import Dict, List
+from typing import Dict
 
 import torch
+
+from mmge.analysis import class_selectivity
+from mmge.analysis.loading import (add_data_args, build_split_loader,
+                                   iterate, load_model, new_figure,
+                                   stage_blocks, write_outputs)
 
 
 def parse_args(argv=None):
@@ -30,57 +31,16 @@ def parse_args(argv=None):
         '--model', nargs=3, action='append', required=True,
         metavar=('NAME', 'CONFIG', 'CHECKPOINT'),
         help='a classifier: its label, config and checkpoint (repeatable)')
-    parser.add_argument('--split', default='val', choices=('val', 'test'),
-                        help="the config's dataloader to read")
     parser.add_argument('--stage', type=int, default=-1,
                         help='backbone stage (0-based; -1: the last)')
-    parser.add_argument('--max-images', type=int, default=None)
-    parser.add_argument('--bins', type=int, default=40)
-    parser.add_argument('--out-dir', required=True)
+    parser.add_argument('--bins', type=int, default=40,
+                        help='histogram bins (default 40)')
+    add_data_args(parser)
     return parser.parse_args(argv)
-
-
-def load_classifier(config: str, checkpoint: str):
-    """The classifier of ``config`` with weights-only-loaded ``checkpoint``,
-    in eval mode, and its config."""
-    from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
-    from mmengine.runner import load_checkpoint
-
-    import mmge  # noqa: F401
-    from mmge.utils.checkpoint import allow_mmengine_checkpoints
-    for path, what in ((config, 'config'), (checkpoint, 'checkpoint')):
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'{what} {path!r} does not exist')
-    cfg = Config.fromfile(config)
-    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    model = MODELS.build(cfg.model)
-    allow_mmengine_checkpoints()
-    load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
-                    logger='silent')
-    return model.eval(), cfg
-
-
-def stage_blocks(model, stage: int) -> List[torch.nn.Module]:
-    """The residual blocks of one backbone stage."""
-    backbone = model.backbone
-    names = getattr(backbone, 'res_layers', None)
-    if names is not None:
-        layers = [getattr(backbone, n) for n in names]
-    elif hasattr(backbone, 'layers'):
-        layers = list(backbone.layers)
-    else:
-        raise ValueError(f'{type(backbone).__name__} has no stages '
-                         '(res_layers or layers) to analyse')
-    if not -len(layers) <= stage < len(layers):
-        raise ValueError(f'--stage must be in {-len(layers)}..'
-                         f'{len(layers) - 1}, got {stage}')
-    return list(layers[stage])
 
 
 def class_means(model, dataloader, blocks, max_images=None):
     """Per block, (classes, channels) class-conditional mean activations."""
-    from mmengine.utils import ProgressBar
     feats: Dict[int, torch.Tensor] = {}
     hooks = [
         b.register_forward_hook(
@@ -89,26 +49,17 @@ def class_means(model, dataloader, blocks, max_images=None):
     ]
     sums: Dict[int, Dict[int, torch.Tensor]] = {}  # class -> block -> sum
     counts: Dict[int, int] = {}
-    total = len(dataloader.dataset)
-    if max_images:
-        total = min(total, max_images)
-    bar, seen = ProgressBar(total, file=sys.stderr), 0
     try:
         with torch.no_grad():
-            for batch in dataloader:
-                data = model.data_preprocessor(batch, False)
-                model.extract_feat(data['inputs'])
-                labels = [int(s.gt_label) for s in data['data_samples']]
+            for inputs, samples in iterate(model, dataloader, max_images):
+                model.extract_feat(inputs)
+                labels = [int(s.gt_label) for s in samples]
                 for k, f in feats.items():
                     for row, label in zip(f.double(), labels):
                         per_class = sums.setdefault(label, {})
                         per_class[k] = per_class.get(k, 0) + row
                 for label in labels:
                     counts[label] = counts.get(label, 0) + 1
-                    bar.update()
-                seen += len(labels)
-                if max_images and seen >= max_images:
-                    break
     finally:
         for h in hooks:
             h.remove()
@@ -119,14 +70,11 @@ def class_means(model, dataloader, blocks, max_images=None):
     }, classes
 
 
-def plot(results: dict, out_file: str, bins: int) -> None:
+def plot(results: dict, bins: int, stage: int):
     """One panel per block, the models' histograms overlaid."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     num_blocks = max(len(r) for r in results.values())
-    fig, axes = plt.subplots(1, num_blocks, figsize=(3.2 * num_blocks, 3),
-                             squeeze=False)
+    fig, axes = new_figure(1, num_blocks, (3.2, 3))
+    fig.suptitle(f'stage {stage}', fontsize=9)
     for k, ax in enumerate(axes[0]):
         for name, per_block in results.items():
             if k < len(per_block):
@@ -136,25 +84,16 @@ def plot(results: dict, out_file: str, bins: int) -> None:
         ax.set_xlabel('class selectivity index')
     axes[0][0].set_ylabel('channels')
     axes[0][-1].legend()
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.runner import Runner
-
-    from mmge.analysis import class_selectivity
-    os.makedirs(args.out_dir, exist_ok=True)
     results, report = {}, {'stage': args.stage, 'split': args.split,
                            'models': {}}
     for name, config, checkpoint in args.model:
-        model, cfg = load_classifier(config, checkpoint)
-        loader_cfg = cfg.get(f'{args.split}_dataloader')
-        if loader_cfg is None:
-            raise ValueError(f'{config} has no {args.split}_dataloader')
-        loader = Runner.build_dataloader(loader_cfg)
+        model, cfg = load_model(config, checkpoint)
+        loader = build_split_loader(cfg, args.split, config)
         blocks = stage_blocks(model, args.stage)
         means, classes = class_means(model, loader, blocks, args.max_images)
         if len(classes) < 2:
@@ -167,14 +106,12 @@ def main(argv=None):
             config=config, checkpoint=checkpoint, classes=classes,
             mean_index_per_block=[sum(i) / len(i) for i in indices],
             index=indices)
-    png = osp.join(args.out_dir, 'class_selectivity.png')
-    plot(results, png, args.bins)
-    with open(osp.join(args.out_dir, 'class_selectivity.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+    png, js = write_outputs(plot(results, args.bins, args.stage), report,
+                            args.out_dir, 'class_selectivity')
     for name, r in report['models'].items():
         means = ', '.join(f'{m:.3f}' for m in r['mean_index_per_block'])
         print(f'{name}: mean index per block {means}')
-    print(f'wrote {png} and class_selectivity.json')
+    print(f'wrote {png} and {js}')
 
 
 if __name__ == '__main__':
