@@ -458,3 +458,13 @@ def test_gate_maps_command_on_a_detector(demo_model, tmp_path):
     assert all(0 < b['min'] <= b['mean'] <= b['max'] < 1
                for b in blocks.values())
     assert (out / 'gate_maps.png').stat().st_size > 1000
+
+
+@pytest.mark.parametrize('tool,says', (
+    ('class_selectivity', 'Fig. 3'), ('gate_pruning', 'Fig. 5'),
+    ('convergence_curves', 'Fig. 4'), ('attention_stats', 'Table 1'),
+    ('gate_maps', '--num-images')))
+def test_tools_have_help(tool, says):
+    res = run_tool(tool, '--help')
+    assert res.returncode == 0 and says in res.stdout
+    assert '--out-dir' in res.stdout

@@ -10,7 +10,8 @@ checkpoints of classifiers (mmpretrain) or detectors (mmdet) alike:
 - :func:`stage_blocks` and :func:`find_module`: blocks of the backbone;
 - :func:`display_images`: the preprocessed inputs as RGB images to draw;
 - :func:`new_figure` / :func:`write_outputs`: the PNG and JSON beside it;
-- :func:`add_data_args` / :func:`positive_int`: their shared options.
+- :func:`add_models_arg`, :func:`add_data_args`, :func:`positive_int`: their
+  shared options.
 """
 import argparse
 import json
@@ -34,6 +35,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f'must be an integer >= 1, got {text!r}')
     return value
+
+
+def add_models_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--model NAME CONFIG CHECKPOINT``, repeatable, required."""
+    parser.add_argument(
+        '--model', nargs=3, action='append', required=True,
+        metavar=('NAME', 'CONFIG', 'CHECKPOINT'),
+        help=f'{what}: its label, config and checkpoint (repeatable)')
 
 
 def add_data_args(parser: argparse.ArgumentParser,

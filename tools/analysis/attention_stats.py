@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from mmge.analysis.attention import (AttentionRecorder, attention_blocks,
                                      attention_stats, key_grid)
-from mmge.analysis.loading import (add_data_args, build_split_loader,
-                                   display_images, iterate, load_model,
-                                   new_figure, num_images, positive_int,
-                                   progress_bar, write_outputs)
+from mmge.analysis.loading import (add_data_args, add_models_arg,
+                                   build_split_loader, display_images,
+                                   iterate, load_model, new_figure,
+                                   num_images, positive_int, progress_bar,
+                                   write_outputs)
 
 STATS = ('input', 'output', 'attention', 'jsd')
 
@@ -48,10 +49,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='query dependence of NL / SNL / GC attention (GCNet '
         'Table 1) and attention maps of three query points (GCNet Fig. 2)')
-    parser.add_argument(
-        '--model', nargs=3, action='append', required=True,
-        metavar=('NAME', 'CONFIG', 'CHECKPOINT'),
-        help='a model with NL, SNL or GC blocks (repeatable)')
+    add_models_arg(parser, 'a model with NL, SNL or GC blocks')
     parser.add_argument(
         '--blocks', nargs='+',
         help='only these blocks, by their name in the model (e.g. '

@@ -18,19 +18,16 @@ from typing import Dict
 import torch
 
 from mmge.analysis import class_selectivity
-from mmge.analysis.loading import (add_data_args, build_split_loader,
-                                   iterate, load_model, new_figure,
-                                   stage_blocks, write_outputs)
+from mmge.analysis.loading import (add_data_args, add_models_arg,
+                                   build_split_loader, iterate, load_model,
+                                   new_figure, stage_blocks, write_outputs)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='class selectivity index per channel and block '
         '(GE paper, Fig. 3)')
-    parser.add_argument(
-        '--model', nargs=3, action='append', required=True,
-        metavar=('NAME', 'CONFIG', 'CHECKPOINT'),
-        help='a classifier: its label, config and checkpoint (repeatable)')
+    add_models_arg(parser, 'a classifier')
     parser.add_argument('--stage', type=int, default=-1,
                         help='backbone stage (0-based; -1: the last)')
     parser.add_argument('--bins', type=int, default=40,
