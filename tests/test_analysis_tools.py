@@ -321,8 +321,7 @@ def test_gate_pruning_command(demo_model, tmp_path):
     assert 'layer4.0' in res.stdout and 'unpruned top-1' in res.stdout
 
 
-def test_gate_pruning_command_names_bad_block_and_ratio(demo_model,
-                                                        tmp_path):
+def test_gate_pruning_command_names_bad_input(demo_model, tmp_path):
     config, ckpt, _, env = demo_model(GE_CLS)
     res = run_tool('gate_pruning', '--ge', config, ckpt, '--blocks',
                    'layer9.0', '--out-dir', tmp_path, env=env)
@@ -333,6 +332,11 @@ def test_gate_pruning_command_names_bad_block_and_ratio(demo_model,
                    '--out-dir', tmp_path, env=env)
     assert res.returncode == 2 and 'prune ratios must be in [0, 1]' in \
         res.stderr
+    det_config, det_ckpt, _, env = demo_model(
+        'configs/demo/faster_rcnn_ge_theta_e8_shapes.py')
+    res = run_tool('gate_pruning', '--ge', det_config, det_ckpt, '--out-dir',
+                   tmp_path, env=env)
+    assert res.returncode != 0 and 'is not a classifier' in res.stderr
 
 
 def test_convergence_curves_command(tmp_path):

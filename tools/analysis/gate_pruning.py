@@ -69,10 +69,6 @@ def top1(model, loader, max_images: Optional[int], bar) -> float:
     with torch.no_grad():
         for inputs, samples in iterate(model, loader, max_images, bar):
             scores = model(inputs, mode='tensor')
-            if scores.dim() != 2:
-                raise ValueError('gate pruning needs a classifier (class '
-                                 'scores per image); this model returns '
-                                 f'shape {tuple(scores.shape)}')
             labels = torch.cat([s.gt_label.view(-1)[:1] for s in samples])
             correct += int((scores.argmax(1) == labels).sum())
             total += len(labels)
@@ -108,6 +104,10 @@ def plot(report: dict):
 def main(argv=None):
     args = parse_args(argv)
     model, cfg = load_model(*args.ge)
+    if not hasattr(model, 'head'):
+        raise ValueError(f'{args.ge[0]} is not a classifier (a model with a '
+                         'head giving class scores): gate pruning measures '
+                         'top-1')
     loader = build_split_loader(cfg, args.split, args.ge[0])
     names: List[str] = args.blocks or [
         f'{name}.0' for name, _ in stage_modules(model)[1:]]
