@@ -33,9 +33,9 @@ def demo_model(tmp_path_factory):
     checkpoint path, the model (eval mode) and an environment for
     subprocesses in which the config finds its data.
     """
-    from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
 
+    from helpers.demo_config import demo_config
     from mmge import datasets
     base = tmp_path_factory.mktemp('demo_models')
     env = dict(os.environ)
@@ -46,16 +46,7 @@ def demo_model(tmp_path_factory):
 
     def make(config: str, seed: int = 0):
         path = os.path.join(ROOT, config)
-        saved = {v: os.environ.get(v) for v in DEMO_DATA}
-        os.environ.update({v: env[v] for v in DEMO_DATA})
-        try:
-            cfg = Config.fromfile(path)
-        finally:
-            for v, old in saved.items():
-                if old is None:
-                    del os.environ[v]
-                else:
-                    os.environ[v] = old
+        cfg = demo_config(path, env)
         init_default_scope(cfg.get('default_scope', 'mmpretrain'))
         torch.manual_seed(seed)
         # PyTorch's default init, not init_weights(): residual branches

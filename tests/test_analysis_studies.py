@@ -2,7 +2,6 @@
 GCNet comparison configs and the class-selectivity command."""
 import json
 import math
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -158,13 +157,9 @@ def test_class_selectivity_command(demo_model, tmp_path):
     # the same model twice gives the same indices
     assert ge['index'] == report['models']['GE again']['index']
     # the last block's indices, from class means computed here
+    from helpers.demo_config import demo_config
     from mmengine.runner import Runner
-    from mmge.analysis.loading import load_model
-    os.environ['SHAPES_CLS_ROOT'] = env['SHAPES_CLS_ROOT']
-    try:
-        _, cfg = load_model(config, ckpt)
-    finally:
-        del os.environ['SHAPES_CLS_ROOT']
+    cfg = demo_config(config, env)
     feats, labels = [], []
     h = last[-1].register_forward_hook(
         lambda m, i, o: feats.append(o.mean((2, 3)).double()))

@@ -252,20 +252,10 @@ def test_epoch_curves_errors(tmp_path):
 
 
 def val_loader(config, env):
-    import os
-
-    from mmengine.config import Config
     from mmengine.runner import Runner
-    old = os.environ.get('SHAPES_CLS_ROOT')
-    os.environ['SHAPES_CLS_ROOT'] = env['SHAPES_CLS_ROOT']
-    try:
-        cfg = Config.fromfile(config)
-    finally:
-        if old is None:
-            del os.environ['SHAPES_CLS_ROOT']
-        else:
-            os.environ['SHAPES_CLS_ROOT'] = old
-    return Runner.build_dataloader(cfg.val_dataloader)
+
+    from helpers.demo_config import demo_config
+    return Runner.build_dataloader(demo_config(config, env).val_dataloader)
 
 
 def accuracy(model, loader, hook=None):

@@ -10,8 +10,8 @@ checkpoints of classifiers (mmpretrain) or detectors (mmdet) alike:
 - :func:`stage_blocks` and :func:`find_module`: blocks of the backbone;
 - :func:`display_images`: the preprocessed inputs as RGB images to draw;
 - :func:`new_figure` / :func:`write_outputs`: the PNG and JSON beside it;
-- :func:`add_models_arg`, :func:`add_data_args`, :func:`positive_int`: their
-  shared options.
+- :func:`add_models_arg`, :func:`add_data_args`, :func:`add_out_dir_arg`,
+  :func:`positive_int`: their shared options.
 """
 import argparse
 import json
@@ -45,20 +45,26 @@ def add_models_arg(parser: argparse.ArgumentParser, what: str) -> None:
         help=f'{what}: its label, config and checkpoint (repeatable)')
 
 
+def add_out_dir_arg(parser: argparse.ArgumentParser) -> None:
+    """``--out-dir``, required."""
+    parser.add_argument('--out-dir', required=True,
+                        help='where the PNG and the JSON are written')
+
+
 def add_data_args(parser: argparse.ArgumentParser,
-                  out_dir: bool = True) -> None:
-    """``--split``, ``--max-images`` (and ``--out-dir``)."""
+                  max_images: bool = True) -> None:
+    """``--split``, ``--max-images`` (unless ``max_images=False``) and
+    ``--out-dir``."""
     parser.add_argument('--split', default='val', choices=('val', 'test'),
                         help="the config's dataloader to read (default val)")
-    parser.add_argument('--max-images', type=positive_int, default=None,
-                        help='read at most this many images of the split')
-    if out_dir:
-        parser.add_argument('--out-dir', required=True,
-                            help='where the PNG and the JSON are written')
+    if max_images:
+        parser.add_argument('--max-images', type=positive_int, default=None,
+                            help='read at most this many images of the '
+                            'split')
+    add_out_dir_arg(parser)
 
 
-def load_model(config: str, checkpoint: str,
-               cfg_options: Optional[dict] = None) -> Tuple[nn.Module, Any]:
+def load_model(config: str, checkpoint: str) -> Tuple[nn.Module, Any]:
     """The model of ``config`` with the weights of ``checkpoint``.
 
     The checkpoint is read with PyTorch's weights-only unpickler (plus the
@@ -68,7 +74,6 @@ def load_model(config: str, checkpoint: str,
     Args:
         config (str): An mmpretrain or mmdet config file.
         checkpoint (str): Its checkpoint.
-        cfg_options (dict, optional): Config overrides, as ``--cfg-options``.
 
     Returns:
         tuple: The model in eval mode on the CPU, and the config.
@@ -86,8 +91,6 @@ def load_model(config: str, checkpoint: str,
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} {path!r} does not exist')
     cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
     if 'model' not in cfg:
         raise ValueError(f'config {config!r} has no model')
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
@@ -147,8 +150,7 @@ def iterate(model: nn.Module, loader, max_images: Optional[int] = None,
                 samples[:max_images - seen]
         yield inputs, samples
         seen += len(inputs)
-        for _ in range(len(inputs)):
-            bar.update()
+        bar.update(len(inputs))
         if max_images is not None and seen >= max_images:
             break
 

@@ -15,7 +15,8 @@ per run; and the training loss) and ``convergence_curves.json``.
 import argparse
 import sys
 
-from mmge.analysis.loading import new_figure, progress_bar, write_outputs
+from mmge.analysis.loading import (add_out_dir_arg, new_figure, progress_bar,
+                                   write_outputs)
 from mmge.analysis.training_logs import epoch_curves
 
 
@@ -33,8 +34,7 @@ def parse_args(argv=None):
     parser.add_argument('--val-key', default='accuracy/top1',
                         help='val accuracy (%%) in the logs (default '
                         'accuracy/top1)')
-    parser.add_argument('--out-dir', required=True,
-                        help='where the PNG and the JSON are written')
+    add_out_dir_arg(parser)
     args = parser.parse_args(argv)
     if len(args.run) < 2:
         parser.error('give at least two --run to compare')

@@ -42,11 +42,8 @@ def parse_args(argv=None):
     parser.add_argument('--stride', type=positive_int, default=1,
                         help='draw every N-th image of the split (default '
                         '1; a classification split is sorted by class)')
-    add_data_args(parser)
-    args = parser.parse_args(argv)
-    if args.max_images is not None:
-        parser.error('use --num-images to choose how many images are drawn')
-    return args
+    add_data_args(parser, max_images=False)  # --num-images chooses
+    return parser.parse_args(argv)
 
 
 def summarise(gate: torch.Tensor) -> dict:
