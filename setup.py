@@ -6,7 +6,7 @@ all of it on a CPU machine.
 """
 import os.path as osp
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 
 def read_version() -> str:
@@ -33,6 +33,18 @@ install_requires = [
     'pycocotools>=2.0.6',
 ]
 
+# GE's CPU kernels: plain C called through ctypes (mmge/models/layers/
+# cpu_kernels.py), so they need no torch headers and build in a second.
+# OpenMP: loaded after torch, the library binds to torch's libgomp.so.1 and
+# shares its threads. Optional: without a C compiler with OpenMP mmge still
+# installs and GE takes its ATen path (tests/test_cpu_kernels.py fails then).
+ge_cpu = Extension(
+    'mmge._ge_cpu',
+    sources=['mmge/csrc/ge_cpu.c'],
+    extra_compile_args=['-O3', '-fopenmp'],
+    extra_link_args=['-fopenmp'],
+    optional=True)
+
 setup(
     name='mmge',
     version=read_version(),
@@ -53,6 +65,7 @@ setup(
         ]
     },
     python_requires='>=3.8',
+    ext_modules=[ge_cpu],
     install_requires=install_requires,
     extras_require={
         # onnx, onnxruntime and onnxscript: the ONNX export test

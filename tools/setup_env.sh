@@ -58,6 +58,11 @@ fi
 log "installing mmge from $ROOT"
 "${PIP[@]}" install -q --no-build-isolation --no-deps --force-reinstall "$ROOT"
 
+# 5. GE's native CPU kernels in the checkout too (mmge/_ge_cpu*.so, a second), so that
+#    code run from the checkout (the tests, `python -c 'import mmge'`) has them as well.
+log "building GE's CPU kernels in place"
+(cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >/dev/null)
+
 "$PY" - <<'PYEOF'
 import torch, torchvision, mmengine, mmcv, mmdet, mmpretrain, pycocotools
 from mmcv.ops import RoIAlign  # noqa: F401  (fails if mmcv was built without ops)

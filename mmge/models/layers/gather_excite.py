@@ -6,9 +6,10 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
+from . import cpu_kernels
 from .excite import (Excite, check_channels, check_reduction,
                      resize_multiply)
-from .ge_autograd import GEFunction
+from .ge_autograd import GEFunction, native_theta_minus
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')
@@ -154,7 +155,11 @@ class GatherExcite(BaseModule):
                 'layer(x, identity, norm=...), as GEResNet, GEResLayer and '
                 'GEShuffleNetV1 do; as a plugin of mmdet\'s ResNet it only '
                 'sees the norm\'s output: use memory_efficient=False there')
-        if norm is not None and not self.memory_efficient:
+        if norm is not None and not self.memory_efficient and \
+                torch.is_grad_enabled() and \
+                not native_theta_minus(self, norm, x, identity):
+            # keep GE's own input; the native path makes GE's input on the
+            # fly from the norm's in both modes, so it keeps the latter
             x, norm = norm(x), None
         if torch.compiler.is_compiling():
             # plain differentiable ops: the compiler plans memory itself
@@ -169,9 +174,14 @@ class GatherExcite(BaseModule):
             if x.requires_grad or params or (identity is not None
                                              and identity.requires_grad):
                 return GEFunction.apply(self, norm, x, identity, *params)
-        if norm is not None:
+        own = norm is not None  # x is then a tensor this call made
+        if own:
             x = norm(x)
-        return resize_multiply(x, self.excite.gate(self.gather(x)), identity)
+        gate = self.excite.gate(self.gather(x))
+        if own and x.dim() == 4 and cpu_kernels.worthwhile(x, gate, identity):
+            # nothing else holds x: gate it in place, one pass
+            return cpu_kernels.excite(x, gate, identity, out=x)
+        return resize_multiply(x, gate, identity)
 
     def extra_repr(self) -> str:
         s = f'{self.in_channels}, variant={self.variant!r}, ' \

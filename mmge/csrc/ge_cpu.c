@@ -1,0 +1,333 @@
+/*
+ * CPU kernels of Gather-Excite's fast path (mmge/models/layers/cpu_kernels.py).
+ *
+ * Plain C with a C ABI, called through ctypes on contiguous float32 NCHW
+ * tensors: one "plane" is one (n, c) feature map of H x W floats. Each kernel
+ * makes one pass over its full-resolution inputs, so GE costs a few memory
+ * passes per block instead of the dozen small ATen calls of the same math.
+ * Work is split over planes on PyTorch's OpenMP threads (see for_planes).
+ *
+ * The gather of GE-theta-minus with extent e is average pooling with kernel
+ * 2e-1, stride e and padding e-1, padded cells not counted. Input row p lies
+ * in window p / e, and also in window p / e + 1 unless p is a multiple of e
+ * (the same for columns): every kernel below uses that, not a window loop.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* below this many elements a call runs on the calling thread */
+#define MIN_PARALLEL 32768
+
+/* fn(args, first, last, scratch): planes [first, last), with its own
+ * scratch buffer of the size the caller asked for */
+typedef void (*plane_fn)(const void *args, int64_t first, int64_t last,
+                         float *scratch);
+
+/* Run fn over planes [0, planes) split in up to `threads` contiguous
+ * ranges, each with `scratch` floats of its own, on OpenMP threads.
+ * Loaded after PyTorch, this library binds to PyTorch's libgomp.so.1, so
+ * the kernels share its thread pool instead of competing with it. Returns
+ * 0, or 1 if the scratch memory could not be allocated (nothing was
+ * written then). */
+static int for_planes(plane_fn fn, const void *args, int64_t planes,
+                      int64_t plane_size, int64_t scratch, int threads) {
+  if (threads > planes) threads = (int)planes;
+  if (threads < 2 || planes * plane_size < MIN_PARALLEL) threads = 1;
+  /* whole cache lines per thread: threads writing to one line slow each
+   * other down several times over */
+  scratch = (scratch + 15) / 16 * 16;
+  float *buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(scratch * threads + 16));
+  if (!buf) return 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    fn(args, planes * t / n, planes * (t + 1) / n, buf + scratch * t);
+  }
+  free(buf);
+  return 0;
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Cells of window i of a length-n axis (kernel 2e-1, stride e, pad e-1). */
+static float window_count(int64_t i, int64_t e, int64_t n) {
+  return (float)(min64(n - 1, i * e + e - 1) - max64(0, i * e - e + 1) + 1);
+}
+
+/* ------------------------------------------------------------------------ */
+/* pool_forward: out = avg_pool(scale[c] * x + shift[c]) (scale/shift NULL:
+ * plain x), out of shape (planes, h, w), h = ceil(H / e), w = ceil(W / e). */
+
+struct pool_args {
+  const float *x, *scale, *shift;
+  float *out;
+  int64_t channels, H, W, e, h, w;
+};
+
+static void pool_planes(const void *args_, int64_t first, int64_t last,
+                        float *cols) {
+  const struct pool_args *a = (const struct pool_args *)args_;
+  const int64_t H = a->H, W = a->W, e = a->e, h = a->h, w = a->w;
+  /* cols: column sums of every window's rows, (h, W) */
+  for (int64_t plane = first; plane < last; ++plane) {
+    const float *x = a->x + plane * H * W;
+    float *out = a->out + plane * h * w;
+    memset(cols, 0, sizeof(float) * h * W);
+    for (int64_t p = 0, i = 0, r = 0; p < H; ++p, r = r + 1 == e ? (++i, 0)
+                                                                : r + 1) {
+      /* row p = i * e + r */
+      const float *row = x + p * W;
+      float *acc = cols + i * W;
+      for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
+      if (r && i + 1 < h) {
+        acc += W;
+        for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
+      }
+    }
+    for (int64_t i = 0; i < h; ++i) {
+      const float *acc = cols + i * W;
+      float *o = out + i * w;
+      for (int64_t j = 0; j < w; ++j) o[j] = 0.f;
+      for (int64_t j = 0; j < w; ++j) {
+        int64_t q0 = j * e, q1 = min64(q0 + e, W);
+        float rest = 0.f;
+        for (int64_t q = q0 + 1; q < q1; ++q) rest += acc[q];
+        o[j] += acc[q0] + rest;
+        if (j + 1 < w) o[j + 1] += rest;
+      }
+      float ch = window_count(i, e, H);
+      float sc = 1.f, sh = 0.f;
+      if (a->scale) {
+        int64_t c = plane % a->channels;
+        sc = a->scale[c];
+        sh = a->shift[c];
+      }
+      for (int64_t j = 0; j < w; ++j)
+        o[j] = o[j] / (ch * window_count(j, e, W)) * sc + sh;
+    }
+  }
+}
+
+int ge_pool_forward(const float *x, const float *scale, const float *shift,
+                    float *out, int64_t planes, int64_t channels, int64_t H,
+                    int64_t W, int64_t e, int threads) {
+  struct pool_args a = {x, scale, shift, out, channels, H, W, e,
+                        (H + e - 1) / e, (W + e - 1) / e};
+  return for_planes(pool_planes, &a, planes, H * W, a.h * W, threads);
+}
+
+/* ------------------------------------------------------------------------ */
+/* gate_grad: out[i, j] = sum of grad * (scale[c] * x + shift[c]) over the
+ * cells (p, q) with row_index[p] == i and col_index[q] == j: the adjoint of
+ * the nearest resize (h, w) -> (H, W) applied to grad * x. The indices are
+ * those F.interpolate(mode='nearest') uses, non-decreasing. */
+
+struct gate_grad_args {
+  const float *grad, *x, *scale, *shift;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t channels, H, W, h, w;
+};
+
+static void gate_grad_planes(const void *args_, int64_t first, int64_t last,
+                             float *acc) {
+  const struct gate_grad_args *a = (const struct gate_grad_args *)args_;
+  const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
+  /* acc: one row of grad * x summed over the rows of one gate row, (W) */
+  for (int64_t plane = first; plane < last; ++plane) {
+    const float *g = a->grad + plane * H * W;
+    const float *x = a->x + plane * H * W;
+    float *out = a->out + plane * h * w;
+    float sc = 1.f, sh = 0.f;
+    if (a->scale) {
+      int64_t c = plane % a->channels;
+      sc = a->scale[c];
+      sh = a->shift[c];
+    }
+    memset(out, 0, sizeof(float) * h * w);
+    int64_t p = 0;
+    while (p < H) {
+      /* rows p .. end - 1 share one gate row */
+      int64_t i = a->row_index[p], end = p + 1;
+      while (end < H && a->row_index[end] == i) ++end;
+      memset(acc, 0, sizeof(float) * W);
+      for (; p < end; ++p) {
+        const float *gr = g + p * W, *xr = x + p * W;
+        if (a->scale)
+          for (int64_t q = 0; q < W; ++q) acc[q] += gr[q] * (sc * xr[q] + sh);
+        else
+          for (int64_t q = 0; q < W; ++q) acc[q] += gr[q] * xr[q];
+      }
+      float *o = out + i * w;
+      for (int64_t q = 0; q < W; ++q) o[a->col_index[q]] += acc[q];
+    }
+  }
+}
+
+int ge_gate_grad(const float *grad, const float *x, const float *scale,
+                 const float *shift, const int64_t *row_index,
+                 const int64_t *col_index, float *out, int64_t planes,
+                 int64_t channels, int64_t H, int64_t W, int64_t h, int64_t w,
+                 int threads) {
+  struct gate_grad_args a = {grad, x, scale, shift, row_index, col_index,
+                             out, channels, H, W, h, w};
+  return for_planes(gate_grad_planes, &a, planes, H * W, W, threads);
+}
+
+/* ------------------------------------------------------------------------ */
+/* input_grad: out = grad * resize(gate) + avg_pool_backward(pool_grad)
+ * (pool_grad NULL: no second term). gate is (h, w), resized with the
+ * nearest indices; pool_grad is the gradient of the pool's output,
+ * (ceil(H / e), ceil(W / e)). */
+
+/* row[q] = sum of the window terms (d0 + d1, d1 may be NULL) of the
+ * windows column q lies in: window q / e, and q / e + 1 unless q % e == 0 */
+static void widen_windows(const float *d0, const float *d1, float *row,
+                          float *col, int64_t pw, int64_t W, int64_t e) {
+  for (int64_t j = 0; j < pw; ++j) col[j] = d1 ? d0[j] + d1[j] : d0[j];
+  col[pw] = 0.f; /* past the last window */
+  for (int64_t j = 0; j < pw; ++j) {
+    int64_t q0 = j * e, q1 = min64(q0 + e, W);
+    float both = col[j] + col[j + 1];
+    row[q0] = col[j];
+    for (int64_t q = q0 + 1; q < q1; ++q) row[q] = both;
+  }
+}
+
+struct input_grad_args {
+  const float *grad, *gate, *pool_grad;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t H, W, h, w, e;
+};
+
+static void input_grad_planes(const void *args_, int64_t first, int64_t last,
+                              float *buf) {
+  const struct input_grad_args *a = (const struct input_grad_args *)args_;
+  const int64_t H = a->H, W = a->W, h = a->h, w = a->w, e = a->e;
+  const int64_t ph = a->pool_grad ? (H + e - 1) / e : 0;
+  const int64_t pw = a->pool_grad ? (W + e - 1) / e : 0;
+  /* gate_row: the gate row of the current row, widened to W;
+   * pool_first / pool_rest: the pool term of the rows of the current
+   * window block that start it (in window i only) and of the others (in
+   * windows i and i + 1), widened to W; col: one row of those before
+   * widening; div: pool_grad / window size */
+  float *gate_row = buf, *pool_first = buf + W, *pool_rest = buf + 2 * W;
+  float *col = buf + 3 * W, *div = col + pw + 1;
+  for (int64_t plane = first; plane < last; ++plane) {
+    const float *g = a->grad + plane * H * W;
+    const float *gate = a->gate + plane * h * w;
+    float *out = a->out + plane * H * W;
+    if (a->pool_grad) {
+      const float *pg = a->pool_grad + plane * ph * pw;
+      for (int64_t i = 0; i < ph; ++i) {
+        float ch = window_count(i, e, H);
+        for (int64_t j = 0; j < pw; ++j)
+          div[i * pw + j] = pg[i * pw + j] / (ch * window_count(j, e, W));
+      }
+    }
+    int64_t gate_i = -1, block = -1;
+    for (int64_t p = 0; p < H; ++p) {
+      if (a->row_index[p] != gate_i) {
+        gate_i = a->row_index[p];
+        const float *gr = gate + gate_i * w;
+        for (int64_t q = 0; q < W; ++q) gate_row[q] = gr[a->col_index[q]];
+      }
+      const float *gr = g + p * W;
+      float *o = out + p * W;
+      if (!a->pool_grad) {
+        for (int64_t q = 0; q < W; ++q) o[q] = gr[q] * gate_row[q];
+        continue;
+      }
+      if (p == (block + 1) * e) {
+        ++block;
+        widen_windows(div + block * pw, NULL, pool_first, col, pw, W, e);
+        widen_windows(div + block * pw,
+                      block + 1 < ph ? div + (block + 1) * pw : NULL,
+                      pool_rest, col, pw, W, e);
+      }
+      const float *pr = p == block * e ? pool_first : pool_rest;
+      for (int64_t q = 0; q < W; ++q) o[q] = gr[q] * gate_row[q] + pr[q];
+    }
+  }
+}
+
+int ge_input_grad(const float *grad, const float *gate, const float *pool_grad,
+                  const int64_t *row_index, const int64_t *col_index,
+                  float *out, int64_t planes, int64_t H, int64_t W, int64_t h,
+                  int64_t w, int64_t e, int threads) {
+  struct input_grad_args a = {grad, gate, pool_grad, row_index, col_index,
+                              out, H, W, h, w, e};
+  int64_t ph = pool_grad ? (H + e - 1) / e : 0, pw = pool_grad ? (W + e - 1) / e : 0;
+  return for_planes(input_grad_planes, &a, planes, H * W,
+                    3 * W + pw + 1 + ph * pw, threads);
+}
+
+/* ------------------------------------------------------------------------ */
+/* excite: out = x * resize(gate) (+ identity), gate (h, w) resized to
+ * (H, W) with the nearest indices. out may be x itself (each element is
+ * read before it is written). */
+
+/* o = x * g (+ id), n elements; o may be x */
+static void scale_add(float *o, const float *x, float g, const float *id,
+                      int64_t n) {
+  if (id)
+    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * g + id[k];
+  else
+    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * g;
+}
+
+struct excite_args {
+  const float *x, *gate, *identity;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t H, W, h, w;
+};
+
+static void excite_planes(const void *args_, int64_t first, int64_t last,
+                          float *gate_row) {
+  const struct excite_args *a = (const struct excite_args *)args_;
+  const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
+  for (int64_t plane = first; plane < last; ++plane) {
+    const float *x = a->x + plane * H * W;
+    const float *id = a->identity ? a->identity + plane * H * W : NULL;
+    const float *gate = a->gate + plane * h * w;
+    float *out = a->out + plane * H * W;
+    int64_t gate_i = -1;
+    for (int64_t p = 0; p < H; ++p) {
+      if (a->row_index[p] != gate_i) {
+        gate_i = a->row_index[p];
+        const float *gr = gate + gate_i * w;
+        for (int64_t q = 0; q < W; ++q) gate_row[q] = gr[a->col_index[q]];
+      }
+      const float *xr = x + p * W;
+      float *o = out + p * W;
+      if (w == 1) {
+        /* one gate value for rows p .. end - 1: one flat loop */
+        int64_t end = p + 1;
+        while (end < H && a->row_index[end] == gate_i) ++end;
+        scale_add(o, xr, gate_row[0], id ? id + p * W : NULL, (end - p) * W);
+        p = end - 1;
+        continue;
+      }
+      if (id) {
+        const float *ir = id + p * W;
+        for (int64_t q = 0; q < W; ++q) o[q] = xr[q] * gate_row[q] + ir[q];
+      } else {
+        for (int64_t q = 0; q < W; ++q) o[q] = xr[q] * gate_row[q];
+      }
+    }
+  }
+}
+
+int ge_excite(const float *x, const float *gate, const float *identity,
+              const int64_t *row_index, const int64_t *col_index, float *out,
+              int64_t planes, int64_t H, int64_t W, int64_t h, int64_t w,
+              int threads) {
+  struct excite_args a = {x, gate, identity, row_index, col_index, out,
+                          H, W, h, w};
+  return for_planes(excite_planes, &a, planes, H * W, W, threads);
+}

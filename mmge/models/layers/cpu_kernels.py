@@ -1,0 +1,241 @@
+"""Native CPU kernels of Gather-Excite's fast path.
+
+``mmge/csrc/ge_cpu.c``, built by ``setup.py`` into ``mmge/_ge_cpu*.so`` and
+called through :mod:`ctypes`, does in one memory pass each what takes GE
+several ATen calls on the CPU:
+
+- :func:`pool_gather`: GE-theta-minus's gather (average pooling with kernel
+  ``2e-1``, stride ``e``, padding ``e-1``, padded cells not counted),
+  optionally of ``scale[c] * x + shift[c]`` (a norm layer's output computed on
+  the fly from its input);
+- :func:`excite`: ``x * resize(gate) (+ identity)``, in place if asked;
+- :func:`gate_grad`: the gradient of the gate, the nearest resize's adjoint
+  of ``grad * x``;
+- :func:`input_grad`: ``grad * resize(gate)``, plus the average pool's
+  backward for GE-theta-minus.
+
+They take contiguous float32 CPU tensors (:func:`usable`); everything else
+takes the ATen path, which is also what runs when the library was not built
+(a source checkout that was not installed). The results equal the ATen ops'
+up to float32 rounding (tests/test_ge_fast_paths.py).
+"""
+import ctypes
+import functools
+import importlib.util
+from typing import Optional, Tuple
+
+import torch
+
+from .excite import nearest_index
+
+__all__ = [
+    'available', 'usable', 'pool_gather', 'excite', 'gate_grad', 'input_grad'
+]
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> Optional[ctypes.CDLL]:
+    """The built kernels, or None when ``mmge._ge_cpu`` is not installed."""
+    try:
+        spec = importlib.util.find_spec('mmge._ge_cpu')
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.ge_pool_forward.argtypes = [_PTR] * 4 + [_I64] * 5 + [ctypes.c_int]
+    lib.ge_gate_grad.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_int]
+    lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
+    lib.ge_excite.argtypes = [_PTR] * 6 + [_I64] * 5 + [ctypes.c_int]
+    for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
+               lib.ge_excite):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels were built and load.
+
+    Returns:
+        bool: True when ``mmge._ge_cpu`` is installed and loads.
+    """
+    return _library() is not None
+
+
+def usable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the kernels can run on these tensors.
+
+    Args:
+        *tensors (Tensor | None): The operands (None entries are skipped).
+
+    Returns:
+        bool: True when the kernels are available, nothing is being traced
+        or compiled (exporters and compilers see ATen ops), and every tensor
+        is a contiguous float32 CPU tensor.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return available() and all(
+        t is None or (t.device.type == 'cpu' and t.dtype == torch.float32
+                      and t.is_contiguous()) for t in tensors)
+
+
+#: smallest H * W on which :func:`worthwhile` sends one-pass work (the
+#: inference pool and excite) to the kernels: on 7x7 maps ATen's loops over
+#: the whole tensor win, from 14x14 the kernels do (2-core development VM)
+MIN_PLANE = 10 * 10
+
+
+def worthwhile(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """:func:`usable` on ``x`` and ``others``, and ``x``'s maps at least
+    :data:`MIN_PLANE` cells.
+
+    Args:
+        x (Tensor): The full-resolution operand, (N, C, H, W).
+        *others (Tensor | None): The other operands.
+
+    Returns:
+        bool: True when a kernel is expected to beat the ATen ops.
+    """
+    return x.shape[-2] * x.shape[-1] >= MIN_PLANE and usable(x, *others)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int, name: str) -> None:
+    if status:
+        raise MemoryError(f'mmge native kernel {name}: out of memory for '
+                          f'its scratch buffers')
+
+
+def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+            channels: int) -> Tuple[Optional[torch.Tensor], ...]:
+    if scale is None:
+        return None, None
+    return (scale.detach().float().contiguous().expand(channels).contiguous(),
+            shift.detach().float().contiguous().expand(channels).contiguous())
+
+
+def pool_gather(x: torch.Tensor,
+                extent: int,
+                scale: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GE-theta-minus's gather of ``scale[c] * x + shift[c]`` (or of ``x``).
+
+    ``F.avg_pool2d(y, 2e-1, e, e-1, count_include_pad=False)`` of
+    ``y = scale.view(1, -1, 1, 1) * x + shift.view(1, -1, 1, 1)``.
+
+    Args:
+        x (Tensor): (N, C, H, W), :func:`usable`.
+        extent (int): Extent ratio ``e`` >= 2.
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ); given with
+            ``scale``.
+
+    Returns:
+        Tensor: (N, C, ceil(H / e), ceil(W / e)), float32.
+    """
+    n, c, height, width = x.shape
+    scale, shift = _affine(scale, shift, c)
+    out = x.new_empty(n, c, -(-height // extent), -(-width // extent))
+    _check(_library().ge_pool_forward(
+        _ptr(x), _ptr(scale), _ptr(shift), _ptr(out), n * c, c, height,
+        width, extent, torch.get_num_threads()), 'ge_pool_forward')
+    return out
+
+
+def excite(x: torch.Tensor,
+           gate: torch.Tensor,
+           identity: Optional[torch.Tensor] = None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')``, plus
+    ``identity`` when given.
+
+    Args:
+        x (Tensor): Features, (N, C, H, W).
+        gate (Tensor): Gate, (N, C, h, w), h <= H, w <= W.
+        identity (Tensor, optional): Tensor of ``x``'s shape to add.
+        out (Tensor, optional): Where to write: a new tensor by default;
+            may be ``x`` itself.
+
+    Returns:
+        Tensor: ``out``, (N, C, H, W).
+    """
+    n, c, height, width = x.shape
+    h, w = gate.shape[-2:]
+    rows, cols = nearest_index(height, h), nearest_index(width, w)
+    out = torch.empty_like(x) if out is None else out
+    _check(_library().ge_excite(
+        _ptr(x), _ptr(gate), _ptr(identity), _ptr(rows), _ptr(cols),
+        _ptr(out), n * c, height, width, h, w, torch.get_num_threads()),
+        'ge_excite')
+    return out
+
+
+def gate_grad(grad: torch.Tensor,
+              x: torch.Tensor,
+              gate_size: Tuple[int, int],
+              scale: Optional[torch.Tensor] = None,
+              shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of ``x * resize(gate)`` with respect to the gate.
+
+    The adjoint of ``F.interpolate(mode='nearest')`` from ``gate_size`` to
+    ``x``'s size, applied to ``grad * y`` with ``y = scale * x + shift``
+    (or ``x``).
+
+    Args:
+        grad (Tensor): Gradient of the product, (N, C, H, W).
+        x (Tensor): The features, (N, C, H, W).
+        gate_size (tuple[int, int]): The gate's (h, w).
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ).
+
+    Returns:
+        Tensor: (N, C, h, w), float32.
+    """
+    n, c, height, width = x.shape
+    h, w = gate_size
+    scale, shift = _affine(scale, shift, c)
+    rows, cols = nearest_index(height, h), nearest_index(width, w)
+    out = x.new_empty(n, c, h, w)
+    _check(_library().ge_gate_grad(
+        _ptr(grad), _ptr(x), _ptr(scale), _ptr(shift), _ptr(rows),
+        _ptr(cols), _ptr(out), n * c, c, height, width, h, w,
+        torch.get_num_threads()), 'ge_gate_grad')
+    return out
+
+
+def input_grad(grad: torch.Tensor,
+               gate: torch.Tensor,
+               pool_grad: Optional[torch.Tensor] = None,
+               extent: int = 0) -> torch.Tensor:
+    """``grad * resize(gate)``, plus the gather's backward for
+    GE-theta-minus.
+
+    Args:
+        grad (Tensor): Gradient of the gated features, (N, C, H, W).
+        gate (Tensor): The gate, (N, C, h, w), nearest-resized to (H, W).
+        pool_grad (Tensor, optional): Gradient of :func:`pool_gather`'s
+            output, (N, C, ceil(H / e), ceil(W / e)); its backward is added.
+        extent (int): The pool's extent ratio; needed with ``pool_grad``.
+
+    Returns:
+        Tensor: (N, C, H, W), float32.
+    """
+    n, c, height, width = grad.shape
+    h, w = gate.shape[-2:]
+    rows, cols = nearest_index(height, h), nearest_index(width, w)
+    out = torch.empty_like(grad)
+    _check(_library().ge_input_grad(
+        _ptr(grad), _ptr(gate), _ptr(pool_grad), _ptr(rows), _ptr(cols),
+        _ptr(out), n * c, height, width, h, w, extent if pool_grad is not None
+        else 1, torch.get_num_threads()), 'ge_input_grad')
+    return out
