@@ -132,6 +132,18 @@ def test_kernels_split_over_threads_give_the_same_values():
                                       count_include_pad=False))
 
 
+def count_calls(monkeypatch, name):
+    """Wrap ``cpu_kernels.<name>`` to record its calls; returns the list."""
+    calls, kernel = [], getattr(cpu_kernels, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, name, spy)
+    return calls
+
+
 def _theta_minus_pair(channels, train_norm, momentum=0.1, affine=True):
     torch.manual_seed(0)
     layer = GatherExcite(channels, 'theta_minus', 8)
@@ -150,7 +162,7 @@ def _theta_minus_pair(channels, train_norm, momentum=0.1, affine=True):
 @pytest.mark.parametrize('momentum', (0.1, None))
 @pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7)))
 def test_native_theta_minus_equals_the_formula(memory_efficient, train_norm,
-                                               momentum, size):
+                                               momentum, size, monkeypatch):
     """GE-theta-minus in a block (norm given, as GEResNet calls it) on the
     native path: output, the gradients of the norm's input, the shortcut,
     the norm's weight and bias, and the norm's running statistics are
@@ -165,19 +177,9 @@ def test_native_theta_minus_equals_the_formula(memory_efficient, train_norm,
     leaves = [t.float().requires_grad_(True) for t in (inp, identity)]
     ref_leaves = [t.clone().requires_grad_(True) for t in (inp, identity)]
 
-    calls = []
-    input_grad = cpu_kernels.input_grad
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return input_grad(*args, **kwargs)
-
-    cpu_kernels.input_grad = spy
-    try:
-        out = layer(leaves[0], leaves[1], norm=norm)
-        out.backward(grad.float())
-    finally:
-        cpu_kernels.input_grad = input_grad
+    calls = count_calls(monkeypatch, 'input_grad')
+    out = layer(leaves[0], leaves[1], norm=norm)
+    out.backward(grad.float())
     assert calls, 'the native backward was not taken'
 
     y = ref_norm(ref_leaves[0])
@@ -258,7 +260,7 @@ def test_inference_gates_in_place_without_touching_the_callers_tensors(
     torch.testing.assert_close(alone, expect_alone)
 
 
-def test_ge_resnet_theta_minus_trains_on_the_native_path():
+def test_ge_resnet_theta_minus_trains_on_the_native_path(monkeypatch):
     """A GE-theta-minus ResNet's training step gives the float64 formula's
     gradients (the native backward runs in every block)."""
     torch.manual_seed(0)
@@ -267,18 +269,8 @@ def test_ge_resnet_theta_minus_trains_on_the_native_path():
     model.init_weights()
     ref = copy.deepcopy(model).double()
     x = torch.randn(2, 3, 64, 64)
-    calls = []
-    input_grad = cpu_kernels.input_grad
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return input_grad(*args, **kwargs)
-
-    cpu_kernels.input_grad = spy
-    try:
-        model(x)[0].square().mean().backward()
-    finally:
-        cpu_kernels.input_grad = input_grad
+    calls = count_calls(monkeypatch, 'input_grad')
+    model(x)[0].square().mean().backward()
     assert len(calls) == sum(
         isinstance(m, GatherExcite) for m in model.modules()) == 8
     for m in ref.modules():

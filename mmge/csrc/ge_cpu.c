@@ -183,6 +183,12 @@ int ge_gate_grad(const float *grad, const float *x, const float *scale,
  * nearest indices; pool_grad is the gradient of the pool's output,
  * (ceil(H / e), ceil(W / e)). */
 
+/* dst[q] = src[col_index[q]]: one gate row nearest-resized to width W */
+static void widen_gate_row(const float *src, const int64_t *col_index,
+                           float *dst, int64_t W) {
+  for (int64_t q = 0; q < W; ++q) dst[q] = src[col_index[q]];
+}
+
 /* row[q] = sum of the window terms (d0 + d1, d1 may be NULL) of the
  * windows column q lies in: window q / e, and q / e + 1 unless q % e == 0 */
 static void widen_windows(const float *d0, const float *d1, float *row,
@@ -233,8 +239,7 @@ static void input_grad_planes(const void *args_, int64_t first, int64_t last,
     for (int64_t p = 0; p < H; ++p) {
       if (a->row_index[p] != gate_i) {
         gate_i = a->row_index[p];
-        const float *gr = gate + gate_i * w;
-        for (int64_t q = 0; q < W; ++q) gate_row[q] = gr[a->col_index[q]];
+        widen_gate_row(gate + gate_i * w, a->col_index, gate_row, W);
       }
       const float *gr = g + p * W;
       float *o = out + p * W;
@@ -300,8 +305,7 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
     for (int64_t p = 0; p < H; ++p) {
       if (a->row_index[p] != gate_i) {
         gate_i = a->row_index[p];
-        const float *gr = gate + gate_i * w;
-        for (int64_t q = 0; q < W; ++q) gate_row[q] = gr[a->col_index[q]];
+        widen_gate_row(gate + gate_i * w, a->col_index, gate_row, W);
       }
       const float *xr = x + p * W;
       float *o = out + p * W;
