@@ -120,8 +120,10 @@ def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
             channels: int) -> Tuple[Optional[torch.Tensor], ...]:
     if scale is None:
         return None, None
-    return (scale.detach().float().contiguous().expand(channels).contiguous(),
-            shift.detach().float().contiguous().expand(channels).contiguous())
+    # the kernels read `channels` values of each: expand refuses any other
+    # length (and broadcasts a single value)
+    return tuple(t.detach().float().expand(channels).contiguous()
+                 for t in (scale, shift))
 
 
 def pool_gather(x: torch.Tensor,

@@ -13,10 +13,10 @@ between forward and backward changes.
 GE-theta-minus with a local extent has a second backward on contiguous
 float32 CPU tensors, written out by hand on the native kernels of
 :mod:`.cpu_kernels`: the pool, the gate's gradient and the input's gradient
-are one memory pass each, and in the memory-saving mode (with a plain
-``BatchNorm2d`` before GE) GE's input is computed on the fly from the norm's
-input inside those passes, never materialised. GE-theta and GE-theta-plus
-use the native gate gradient.
+are one memory pass each. Given a plain ``BatchNorm2d`` (in both modes) it
+keeps the norm's input and makes GE's input on the fly inside those
+passes, never materialised. GE-theta and GE-theta-plus use the native gate
+gradient.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -185,7 +185,7 @@ class GEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        if ctx.native and cpu_kernels.usable(grad.contiguous()):
+        if ctx.native:  # grad has the output's dtype and device
             return GEFunction.native_backward(ctx, grad)
         inp, *params = ctx.saved_tensors
         layer, norm = ctx.layer, ctx.norm
