@@ -40,8 +40,9 @@ install_requires = [
 # installs and GE takes its ATen path (tests/test_cpu_kernels.py fails then).
 ge_cpu = Extension(
     'mmge._ge_cpu',
-    sources=['mmge/csrc/ge_cpu.c'],
-    extra_compile_args=['-O3', '-fopenmp'],
+    sources=['mmge/csrc/ge_cpu.c', 'mmge/csrc/ge_conv_gather.c'],
+    depends=['mmge/csrc/ge_parallel.h'],
+    extra_compile_args=['-O3', '-fopenmp', '-Wno-psabi'],
     extra_link_args=['-fopenmp'],
     optional=True)
 

@@ -1,4 +1,5 @@
-"""GE's native CPU kernels (mmge/csrc/ge_cpu.c) and the path built on them.
+"""GE's native CPU kernels (mmge/csrc/ge_cpu.c, ge_conv_gather.c) and the
+path built on them.
 
 The kernels run on float32; every test compares them with the ATen ops (or
 the plain formula of SPEC.md) computed in float64 from the same numbers.
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from mmge.models import GatherExcite, GEResNet
 from mmge.models.layers import cpu_kernels
 from mmge.models.layers.excite import resize_multiply
+from mmge.models.layers.gather import ConvGather
 
 SIZES = ((13, 9), (16, 16), (1, 31), (29, 2), (7, 7), (56, 56), (25, 42),
          (8, 1), (3, 3))
@@ -220,10 +222,12 @@ def test_native_theta_minus_without_norm_affine_or_running_stats():
         close(leaf.grad, ref.grad)
 
 
-def test_native_path_keeps_only_the_norms_input():
+@pytest.mark.parametrize('variant', ('theta_minus', 'theta', 'theta_plus'))
+def test_native_path_keeps_only_the_norms_input(variant):
     """On the native path both modes keep the norm's input (which the
     block keeps anyway), not GE's input."""
     layer, norm = _theta_minus_pair(4, True)
+    layer = GatherExcite(4, variant, 8, reduction=2)
     inp = torch.randn(2, 4, 16, 16, requires_grad=True)
     identity = torch.randn_like(inp, requires_grad=True)
     saved = []
@@ -239,17 +243,38 @@ def test_native_path_keeps_only_the_norms_input():
 
 
 @pytest.mark.parametrize('variant', ('theta_minus', 'theta', 'theta_plus'))
+@pytest.mark.parametrize('size', ((32, 32), (7, 7), (13, 9)))
+def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
+        variant, size, monkeypatch):
+    """Without grad, GE on the kernels makes the norm's output on the fly
+    (excite with the norm's affine): the formula's values in float64, and
+    the caller's input and shortcut stay as they were."""
+    layer, norm = _theta_pair(variant, 2, False)
+    inp, identity = torch.randn(2, 11, *size), torch.randn(2, 11, *size)
+    kept = inp.clone(), identity.clone()
+    calls = count_calls(monkeypatch, 'excite')
+    with torch.no_grad():
+        out = layer(inp, identity, norm=norm)
+        ref = _formula_forward(copy.deepcopy(layer).double())(
+            inp.double(), identity.double(), copy.deepcopy(norm).double())
+    assert calls, 'the native inference was not taken'
+    close(out, ref)
+    assert torch.equal(inp, kept[0]) and torch.equal(identity, kept[1])
+
+
+@pytest.mark.parametrize('variant', ('theta_minus', 'theta', 'theta_plus'))
 def test_inference_gates_in_place_without_touching_the_callers_tensors(
         variant):
-    """Without grad, GE writes into the norm's output, which it made
+    """Without grad and with a norm the kernels do not fuse (here one in
+    training mode), GE writes into the norm's output, which it made
     itself; the caller's input and shortcut stay as they were."""
     torch.manual_seed(0)
     layer = GatherExcite(8, variant, 2).eval()
-    norm = nn.BatchNorm2d(8).eval()
+    norm = nn.BatchNorm2d(8).train()
     inp, identity = torch.randn(2, 8, 32, 32), torch.randn(2, 8, 32, 32)
     kept = inp.clone(), identity.clone()
     with torch.no_grad():
-        out = layer(inp, identity, norm=norm)
+        out = layer(inp, identity, norm=copy.deepcopy(norm))
         expect = resize_multiply(
             norm(inp), layer.excite.gate(layer.gather(norm(inp))), identity)
         alone = layer(inp)
@@ -260,16 +285,193 @@ def test_inference_gates_in_place_without_touching_the_callers_tensors(
     torch.testing.assert_close(alone, expect_alone)
 
 
-def test_ge_resnet_theta_minus_trains_on_the_native_path(monkeypatch):
-    """A GE-theta-minus ResNet's training step gives the float64 formula's
-    gradients (the native backward runs in every block)."""
+def _conv_gather(channels, extent, last_act=False, train=True, **kwargs):
     torch.manual_seed(0)
-    model = GEResNet(18, ge_cfg=dict(variant='theta_minus', extent=8),
+    gather = ConvGather(channels, extent, last_act=last_act, **kwargs)
+    for m in gather.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, 0.5)
+    return gather.train(train)
+
+
+def _buffers_close(module, ref):
+    for (name, b), r in zip(module.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b.double(), r.double(), atol=2e-5,
+                                   rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('extent', (2, 4, 8))
+@pytest.mark.parametrize('train', (True, False))
+def test_conv_gather_is_the_modules(size, extent, train, monkeypatch):
+    """GE-theta's gather on the kernel (ConvGather without grad) gives the
+    modules' output in float64 and updates the running statistics and
+    num_batches_tracked as they do. 11 channels: one full block of the
+    kernel's 8 and one partial."""
+    gather = _conv_gather(11, extent, last_act=extent == 4, train=train)
+    ref = copy.deepcopy(gather).double()
+    x = torch.randn(4, 11, *size, dtype=torch.float64)
+    calls = count_calls(monkeypatch, 'conv_gather')
+    with torch.no_grad():
+        got = gather(x.float())
+        expect = ref(x)
+    assert calls, 'the kernel was not used'
+    close(got, expect)
+    _buffers_close(gather, ref)
+
+
+@pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7)))
+def test_conv_gather_of_an_affine_map_and_the_gates_gradient(size):
+    """The kernel gathers ``scale * x + shift`` made on the fly, returns
+    the first level's batch statistics, and the gate's gradient
+    ``resize^T(grad * y)``."""
+    gather = _conv_gather(11, 8)
+    ref = copy.deepcopy(gather).double()
+    torch.manual_seed(1)
+    x = torch.randn(2, 11, *size, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    scale, shift = _affine(11, 1)
+    y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    params = gather.native_params(x.float())
+    context, mean, var, grad_gate = cpu_kernels.conv_gather(
+        x.float(), params, scale.float(), shift.float(), grad.float())
+    close(context, ref(y))
+    z = F.conv2d(y, ref.convs[0].conv.weight, stride=2, padding=1,
+                 groups=11)
+    close(mean[0], z.mean((0, 2, 3)))
+    close(var[0], z.var((0, 2, 3), unbiased=False))
+    gate = torch.zeros_like(context, dtype=torch.float64,
+                            requires_grad=True)
+    expect, = torch.autograd.grad(
+        F.interpolate(gate, size=size, mode='nearest'), gate, grad * y)
+    close(grad_gate, expect)
+    with pytest.raises(ValueError, match='gate and dcontext together'):
+        cpu_kernels.conv_gather_backward(x.float(), params, grad.float(),
+                                         gate=context)
+
+
+def _theta_pair(variant, extent, train):
+    torch.manual_seed(0)
+    layer = GatherExcite(11, variant, extent, reduction=2)
+    norm = nn.BatchNorm2d(11)
+    for bn in [norm] + [m for m in layer.modules()
+                        if isinstance(m, nn.BatchNorm2d)]:
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return layer.train(train), norm.train(train)
+
+
+@pytest.mark.parametrize('variant', ('theta', 'theta_plus'))
+@pytest.mark.parametrize('extent', (2, 8))
+@pytest.mark.parametrize('train', (True, False))
+@pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7)))
+def test_native_theta_equals_the_formula(variant, extent, train, size,
+                                         monkeypatch):
+    """GE-theta and GE-theta-plus in a block (norm given), in both modes,
+    on the native path: output, the gradients of the norm's input, the
+    shortcut and every parameter (gather convolutions and norms, MLP, the
+    block's norm), and every buffer are the float64 formula's."""
+    torch.manual_seed(1)
+    inp = torch.randn(4, 11, *size, dtype=torch.float64) * 2 + 0.3
+    identity = torch.randn_like(inp)
+    grad = torch.randn_like(inp)
+    for memory_efficient in (False, True):
+        layer, norm = _theta_pair(variant, extent, train)
+        layer.memory_efficient = memory_efficient
+        ref_layer = copy.deepcopy(layer).double()
+        ref_norm = copy.deepcopy(norm).double()
+        leaves = [t.float().requires_grad_(True) for t in (inp, identity)]
+        ref_leaves = [t.clone().requires_grad_(True)
+                      for t in (inp, identity)]
+        calls = count_calls(monkeypatch, 'conv_gather_backward')
+        out = layer(leaves[0], leaves[1], norm=norm)
+        out.backward(grad.float())
+        assert calls, 'the native backward was not taken'
+        monkeypatch.undo()
+        ref_out = _formula_forward(ref_layer)(ref_leaves[0], ref_leaves[1],
+                                              ref_norm)
+        ref_out.backward(grad)
+        close(out.detach(), ref_out.detach())
+        for leaf, ref in zip(leaves, ref_leaves):
+            close(leaf.grad, ref.grad)
+        for module, ref in ((layer, ref_layer), (norm, ref_norm)):
+            for (name, p), q in zip(module.named_parameters(),
+                                    ref.parameters()):
+                torch.testing.assert_close(p.grad.double(), q.grad,
+                                           msg=name, **TOL)
+            _buffers_close(module, ref)
+
+
+def test_conv_gather_split_over_threads_gives_the_same_values():
+    """Each channel block runs on one thread in a fixed order: one thread
+    and two give bit-equal results."""
+    gather = _conv_gather(43, 8, last_act=True)
+    x, grad = torch.randn(2, 43, 56, 56), torch.randn(2, 43, 56, 56)
+    scale, shift = torch.rand(43), torch.rand(43)
+    params = gather.native_params(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(
+                cpu_kernels.conv_gather(x, params, scale, shift, grad) +
+                cpu_kernels.conv_gather_backward(x, params, grad, scale,
+                                                 shift))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_conv_gather_leaves_other_layers_to_their_modules():
+    """The kernel takes only what it computes: other activations or norms,
+    the global extent, float64, channels_last, and a batch norm that would
+    see one value per channel (the module's own error then) take the
+    modules' forward."""
+    x = torch.randn(2, 8, 16, 16)
+    assert _conv_gather(8, 4).native_params(x) is not None
+    for kwargs in (dict(act_cfg=dict(type='GELU')),
+                   dict(norm_cfg=dict(type='GN', num_groups=2)),
+                   dict(norm_cfg=dict(type='SyncBN'))):
+        gather = _conv_gather(8, 4, **kwargs)
+        assert gather.native_params(x) is None, kwargs
+    gather = _conv_gather(8, 4, act_cfg=dict(type='GELU'))
+    with torch.no_grad():
+        torch.testing.assert_close(gather(x), gather.convs(x))
+    assert _conv_gather(8, 'global', feat_size=16).native_params(x) is None
+    gather = _conv_gather(8, 4)
+    assert gather.native_params(x.double()) is None
+    assert gather.native_params(
+        x.to(memory_format=torch.channels_last)) is None
+    one = torch.randn(1, 8, 8, 8)
+    assert _conv_gather(8, 8).native_params(one) is None
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        with torch.no_grad():
+            _conv_gather(8, 8)(one)
+    assert _conv_gather(8, 8, train=False).native_params(one) is not None
+
+
+@pytest.mark.parametrize('variant,kernel', (
+    ('theta_minus', 'input_grad'), ('theta', 'conv_gather_backward'),
+    ('theta_plus', 'conv_gather_backward')))
+def test_ge_resnet_trains_on_the_native_path(variant, kernel, monkeypatch):
+    """A GE ResNet's training step gives the float64 formula's gradients
+    and running statistics (the native backward runs in every block)."""
+    torch.manual_seed(0)
+    model = GEResNet(18, ge_cfg=dict(variant=variant, extent=8),
                      out_indices=(3, ))
     model.init_weights()
     ref = copy.deepcopy(model).double()
     x = torch.randn(2, 3, 64, 64)
-    calls = count_calls(monkeypatch, 'input_grad')
+    calls = count_calls(monkeypatch, kernel)
     model(x)[0].square().mean().backward()
     assert len(calls) == sum(
         isinstance(m, GatherExcite) for m in model.modules()) == 8
@@ -280,16 +482,24 @@ def test_ge_resnet_theta_minus_trains_on_the_native_path(monkeypatch):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-5,
                                    rtol=1e-3, msg=name)
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b.double(), c.double(), atol=1e-5,
+                                   rtol=1e-4, msg=name)
 
 
 def _formula_forward(layer):
     def forward(x, identity=None, norm=None):
         if norm is not None:
             x = norm(x)
-        gate = F.avg_pool2d(x, 2 * layer.extent - 1, layer.extent,
-                            layer.extent - 1,
-                            count_include_pad=False).sigmoid()
-        out = x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
+        if layer.variant == 'theta_minus':
+            context = F.avg_pool2d(x, 2 * layer.extent - 1, layer.extent,
+                                   layer.extent - 1, count_include_pad=False)
+        else:
+            context = layer.gather.convs(x)
+            if layer.excite.mlp is not None:
+                context = layer.excite.mlp(context)
+        out = x * F.interpolate(
+            context.sigmoid(), size=x.shape[-2:], mode='nearest')
         return out if identity is None else out + identity
 
     return forward

@@ -12,45 +12,9 @@
  * in window p / e, and also in window p / e + 1 unless p is a multiple of e
  * (the same for columns): every kernel below uses that, not a window loop.
  */
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
-/* below this many elements a call runs on the calling thread */
-#define MIN_PARALLEL 32768
-
-/* fn(args, first, last, scratch): planes [first, last), with its own
- * scratch buffer of the size the caller asked for */
-typedef void (*plane_fn)(const void *args, int64_t first, int64_t last,
-                         float *scratch);
-
-/* Run fn over planes [0, planes) split in up to `threads` contiguous
- * ranges, each with `scratch` floats of its own, on OpenMP threads.
- * Loaded after PyTorch, this library binds to PyTorch's libgomp.so.1, so
- * the kernels share its thread pool instead of competing with it. Returns
- * 0, or 1 if the scratch memory could not be allocated (nothing was
- * written then). */
-static int for_planes(plane_fn fn, const void *args, int64_t planes,
-                      int64_t plane_size, int64_t scratch, int threads) {
-  if (threads > planes) threads = (int)planes;
-  if (threads < 2 || planes * plane_size < MIN_PARALLEL) threads = 1;
-  /* whole cache lines per thread: threads writing to one line slow each
-   * other down several times over */
-  scratch = (scratch + 15) / 16 * 16;
-  float *buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(scratch * threads + 16));
-  if (!buf) return 1;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-    fn(args, planes * t / n, planes * (t + 1) / n, buf + scratch * t);
-  }
-  free(buf);
-  return 0;
-}
-
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+#include "ge_parallel.h"
 
 /* Cells of window i of a length-n axis (kernel 2e-1, stride e, pad e-1). */
 static float window_count(int64_t i, int64_t e, int64_t n) {
@@ -183,12 +147,6 @@ int ge_gate_grad(const float *grad, const float *x, const float *scale,
  * nearest indices; pool_grad is the gradient of the pool's output,
  * (ceil(H / e), ceil(W / e)). */
 
-/* dst[q] = src[col_index[q]]: one gate row nearest-resized to width W */
-static void widen_gate_row(const float *src, const int64_t *col_index,
-                           float *dst, int64_t W) {
-  for (int64_t q = 0; q < W; ++q) dst[q] = src[col_index[q]];
-}
-
 /* row[q] = sum of the window terms (d0 + d1, d1 may be NULL) of the
  * windows column q lies in: window q / e, and q / e + 1 unless q % e == 0 */
 static void widen_windows(const float *d0, const float *d1, float *row,
@@ -272,24 +230,26 @@ int ge_input_grad(const float *grad, const float *gate, const float *pool_grad,
 }
 
 /* ------------------------------------------------------------------------ */
-/* excite: out = x * resize(gate) (+ identity), gate (h, w) resized to
- * (H, W) with the nearest indices. out may be x itself (each element is
- * read before it is written). */
+/* excite: out = y * resize(gate) (+ identity), y = scale[c] * x + shift[c]
+ * (scale NULL: y = x), gate (h, w) resized to (H, W) with the nearest
+ * indices. out may be x itself (each element is read before it is
+ * written). */
 
-/* o = x * g (+ id), n elements; o may be x */
-static void scale_add(float *o, const float *x, float g, const float *id,
-                      int64_t n) {
+/* o = (sc * x + sh) * g (+ id), n elements; o may be x */
+static void scale_add(float *o, const float *x, float sc, float sh, float g,
+                      const float *id, int64_t n) {
+  const float a = sc * g, b = sh * g;
   if (id)
-    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * g + id[k];
+    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b + id[k];
   else
-    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * g;
+    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b;
 }
 
 struct excite_args {
-  const float *x, *gate, *identity;
+  const float *x, *scale, *shift, *gate, *identity;
   const int64_t *row_index, *col_index;
   float *out;
-  int64_t H, W, h, w;
+  int64_t channels, H, W, h, w;
 };
 
 static void excite_planes(const void *args_, int64_t first, int64_t last,
@@ -301,6 +261,12 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
     const float *id = a->identity ? a->identity + plane * H * W : NULL;
     const float *gate = a->gate + plane * h * w;
     float *out = a->out + plane * H * W;
+    float sc = 1.f, sh = 0.f;
+    if (a->scale) {
+      int64_t c = plane % a->channels;
+      sc = a->scale[c];
+      sh = a->shift[c];
+    }
     int64_t gate_i = -1;
     for (int64_t p = 0; p < H; ++p) {
       if (a->row_index[p] != gate_i) {
@@ -313,25 +279,29 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
         /* one gate value for rows p .. end - 1: one flat loop */
         int64_t end = p + 1;
         while (end < H && a->row_index[end] == gate_i) ++end;
-        scale_add(o, xr, gate_row[0], id ? id + p * W : NULL, (end - p) * W);
+        scale_add(o, xr, sc, sh, gate_row[0], id ? id + p * W : NULL,
+                  (end - p) * W);
         p = end - 1;
         continue;
       }
       if (id) {
         const float *ir = id + p * W;
-        for (int64_t q = 0; q < W; ++q) o[q] = xr[q] * gate_row[q] + ir[q];
+        for (int64_t q = 0; q < W; ++q)
+          o[q] = (sc * xr[q] + sh) * gate_row[q] + ir[q];
       } else {
-        for (int64_t q = 0; q < W; ++q) o[q] = xr[q] * gate_row[q];
+        for (int64_t q = 0; q < W; ++q)
+          o[q] = (sc * xr[q] + sh) * gate_row[q];
       }
     }
   }
 }
 
-int ge_excite(const float *x, const float *gate, const float *identity,
+int ge_excite(const float *x, const float *scale, const float *shift,
+              const float *gate, const float *identity,
               const int64_t *row_index, const int64_t *col_index, float *out,
-              int64_t planes, int64_t H, int64_t W, int64_t h, int64_t w,
-              int threads) {
-  struct excite_args a = {x, gate, identity, row_index, col_index, out,
-                          H, W, h, w};
+              int64_t planes, int64_t channels, int64_t H, int64_t W,
+              int64_t h, int64_t w, int threads) {
+  struct excite_args a = {x, scale, shift, gate, identity, row_index,
+                          col_index, out, channels, H, W, h, w};
   return for_planes(excite_planes, &a, planes, H * W, W, threads);
 }

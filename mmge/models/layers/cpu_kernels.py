@@ -12,7 +12,12 @@ several ATen calls on the CPU:
 - :func:`gate_grad`: the gradient of the gate, the nearest resize's adjoint
   of ``grad * x``;
 - :func:`input_grad`: ``grad * resize(gate)``, plus the average pool's
-  backward for GE-theta-minus.
+  backward for GE-theta-minus;
+- :func:`conv_gather` and :func:`conv_gather_backward`
+  (``mmge/csrc/ge_conv_gather.c``): GE-theta's whole parametric gather
+  (strided depthwise convolutions, batch norms, ReLUs) one channel at a
+  time, in one pass over the input; the backward also writes the excite's
+  direct term, so it is all of GE's backward but the norm before it.
 
 They take contiguous float32 CPU tensors (:func:`usable`); everything else
 takes the ATen path, which is also what runs when the library was not built
@@ -22,14 +27,15 @@ up to float32 rounding (tests/test_ge_fast_paths.py).
 import ctypes
 import functools
 import importlib.util
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .excite import nearest_index
 
 __all__ = [
-    'available', 'usable', 'pool_gather', 'excite', 'gate_grad', 'input_grad'
+    'available', 'usable', 'pool_gather', 'excite', 'gate_grad',
+    'input_grad', 'ConvGatherParams', 'conv_gather', 'conv_gather_backward'
 ]
 
 _I64 = ctypes.c_int64
@@ -52,9 +58,11 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_pool_forward.argtypes = [_PTR] * 4 + [_I64] * 5 + [ctypes.c_int]
     lib.ge_gate_grad.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
-    lib.ge_excite.argtypes = [_PTR] * 6 + [_I64] * 5 + [ctypes.c_int]
+    lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_int]
+    lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
+        [_I64] * 4 + [_PTR] * 13 + [ctypes.c_int]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
-               lib.ge_excite):
+               lib.ge_excite, lib.ge_conv_gather):
         fn.restype = ctypes.c_int
     return lib
 
@@ -111,6 +119,9 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def _check(status: int, name: str) -> None:
+    if status == 2:
+        raise ValueError(f'mmge native kernel {name}: more levels than it '
+                         f'supports ({MAX_LEVELS})')
     if status:
         raise MemoryError(f'mmge native kernel {name}: out of memory for '
                           f'its scratch buffers')
@@ -157,9 +168,12 @@ def pool_gather(x: torch.Tensor,
 def excite(x: torch.Tensor,
            gate: torch.Tensor,
            identity: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')``, plus
-    ``identity`` when given.
+           out: Optional[torch.Tensor] = None,
+           scale: Optional[torch.Tensor] = None,
+           shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y * F.interpolate(gate, size=x.shape[-2:], mode='nearest')``, plus
+    ``identity`` when given, with ``y = scale[c] * x + shift[c]`` (or
+    ``x``).
 
     Args:
         x (Tensor): Features, (N, C, H, W).
@@ -167,18 +181,22 @@ def excite(x: torch.Tensor,
         identity (Tensor, optional): Tensor of ``x``'s shape to add.
         out (Tensor, optional): Where to write: a new tensor by default;
             may be ``x`` itself.
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ); given with
+            ``scale``.
 
     Returns:
         Tensor: ``out``, (N, C, H, W).
     """
     n, c, height, width = x.shape
     h, w = gate.shape[-2:]
+    scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = torch.empty_like(x) if out is None else out
     _check(_library().ge_excite(
-        _ptr(x), _ptr(gate), _ptr(identity), _ptr(rows), _ptr(cols),
-        _ptr(out), n * c, height, width, h, w, torch.get_num_threads()),
-        'ge_excite')
+        _ptr(x), _ptr(scale), _ptr(shift), _ptr(gate), _ptr(identity),
+        _ptr(rows), _ptr(cols), _ptr(out), n * c, c, height, width, h, w,
+        torch.get_num_threads()), 'ge_excite')
     return out
 
 
@@ -241,3 +259,146 @@ def input_grad(grad: torch.Tensor,
         _ptr(out), n * c, height, width, h, w, extent if pool_grad is not None
         else 1, torch.get_num_threads()), 'ge_input_grad')
     return out
+
+
+#: most levels (``log2`` of the extent) :func:`conv_gather` takes
+MAX_LEVELS = 16
+
+
+class ConvGatherParams(NamedTuple):
+    """What :func:`conv_gather` needs of a parametric gather of ``L`` levels
+    on ``C`` channels (level ``l``: depthwise 3x3 convolution of stride 2 and
+    padding 1, batch norm, ReLU), as contiguous float32 CPU tensors.
+
+    Attributes:
+        weight (Tensor): Convolution kernels, (L, C, 9).
+        gamma (Tensor): Batch norm weights (ones without affine), (L, C).
+        beta (Tensor): Batch norm biases (zeros without affine), (L, C).
+        running_mean (Tensor): The running means the levels that do not
+            train use, (L, C).
+        running_invstd (Tensor): Their ``1 / sqrt(running_var + eps)``,
+            (L, C).
+        eps (Tensor): Each level's eps, (L, ).
+        train (Tensor): int32 (L, ): 1 where a level normalises with the
+            batch's statistics.
+        relu (Tensor): int32 (L, ): 1 where a level ends with a ReLU.
+    """
+    weight: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    running_mean: torch.Tensor
+    running_invstd: torch.Tensor
+    eps: torch.Tensor
+    train: torch.Tensor
+    relu: torch.Tensor
+
+
+def conv_gather_size(height: int, width: int,
+                     levels: int) -> Tuple[int, int]:
+    """The context's size after ``levels`` stride-2 convolutions.
+
+    Args:
+        height (int): Input height.
+        width (int): Input width.
+        levels (int): Number of levels.
+
+    Returns:
+        tuple[int, int]: ``(ceil(H / 2^L), ceil(W / 2^L))``.
+    """
+    return -(-height // 2**levels), -(-width // 2**levels)
+
+
+def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs):
+    n, c, height, width = x.shape
+    levels = params.weight.shape[0]
+    h, w = conv_gather_size(height, width, levels)
+    scale, shift = _affine(scale, shift, c)
+    rows, cols = nearest_index(height, h), nearest_index(width, w)
+    out = {
+        'context': (n, c, h, w),
+        'mean': (levels, c),
+        'var': (levels, c),
+        'grad_gate': (n, c, h, w),
+        'dx': (n, c, height, width),
+        'dweight': (levels, c, 9),
+        'dgamma': (levels, c),
+        'dbeta': (levels, c)
+    }
+    out = {k: x.new_empty(v) if k in outputs else None
+           for k, v in out.items()}
+    _check(_library().ge_conv_gather(
+        _ptr(x), _ptr(scale), _ptr(shift), *map(_ptr, params), levels, n,
+        c, height, width, _ptr(rows), _ptr(cols),
+        _ptr(grad), _ptr(gate), _ptr(dcontext), *map(_ptr, out.values()),
+        torch.get_num_threads()), 'ge_conv_gather')
+    return out
+
+
+def conv_gather(x: torch.Tensor,
+                params: ConvGatherParams,
+                scale: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None,
+                grad: Optional[torch.Tensor] = None) -> Tuple[
+                    torch.Tensor, torch.Tensor, torch.Tensor,
+                    Optional[torch.Tensor]]:
+    """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``
+    (or of ``x``).
+
+    Args:
+        x (Tensor): (N, C, H, W), :func:`usable`.
+        params (ConvGatherParams): The gather's levels.
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ).
+        grad (Tensor, optional): Gradient of the excite's output,
+            (N, C, H, W): also return the gate's gradient.
+
+    Returns:
+        tuple: ``context`` (N, C, h, w) with ``(h, w)`` from
+        :func:`conv_gather_size`; the batch ``mean`` and biased ``var`` of
+        the levels that train, (L, C) (other rows undefined); and, with
+        ``grad``, ``grad_gate`` (N, C, h, w), the nearest resize's adjoint
+        of ``grad * y``, else None.
+    """
+    want = ('context', 'mean', 'var') + (('grad_gate', )
+                                        if grad is not None else ())
+    out = _conv_gather(x, params, scale, shift, grad, None, None, want)
+    return out['context'], out['mean'], out['var'], out['grad_gate']
+
+
+def conv_gather_backward(
+        x: torch.Tensor,
+        params: ConvGatherParams,
+        grad: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
+        gate: Optional[torch.Tensor] = None,
+        dcontext: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """Backward of ``out = y * resize(gate)`` with ``gate`` made from
+    ``conv_gather(y)``: the gradients of ``y`` (both terms) and of the
+    gather's parameters.
+
+    The gather is recomputed from ``x`` (with the same batch statistics).
+    Without ``gate`` and ``dcontext`` the gate is ``sigmoid(context)``
+    (GE-theta); else ``gate`` is the gate that was applied and ``dcontext``
+    the gradient of the context (GE-theta-plus, whose MLP runs in between).
+
+    Args:
+        x (Tensor): (N, C, H, W), :func:`usable`.
+        params (ConvGatherParams): The gather's levels.
+        grad (Tensor): Gradient of the output, (N, C, H, W).
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ).
+        gate (Tensor, optional): The gate, (N, C, h, w).
+        dcontext (Tensor, optional): Gradient of the context,
+            (N, C, h, w); given with ``gate``.
+
+    Returns:
+        tuple[Tensor]: ``dy`` (N, C, H, W), ``dweight`` (L, C, 9),
+        ``dgamma`` and ``dbeta`` (L, C).
+    """
+    if (gate is None) != (dcontext is None):
+        raise ValueError('conv_gather_backward takes gate and dcontext '
+                         'together, or neither')
+    out = _conv_gather(x, params, scale, shift, grad, gate, dcontext,
+                       ('dx', 'dweight', 'dgamma', 'dbeta'))
+    return out['dx'], out['dweight'], out['dgamma'], out['dbeta']

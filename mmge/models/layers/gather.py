@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 
 from . import cpu_kernels
+from .batch_norm import (is_plain_batch_norm, update_running_stats,
+                         uses_batch_stats)
 
 Extent = Union[int, str]
 Size2d = Tuple[int, int]
@@ -216,6 +218,10 @@ class ConvGather(nn.Module):
                 f'tied to one input size. Build it for this size (GEResNet '
                 f'input_size / GatherExcite feat_size), or use a local '
                 f'extent (2, 4, 8), which works at any size.')
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            params = self.native_params(x)
+            if params is not None:
+                return self.native_forward(x, params)
         if x.device.type != 'cpu' or x.shape[0] < 2 or \
                 x.numel() <= self.cpu_chunk or torch.compiler.is_compiling():
             return self.convs(x)
@@ -230,6 +236,104 @@ class ConvGather(nn.Module):
         if first.with_activation:
             x = first.activate(x)
         return self.convs[1:](x)
+
+    def native_params(self, x: torch.Tensor
+                      ) -> Optional[cpu_kernels.ConvGatherParams]:
+        """The levels as the native kernel takes them, or None where it
+        does not apply.
+
+        The kernel (:func:`cpu_kernels.conv_gather`) runs the gather this
+        class builds with a local extent: per level a depthwise 3x3
+        ``nn.Conv2d`` of stride 2, padding 1 and no bias, a plain batch norm
+        (:func:`is_plain_batch_norm`) and an optional ``nn.ReLU``, in that
+        order, on :func:`cpu_kernels.usable` float32 tensors. Any other
+        layer (another norm or activation, a global extent, GPU, float64,
+        tracing) takes the modules' own forward.
+
+        Args:
+            x (Tensor): The gather's input, (N, C, H, W).
+
+        Returns:
+            ConvGatherParams | None: The parameters, copied (the running
+            statistics as they are now).
+        """
+        levels = len(self.convs)
+        if self.extent == GLOBAL or x.dim() != 4 or \
+                levels > cpu_kernels.MAX_LEVELS:
+            return None
+        n, c, h, w = x.shape
+        weights, gammas, betas, means, invstds = [], [], [], [], []
+        eps, train, relu = [], [], []
+        for m in self.convs:
+            conv, norm = m.conv, m.norm if m.with_norm else None
+            if not (tuple(m.order) == ('conv', 'norm', 'act')
+                    and not m.with_explicit_padding
+                    and type(conv) is nn.Conv2d
+                    and conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+                    and conv.padding == (1, 1) and conv.dilation == (1, 1)
+                    and conv.groups == c == conv.in_channels
+                    and conv.out_channels == c and conv.bias is None
+                    and conv.padding_mode == 'zeros'
+                    and is_plain_batch_norm(norm)
+                    and norm.num_features == c
+                    and (not m.with_activation
+                         or type(m.activate) is nn.ReLU)):
+                return None
+            h, w = -(-h // 2), -(-w // 2)
+            batch = uses_batch_stats(norm)
+            if batch and n * h * w < 2:
+                return None  # the module raises ValueError: let it
+            weights.append(conv.weight.detach().reshape(c, 9))
+            gammas.append(x.new_ones(c) if norm.weight is None
+                          else norm.weight.detach())
+            betas.append(x.new_zeros(c) if norm.bias is None
+                         else norm.bias.detach())
+            if batch:
+                means.append(x.new_zeros(c))
+                invstds.append(x.new_zeros(c))
+            else:
+                means.append(norm.running_mean.detach())
+                invstds.append((norm.running_var.detach() +
+                                norm.eps).rsqrt())
+            eps.append(norm.eps)
+            train.append(int(batch))
+            relu.append(int(m.with_activation))
+        params = cpu_kernels.ConvGatherParams(
+            *[torch.stack(t) for t in (weights, gammas, betas, means,
+                                       invstds)],
+            torch.tensor(eps, dtype=torch.float32),
+            torch.tensor(train, dtype=torch.int32),
+            torch.tensor(relu, dtype=torch.int32))
+        return params if cpu_kernels.usable(x, *params[:6]) else None
+
+    def native_forward(self,
+                       x: torch.Tensor,
+                       params: cpu_kernels.ConvGatherParams,
+                       scale: Optional[torch.Tensor] = None,
+                       shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gather of ``scale[c] * x + shift[c]`` (or of ``x``) on the
+        native kernel, updating the norms' running statistics as their
+        forward would.
+
+        Args:
+            x (Tensor): (N, C, H, W).
+            params (ConvGatherParams): From :meth:`native_params`.
+            scale (Tensor, optional): Per-channel scale, (C, ).
+            shift (Tensor, optional): Per-channel shift, (C, ).
+
+        Returns:
+            Tensor: The context, (N, C, ceil(H/e), ceil(W/e)).
+        """
+        context, mean, var, _ = cpu_kernels.conv_gather(
+            x, params, scale, shift)
+        n, _, h, w = x.shape
+        for level, (m, train) in enumerate(
+                zip(self.convs, params.train.tolist())):
+            h, w = -(-h // 2), -(-w // 2)
+            if train:
+                update_running_stats(m.norm, mean[level], var[level],
+                                     n * h * w)
+        return context
 
     def extra_repr(self) -> str:
         s = f'extent={self.extent!r}'

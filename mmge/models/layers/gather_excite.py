@@ -9,7 +9,7 @@ from mmengine.registry import MODELS
 from . import cpu_kernels
 from .excite import (Excite, check_channels, check_reduction,
                      resize_multiply)
-from .ge_autograd import GEFunction, native_theta_minus
+from .ge_autograd import GEFunction, native_inference, native_plan
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')
@@ -159,12 +159,13 @@ class GatherExcite(BaseModule):
                 'layer(x, identity, norm=...), as GEResNet, GEResLayer and '
                 'GEShuffleNetV1 do; as a plugin of mmdet\'s ResNet it only '
                 'sees the norm\'s output: use memory_efficient=False there')
+        plan = native_plan(self, norm, x, identity)
         if norm is not None and not self.memory_efficient and \
-                torch.is_grad_enabled() and \
-                not native_theta_minus(self, norm, x, identity):
+                plan is None and torch.is_grad_enabled():
             # keep GE's own input; the native path makes GE's input on the
             # fly from the norm's in both modes, so it keeps the latter
             x, norm = norm(x), None
+            plan = native_plan(self, norm, x, identity)
         if torch.compiler.is_compiling():
             # plain differentiable ops: the compiler plans memory itself
             if norm is not None:
@@ -177,7 +178,11 @@ class GatherExcite(BaseModule):
                 for p in m.parameters() if p.requires_grad)
             if x.requires_grad or params or (identity is not None
                                              and identity.requires_grad):
-                return GEFunction.apply(self, norm, x, identity, *params)
+                return GEFunction.apply(self, norm, plan, x, identity,
+                                        *params)
+        out = native_inference(self, norm, plan, x, identity)
+        if out is not None:
+            return out
         own = norm is not None  # x is then a tensor this call made
         if own:
             x = norm(x)

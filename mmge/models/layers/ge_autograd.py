@@ -18,14 +18,15 @@ keeps the norm's input and makes GE's input on the fly inside those
 passes, never materialised. GE-theta and GE-theta-plus use the native gate
 gradient.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import cpu_kernels
+from .batch_norm import (batch_norm_backward, batch_norm_forward,
+                         eval_affine, is_plain_batch_norm, uses_batch_stats)
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL
 
@@ -52,89 +53,16 @@ def call_frozen(module: nn.Module, *args) -> torch.Tensor:
     return torch.func.functional_call(module, buffers, args)
 
 
-def is_plain_batch_norm(norm: Optional[nn.Module]) -> bool:
-    """Whether ``norm`` is a batch norm that runs ``_BatchNorm.forward``
-    (``nn.BatchNorm2d``, mmcv's ``'BN'``), whose forward
-    :func:`batch_norm_forward` reproduces; SyncBN and others are not.
+#: a native plan of GE-theta-minus (its pool has no parameters)
+POOL = 'pool'
 
-    Args:
-        norm (nn.Module | None): The module.
-
-    Returns:
-        bool: True for such a batch norm.
-    """
-    return isinstance(norm, _BatchNorm) and \
-        type(norm).forward is _BatchNorm.forward
+NativePlan = Union[str, cpu_kernels.ConvGatherParams]
 
 
-def batch_norm_forward(norm: _BatchNorm, inp: torch.Tensor
-                       ) -> Tuple[torch.Tensor, Dict[str, object]]:
-    """``norm(inp)``, with what its backward and an on-the-fly recompute need.
-
-    Does what ``_BatchNorm.forward`` does (running statistics and
-    ``num_batches_tracked`` are updated the same way), through
-    ``torch.native_batch_norm``, which also returns the batch statistics.
-
-    Args:
-        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts.
-        inp (Tensor): Its input.
-
-    Returns:
-        tuple[Tensor, dict]: ``norm(inp)`` and the saved state: ``scale``
-        and ``shift`` (per channel, ``norm(inp) = scale * inp + shift``),
-        ``mean``, ``invstd`` (the batch statistics), ``train``.
-    """
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and \
-            norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            momentum = 1.0 / float(norm.num_batches_tracked)
-    train = norm.training or (norm.running_mean is None
-                              and norm.running_var is None)
-    track = not norm.training or norm.track_running_stats
-    running_mean = norm.running_mean if track else None
-    running_var = norm.running_var if track else None
-    out, mean, invstd = torch.native_batch_norm(
-        inp, norm.weight, norm.bias, running_mean, running_var, train,
-        momentum, norm.eps)
-    if not train:
-        mean, invstd = running_mean, (running_var + norm.eps).rsqrt()
-    scale = invstd if norm.weight is None else invstd * norm.weight.detach()
-    shift = -mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.detach()
-    return out, dict(scale=scale, shift=shift, mean=mean, invstd=invstd,
-                     train=train)
-
-
-def batch_norm_backward(norm: _BatchNorm, state: Dict[str, object],
-                        grad: torch.Tensor, inp: torch.Tensor,
-                        mask: List[bool]) -> Tuple[Optional[torch.Tensor],
-                                                   ...]:
-    """Backward of :func:`batch_norm_forward`.
-
-    Args:
-        norm (_BatchNorm): The module.
-        state (dict): What :func:`batch_norm_forward` returned.
-        grad (Tensor): Gradient of its output.
-        inp (Tensor): Its input.
-        mask (list[bool]): Which of (input, weight, bias) need a gradient.
-
-    Returns:
-        tuple: Gradients of the input, the weight and the bias (None where
-        not asked for).
-    """
-    grads = torch.ops.aten.native_batch_norm_backward(
-        grad, inp, norm.weight, norm.running_mean, norm.running_var,
-        state['mean'], state['invstd'], state['train'], norm.eps, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask))
-
-
-def native_theta_minus(layer: nn.Module, norm: Optional[nn.Module],
-                       inp: torch.Tensor,
-                       identity: Optional[torch.Tensor]) -> bool:
-    """Whether :class:`GEFunction` takes the native GE-theta-minus path.
+def native_plan(layer: nn.Module, norm: Optional[nn.Module],
+                inp: torch.Tensor,
+                identity: Optional[torch.Tensor]) -> Optional[NativePlan]:
+    """Whether, and how, :class:`GEFunction` takes the native path.
 
     Args:
         layer (nn.Module): The GE layer.
@@ -143,54 +71,124 @@ def native_theta_minus(layer: nn.Module, norm: Optional[nn.Module],
         identity (Tensor | None): The shortcut.
 
     Returns:
-        bool: True for GE-theta-minus with a local extent on contiguous
-        float32 CPU tensors, fed by nothing or by a plain batch norm.
+        str | ConvGatherParams | None: :data:`POOL` for GE-theta-minus with
+        a local extent, the gather's :meth:`ConvGather.native_params` for
+        GE-theta and GE-theta-plus whose gather the kernel runs, and None
+        otherwise; None too unless the tensors are contiguous float32 CPU
+        tensors and ``norm`` is None or a plain batch norm.
     """
-    return (getattr(layer, 'variant', None) == 'theta_minus'
-            and layer.extent != GLOBAL and inp.dim() == 4
+    if not (inp.dim() == 4 and layer.extent != GLOBAL
             and (norm is None or is_plain_batch_norm(norm))
-            and cpu_kernels.usable(inp, identity))
+            and cpu_kernels.usable(inp, identity)):
+        return None
+    if layer.variant == 'theta_minus':
+        return POOL
+    return layer.gather.native_params(inp)
+
+
+def native_excite(x: torch.Tensor, gate: torch.Tensor,
+                  identity: Optional[torch.Tensor],
+                  own: bool) -> torch.Tensor:
+    """``x * resize(gate) (+ identity)``, on the native kernel where it is
+    :func:`cpu_kernels.worthwhile`, in place when ``own``.
+
+    Args:
+        x (Tensor): The features, (N, C, H, W).
+        gate (Tensor): The gate, (N, C, h, w).
+        identity (Tensor, optional): The shortcut.
+        own (bool): ``x`` is a tensor nobody else holds.
+
+    Returns:
+        Tensor: The gated features.
+    """
+    if cpu_kernels.worthwhile(x, gate, identity):
+        return cpu_kernels.excite(x, gate, identity, out=x if own else None)
+    return resize_multiply(x, gate, identity)
+
+
+def native_inference(layer: nn.Module, norm: Optional[nn.Module],
+                     plan: Optional[NativePlan], inp: torch.Tensor,
+                     identity: Optional[torch.Tensor]
+                     ) -> Optional[torch.Tensor]:
+    """GE without autograd on the native kernels, where they apply.
+
+    The norm's output ``y = norm(inp)`` is never materialised: the gather
+    and the excite make it on the fly from ``inp`` (so a block with GE
+    makes no more full-resolution passes than one without: the gather's
+    read replaces the norm's write).
+
+    Args:
+        layer (nn.Module): The GE layer.
+        norm (nn.Module | None): The norm feeding it: None, or a plain batch
+            norm that uses its running statistics.
+        plan (str | ConvGatherParams | None): :func:`native_plan`'s answer.
+        inp (Tensor): The norm's input (GE's input without a norm).
+        identity (Tensor | None): The shortcut.
+
+    Returns:
+        Tensor | None: ``y * resize(gate) (+ identity)``, or None when the
+        kernels do not apply (no plan, or a norm in training mode).
+    """
+    if plan is None or (norm is not None and uses_batch_stats(norm)):
+        return None
+    scale, shift = (None, None) if norm is None else eval_affine(norm)
+    if plan == POOL:
+        gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
+                                       shift).sigmoid_()
+    else:
+        gate = layer.excite.gate(
+            layer.gather.native_forward(inp, plan, scale, shift))
+    return cpu_kernels.excite(inp, gate, identity, scale=scale, shift=shift)
 
 
 class GEFunction(torch.autograd.Function):
     """``out = x * resize(gate(x)) (+ identity)``, ``x = norm(inp)`` or
     ``inp``, storing only ``inp`` for backward.
 
-    ``apply(layer, norm, inp, identity, *params)``: ``layer`` has a
+    ``apply(layer, norm, plan, inp, identity, *params)``: ``layer`` has a
     ``gather`` module and an ``excite`` with ``gate(context)`` (a
     :class:`GatherExcite`);
     ``norm`` is the module feeding GE, or None when ``inp`` is ``x``
-    itself; ``params`` are the parameters of both that require grad, passed
-    so that autograd hands their gradients on (DDP's hooks included).
+    itself; ``plan`` is :func:`native_plan`'s answer; ``params`` are the
+    parameters of both that require grad, passed so that autograd hands
+    their gradients on (DDP's hooks included).
     """
 
     @staticmethod
     def forward(ctx, layer: nn.Module, norm: Optional[nn.Module],
-                inp: torch.Tensor, identity: Optional[torch.Tensor],
+                plan: Optional[NativePlan], inp: torch.Tensor,
+                identity: Optional[torch.Tensor],
                 *params: torch.Tensor) -> torch.Tensor:
-        ctx.layer, ctx.norm = layer, norm
+        ctx.layer, ctx.norm, ctx.plan = layer, norm, plan
         ctx.with_identity = identity is not None
-        ctx.native = native_theta_minus(layer, norm, inp, identity)
-        if ctx.native:
+        if plan is None:
+            x = inp if norm is None else norm(inp)
+            out = resize_multiply(x, layer.excite.gate(layer.gather(x)),
+                                  identity)
+        else:
             x, ctx.norm_state = (inp, None) if norm is None else \
                 batch_norm_forward(norm, inp)
-            gate = cpu_kernels.pool_gather(x, layer.extent).sigmoid_()
-        else:
-            x = inp if norm is None else norm(inp)
-            gate = layer.excite.gate(layer.gather(x))
-        out = resize_multiply(x, gate, identity)
+            scale, shift = ctx.affine = (None, None) if norm is None else \
+                (ctx.norm_state['scale'], ctx.norm_state['shift'])
+            if plan == POOL:
+                gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
+                                               shift).sigmoid_()
+            else:
+                gate = layer.excite.gate(
+                    layer.gather.native_forward(inp, plan, scale, shift))
+            out = native_excite(x, gate, identity, own=norm is not None)
         ctx.save_for_backward(inp, *params)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        if ctx.native:  # grad has the output's dtype and device
+        if ctx.plan is not None:  # grad has the output's dtype and device
             return GEFunction.native_backward(ctx, grad)
         inp, *params = ctx.saved_tensors
         layer, norm = ctx.layer, ctx.norm
         with torch.enable_grad():
-            leaf = inp.detach().requires_grad_(ctx.needs_input_grad[2])
+            leaf = inp.detach().requires_grad_(ctx.needs_input_grad[3])
             x = leaf if norm is None else call_frozen(norm, leaf)
             gate = layer.excite.gate(call_frozen(layer.gather, x))
         gate_value = gate.detach()
@@ -212,24 +210,28 @@ class GEFunction(torch.autograd.Function):
             if inputs else ()
         grads = dict(zip(map(id, inputs), grads))
         grad_inp = grads.get(id(leaf))
-        if norm is None and ctx.needs_input_grad[2]:
+        if norm is None and ctx.needs_input_grad[3]:
             # gather path + direct path in one pass
             grad_inp = resize_multiply(grad, gate_value, grad_inp).to(
                 inp.dtype)
         grad_identity = grad if ctx.with_identity else None
-        return (None, None, grad_inp, grad_identity,
+        return (None, None, None, grad_inp, grad_identity,
                 *[grads.get(id(p)) for p in params])
 
     @staticmethod
     def native_backward(ctx, grad: torch.Tensor) -> tuple:
-        """Backward of GE-theta-minus on the native kernels.
+        """Backward on the native kernels.
 
-        With ``y = norm(inp)`` (or ``inp``), ``g = sigmoid(pool(y))`` and
-        ``out = y * resize(g) + identity``:
-        ``dg = resize^T(grad * y)``,
-        ``dy = grad * resize(g) + pool^T(dg * g * (1 - g))``, and ``dy``
-        goes through the norm's backward. ``y`` is made on the fly from
-        ``inp`` (a per-channel affine) inside the kernels.
+        With ``y = norm(inp)`` (or ``inp``), ``g`` the gate and
+        ``out = y * resize(g) + identity``: ``dg = resize^T(grad * y)``,
+        ``dy = grad * resize(g) + gather^T(d context)``, and ``dy`` goes
+        through the norm's backward. ``y`` is made on the fly from ``inp``
+        (a per-channel affine) inside the kernels. GE-theta-minus:
+        ``d context = dg * g * (1 - g)`` and the pool's backward, on
+        :func:`cpu_kernels.input_grad`. GE-theta and GE-theta-plus:
+        :func:`cpu_kernels.conv_gather_backward` recomputes the gather and
+        runs it backwards; GE-theta-plus's MLP runs in between, on autograd
+        (it is small: at the context's resolution).
 
         Args:
             ctx: The autograd context.
@@ -239,31 +241,56 @@ class GEFunction(torch.autograd.Function):
             tuple: Gradients of :meth:`forward`'s inputs.
         """
         inp, *params = ctx.saved_tensors
-        layer, norm, state = ctx.layer, ctx.norm, ctx.norm_state
+        layer, norm, plan = ctx.layer, ctx.norm, ctx.plan
         grad = grad.contiguous()
-        scale = shift = None
-        if state is not None:
-            scale, shift = state['scale'], state['shift']
-        gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
-                                       shift).sigmoid_()
-        grad_gate = cpu_kernels.gate_grad(grad, inp, gate.shape[-2:], scale,
-                                          shift)
-        grad_pool = grad_gate.mul_(gate).mul_(1 - gate)
-        grad_x = cpu_kernels.input_grad(grad, gate, grad_pool, layer.extent)
-        grad_inp, by_param = grad_x, {}
+        scale, shift = ctx.affine
+        by_param: Dict[int, torch.Tensor] = {}
+        if plan == POOL:
+            gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
+                                           shift).sigmoid_()
+            grad_gate = cpu_kernels.gate_grad(grad, inp, gate.shape[-2:],
+                                              scale, shift)
+            grad_pool = grad_gate.mul_(gate).mul_(1 - gate)
+            grad_x = cpu_kernels.input_grad(grad, gate, grad_pool,
+                                            layer.extent)
+        else:
+            gate = dcontext = None
+            mlp = layer.excite.mlp
+            if mlp is not None:
+                context, _, _, grad_gate = cpu_kernels.conv_gather(
+                    inp, plan, scale, shift, grad)
+                weights = [p for p in mlp.parameters() if p.requires_grad]
+                with torch.enable_grad():
+                    context.requires_grad_()
+                    gate = layer.excite.gate(context)
+                dcontext, *grads = torch.autograd.grad(
+                    gate, [context] + weights, grad_gate)
+                by_param.update(zip(map(id, weights), grads))
+                gate = gate.detach()
+            grad_x, dweight, dgamma, dbeta = \
+                cpu_kernels.conv_gather_backward(inp, plan, grad, scale,
+                                                 shift, gate, dcontext)
+            for level, m in enumerate(layer.gather.convs):
+                by_param[id(m.conv.weight)] = dweight[level].view_as(
+                    m.conv.weight)
+                if m.norm.weight is not None:
+                    by_param[id(m.norm.weight)] = dgamma[level]
+                if m.norm.bias is not None:
+                    by_param[id(m.norm.bias)] = dbeta[level]
+        grad_inp = grad_x
         if norm is not None:
             weight, bias = norm.weight, norm.bias
-            mask = [ctx.needs_input_grad[2],
+            mask = [ctx.needs_input_grad[3],
                     weight is not None and weight.requires_grad,
                     bias is not None and bias.requires_grad]
             grad_inp, grad_weight, grad_bias = batch_norm_backward(
-                norm, state, grad_x, inp, mask)
+                norm, ctx.norm_state, grad_x, inp, mask)
             if mask[1]:
                 by_param[id(weight)] = grad_weight
             if mask[2]:
                 by_param[id(bias)] = grad_bias
-        if not ctx.needs_input_grad[2]:
+        if not ctx.needs_input_grad[3]:
             grad_inp = None
         grad_identity = grad if ctx.with_identity else None
-        return (None, None, grad_inp, grad_identity,
+        return (None, None, None, grad_inp, grad_identity,
                 *[by_param.get(id(p)) for p in params])

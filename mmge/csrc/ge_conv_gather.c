@@ -1,0 +1,501 @@
+/*
+ * GE-theta's parametric gather on the CPU (mmge/models/layers/cpu_kernels.py:
+ * conv_gather and conv_gather_backward), on contiguous float32 NCHW tensors.
+ *
+ * The gather of extent e = 2^L chains L levels of: a depthwise 3x3
+ * convolution of stride 2 and padding 1 (no bias), a batch norm, and a ReLU
+ * (at every level but the last; at the last too in GE-theta-plus; each
+ * level says). Every step acts on each channel alone (the batch norm's
+ * statistics are per channel), so the work is split over blocks of LANES
+ * channels. A block's planes are copied, a row at a time, into a
+ * channels-last scratch layout (position-major, LANES channels per
+ * position), where every operation is one vector operation per position
+ * whatever the map's size: the 7x7 maps of ResNet's last stage cost no more
+ * per cell than the 56x56 ones. For one block the kernel reads its
+ * full-resolution planes once and runs the whole chain on buffers of a
+ * quarter of that size and less, which stay in the cache: one memory pass
+ * instead of a dozen ATen calls. The backward recomputes the chain the same
+ * way, runs it backwards, then reads the block's planes again (still in the
+ * cache) for the first convolution's backward, and writes the gradient of
+ * the gather's input together with the excite's direct term
+ * grad * resize(gate).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "ge_parallel.h"
+
+#define MAX_LEVELS 16
+#define LANES 8
+
+/* The kernel is compiled three times, for AVX-512 (x86-64-v4), AVX2
+ * (x86-64-v3) and baseline x86-64, and the loader picks the best the CPU
+ * runs: one build serves every machine, and the vector code runs 2-3x
+ * faster on the wider units. Its helpers are inlined into each copy. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    !defined(MMGE_NO_CLONES)
+#define CLONED \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONED
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+/* LANES channels of one position; the scratch keeps them 32-byte aligned */
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef double vd __attribute__((vector_size(LANES * sizeof(double))));
+typedef int vi __attribute__((vector_size(LANES * sizeof(int))));
+
+#define V(p) (*(vf *)(p))
+
+INLINE vf splat(float v) { return (vf){0} + v; }
+
+/* v where keep > 0, else 0 */
+INLINE vf where_positive(vf keep, vf v) {
+  return (vf)((vi)v & (keep > splat(0.f)));
+}
+
+INLINE vd widen(vf v) { return __builtin_convertvector(v, vd); }
+
+/* Sums in float over runs of CHUNK positions, added up in double: exact
+ * enough, and few double operations */
+#define CHUNK 64
+
+/* A padded map (h + 2) x (w + 2) positions, channels-last: zero its border */
+INLINE void zero_border(float *plane, int64_t h, int64_t w) {
+  const int64_t stride = (w + 2) * LANES;
+  memset(plane, 0, sizeof(float) * stride);
+  memset(plane + (h + 1) * stride, 0, sizeof(float) * stride);
+  for (int64_t p = 1; p <= h; ++p) {
+    V(plane + p * stride) = splat(0.f);
+    V(plane + p * stride + (w + 1) * LANES) = splat(0.f);
+  }
+}
+
+/* out (ho, wo) <- depthwise 3x3 stride-2 convolution (kernels K[0..9)) of a
+ * padded map of width w */
+INLINE void conv_forward(const float *plane, int64_t w, const vf *K,
+                         float *out, int64_t ho, int64_t wo) {
+  const int64_t stride = (w + 2) * LANES;
+  for (int64_t i = 0; i < ho; ++i) {
+    const float *r0 = plane + 2 * i * stride, *r1 = r0 + stride,
+                *r2 = r1 + stride;
+    float *o = out + i * wo * LANES;
+    for (int64_t j = 0; j < wo; ++j) {
+      const int64_t at = 2 * j * LANES;
+      V(o + j * LANES) =
+          K[0] * V(r0 + at) + K[1] * V(r0 + at + LANES) +
+          K[2] * V(r0 + at + 2 * LANES) + K[3] * V(r1 + at) +
+          K[4] * V(r1 + at + LANES) + K[5] * V(r1 + at + 2 * LANES) +
+          K[6] * V(r2 + at) + K[7] * V(r2 + at + LANES) +
+          K[8] * V(r2 + at + 2 * LANES);
+    }
+  }
+}
+
+/* Backward of conv_forward for the output gradient dz (ho, wo): adds the
+ * kernels' gradient to dK and, when dplane is given, the input's gradient
+ * to dplane (a padded map of the input's size, zeroed by the caller; its
+ * border collects gradient that is never read). */
+INLINE void conv_backward(const float *plane, float *dplane, int64_t w,
+                          const vf *K, const float *dz, int64_t ho,
+                          int64_t wo, vd *dK) {
+  const int64_t stride = (w + 2) * LANES;
+  for (int64_t i = 0; i < ho; ++i) {
+    vf s[9];
+    for (int t = 0; t < 9; ++t) s[t] = splat(0.f);
+    for (int64_t j = 0; j < wo; ++j) {
+      const vf d = V(dz + (i * wo + j) * LANES);
+      for (int64_t a = 0; a < 3; ++a) {
+        const int64_t at = (2 * i + a) * stride + 2 * j * LANES;
+        for (int64_t b = 0; b < 3; ++b) {
+          s[3 * a + b] += d * V(plane + at + b * LANES);
+          if (dplane) V(dplane + at + b * LANES) += K[3 * a + b] * d;
+        }
+      }
+    }
+    for (int t = 0; t < 9; ++t) dK[t] += widen(s[t]);
+  }
+}
+
+struct conv_gather_args {
+  /* the gather's input is y = scale[c] * x + shift[c] (x without scale);
+   * x: (N, C, H, W) */
+  const float *x, *scale, *shift;
+  /* level l = 1 .. L at index l - 1: kernels (L, C, 9); batch norm weight,
+   * bias, running mean and 1 / sqrt(running_var + eps) (L, C); eps (L);
+   * train (L): the level normalises with the batch's statistics (else with
+   * the running ones); relu (L): the level ends with a ReLU */
+  const float *weight, *gamma, *beta, *rmean, *rinvstd, *eps;
+  const int *train, *relu;
+  int levels;
+  int64_t N, C, H, W;
+  /* the nearest resize of the gate (hL, wL) to (H, W) */
+  const int64_t *row_index, *col_index;
+  /* backward: grad (N, C, H, W), the gradient of the excite's output; gate
+   * and dcontext (N, C, hL, wL), or NULL: then gate = sigmoid(context) and
+   * dcontext = grad_gate * gate * (1 - gate) (GE-theta) */
+  const float *grad, *gate, *dcontext;
+  /* outputs, each optional: context (N, C, hL, wL); the batch mean and
+   * biased variance of the training levels (L, C); grad_gate, the adjoint
+   * of the resize applied to grad * y (N, C, hL, wL); the backward (when
+   * dx is given): dx = grad * resize(gate) + the gather's backward
+   * (N, C, H, W), dweight (L, C, 9), dgamma and dbeta (L, C) */
+  float *context, *mean, *var, *grad_gate, *dx, *dweight, *dgamma, *dbeta;
+  /* map sizes per level (level 0: the input) and scratch offsets */
+  int64_t h[MAX_LEVELS + 1], w[MAX_LEVELS + 1];
+  int64_t off_z[MAX_LEVELS + 1], off_dz[MAX_LEVELS + 1];
+  int64_t off_a[MAX_LEVELS + 1], off_da[MAX_LEVELS + 1];
+  int64_t off_rows, off_ctx, off_gate, off_gg, off_dctx, scratch;
+};
+
+/* Scratch per thread (floats, LANES per position, each buffer whole cache
+ * lines): a[0], da[0]: one padded full-resolution map and its gradient;
+ * rows: 2 rows of W positions; z[l], dz[l] (l >= 1): the level's
+ * convolution output for the N maps and its gradient; a[l], da[l]
+ * (1 <= l < L): the next convolution's padded input maps and their
+ * gradient; ctx, gate, gg, dctx: (N, hL, wL) each. */
+static void plan(struct conv_gather_args *a) {
+  const int64_t L = a->levels, N = a->N;
+  int64_t at = 0;
+#define TAKE(n) (at += ((n) * LANES + 15) / 16 * 16, \
+                 at - ((n) * LANES + 15) / 16 * 16)
+  a->h[0] = a->H;
+  a->w[0] = a->W;
+  for (int64_t l = 1; l <= L; ++l) {
+    a->h[l] = (a->h[l - 1] + 1) / 2;
+    a->w[l] = (a->w[l - 1] + 1) / 2;
+  }
+  const int64_t bwd = a->dx != NULL;
+  a->off_a[0] = TAKE((a->H + 2) * (a->W + 2));
+  a->off_da[0] = TAKE(bwd * (a->H + 2) * (a->W + 2));
+  a->off_rows = TAKE(2 * a->W);
+  for (int64_t l = 1; l <= L; ++l) {
+    const int64_t m = N * a->h[l] * a->w[l];
+    const int64_t padded = l < L ? N * (a->h[l] + 2) * (a->w[l] + 2) : 0;
+    a->off_z[l] = TAKE(m);
+    a->off_dz[l] = TAKE(bwd * m);
+    a->off_a[l] = TAKE(padded);
+    a->off_da[l] = TAKE(bwd * padded);
+  }
+  const int64_t mL = N * a->h[L] * a->w[L];
+  a->off_ctx = TAKE(mL);
+  a->off_gate = TAKE(mL);
+  a->off_gg = TAKE(mL);
+  a->off_dctx = TAKE(mL);
+  a->scratch = at;
+#undef TAKE
+}
+
+/* dst row (W positions) <- scale[k] * row p of plane (n, c0 + k) + shift[k]
+ * (no scale: 1 and 0) for the block's `active` channels. The other lanes
+ * read channel c0's row with scale and shift 0: finite values stay 0 there,
+ * and no lane's value reaches another lane or the outputs. */
+INLINE void load_row(float *dst, const float *src, int64_t plane_stride,
+                     int64_t W, int active, const float *sc,
+                     const float *sh) {
+  const float *s[LANES];
+  vf A, B;
+  for (int k = 0; k < LANES; ++k) {
+    s[k] = src + (k < active ? k : 0) * plane_stride;
+    A[k] = k >= active ? 0.f : sc ? sc[k] : 1.f;
+    B[k] = k >= active || !sc ? 0.f : sh[k];
+  }
+  for (int64_t q = 0; q < W; ++q) {
+    const vf v = {s[0][q], s[1][q], s[2][q], s[3][q],
+                  s[4][q], s[5][q], s[6][q], s[7][q]};
+    V(dst + q * LANES) = v * A + B;
+  }
+}
+
+/* row p of planes (n, c0 + k) <- src row, for the `active` channels */
+INLINE void store_row(float *dst, const float *src, int64_t plane_stride,
+                      int64_t W, int active) {
+  if (active < LANES) {
+    for (int k = 0; k < active; ++k)
+      for (int64_t q = 0; q < W; ++q)
+        dst[k * plane_stride + q] = src[q * LANES + k];
+    return;
+  }
+  float *d[LANES];
+  for (int k = 0; k < LANES; ++k) d[k] = dst + k * plane_stride;
+  for (int64_t q = 0; q < W; ++q) {
+    const vf v = V(src + q * LANES);
+    for (int k = 0; k < LANES; ++k) d[k][q] = v[k];
+  }
+}
+
+/* small (N, C, h, w) tensors to and from a block's channels-last buffer */
+INLINE void load_small(float *dst, const float *src, int64_t N, int64_t C,
+                       int64_t c0, int64_t m, int active) {
+  memset(dst, 0, sizeof(float) * N * m * LANES);
+  for (int64_t n = 0; n < N; ++n)
+    for (int k = 0; k < active; ++k)
+      for (int64_t t = 0; t < m; ++t)
+        dst[(n * m + t) * LANES + k] = src[(n * C + c0 + k) * m + t];
+}
+
+INLINE void store_small(float *dst, const float *src, int64_t N, int64_t C,
+                        int64_t c0, int64_t m, int active) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int k = 0; k < active; ++k)
+      for (int64_t t = 0; t < m; ++t)
+        dst[(n * C + c0 + k) * m + t] = src[(n * m + t) * LANES + k];
+}
+
+/* a (L, C) or (L, C, 9) parameter's values for one block: lanes past the
+ * block's channels get `fill` */
+INLINE void lanes_of(vf *dst, const float *src, int64_t c0,
+                     int active, int64_t width, float fill) {
+  for (int64_t t = 0; t < width; ++t) {
+    dst[t] = splat(fill);
+    for (int k = 0; k < active; ++k) dst[t][k] = src[(c0 + k) * width + t];
+  }
+}
+
+/* The padded full-resolution map of y for one block and sample; with G,
+ * also the gate's gradient of the sample: gg += resize^T(grad * y). */
+INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
+                       int64_t c0, int active, float *G, float *gg) {
+  const int64_t H = a->H, W = a->W, HW = H * W;
+  const int64_t stride = (W + 2) * LANES, wL = a->w[a->levels];
+  const float *x = a->x + (n * a->C + c0) * HW;
+  const float *sc = a->scale ? a->scale + c0 : NULL;
+  const float *sh = a->scale ? a->shift + c0 : NULL;
+  zero_border(P, H, W);
+  for (int64_t p = 0; p < H; ++p) {
+    float *row = P + (p + 1) * stride + LANES;
+    load_row(row, x + p * W, HW, W, active, sc, sh);
+    if (!G) continue;
+    load_row(G, a->grad + (n * a->C + c0) * HW + p * W, HW, W, active, NULL,
+             NULL);
+    float *o = gg + (n * a->h[a->levels] + a->row_index[p]) * wL * LANES;
+    for (int64_t q = 0; q < W; ++q)
+      V(o + a->col_index[q] * LANES) += V(G + q * LANES) * V(row + q * LANES);
+  }
+}
+
+CLONED static void conv_gather_blocks(const void *args_, int64_t first,
+                               int64_t last, float *buf) {
+  const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
+  const int64_t N = a->N, C = a->C, H = a->H, W = a->W, L = a->levels;
+  const int64_t hL = a->h[L], wL = a->w[L], mL = hL * wL;
+  const int64_t stride = (W + 2) * LANES;
+  const int backward = a->dx != NULL;
+  const int need_gg = a->grad_gate != NULL || (backward && !a->dcontext);
+  float *P = buf + a->off_a[0], *dP = buf + a->off_da[0];
+  float *G = buf + a->off_rows, *D = G + W * LANES;
+  float *ctx = buf + a->off_ctx, *gate = buf + a->off_gate;
+  float *gg = buf + a->off_gg, *dctx = buf + a->off_dctx;
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t c0 = block * LANES;
+    const int active = (int)min64(LANES, C - c0);
+    vf K[MAX_LEVELS + 1][9], gamma[MAX_LEVELS + 1], beta[MAX_LEVELS + 1];
+    vf mean[MAX_LEVELS + 1], invstd[MAX_LEVELS + 1];
+    vf bsc[MAX_LEVELS + 1], bsh[MAX_LEVELS + 1];
+    vd dK[MAX_LEVELS + 1][9];
+    for (int64_t l = 1; l <= L; ++l) {
+      const int64_t o = (l - 1) * C;
+      lanes_of(K[l], a->weight + o * 9, c0, active, 9, 0.f);
+      lanes_of(&gamma[l], a->gamma + o, c0, active, 1, 1.f);
+      lanes_of(&beta[l], a->beta + o, c0, active, 1, 0.f);
+      lanes_of(&mean[l], a->rmean + o, c0, active, 1, 0.f);
+      lanes_of(&invstd[l], a->rinvstd + o, c0, active, 1, 1.f);
+      for (int t = 0; t < 9; ++t) dK[l][t] = (vd){0};
+    }
+
+    /* level 1's convolution, sample by sample, and the gate's gradient */
+    if (need_gg) memset(gg, 0, sizeof(float) * N * mL * LANES);
+    for (int64_t n = 0; n < N; ++n) {
+      load_input(a, P, n, c0, active, need_gg ? G : NULL, gg);
+      conv_forward(P, W, K[1],
+                   buf + a->off_z[1] + n * a->h[1] * a->w[1] * LANES,
+                   a->h[1], a->w[1]);
+    }
+
+    /* the chain: norm, activation, next convolution */
+    for (int64_t l = 1; l <= L; ++l) {
+      const int64_t hl = a->h[l], wl = a->w[l], ml = hl * wl, m = N * ml;
+      const float *z = buf + a->off_z[l];
+      if (a->train[l - 1]) {
+        vd s = {0}, s2 = {0};
+        for (int64_t t0 = 0; t0 < m; t0 += CHUNK) {
+          vf part = splat(0.f);
+          for (int64_t t = t0; t < min64(m, t0 + CHUNK); ++t)
+            part += V(z + t * LANES);
+          s += widen(part);
+        }
+        const vd mu = s / (double)m;
+        const vf muf = __builtin_convertvector(mu, vf);
+        for (int64_t t0 = 0; t0 < m; t0 += CHUNK) {
+          vf part = splat(0.f);
+          for (int64_t t = t0; t < min64(m, t0 + CHUNK); ++t) {
+            const vf d = V(z + t * LANES) - muf;
+            part += d * d;
+          }
+          s2 += widen(part);
+        }
+        const vd v = s2 / (double)m;
+        for (int k = 0; k < LANES; ++k) {
+          mean[l][k] = (float)mu[k];
+          invstd[l][k] = (float)(1.0 / sqrt(v[k] + a->eps[l - 1]));
+        }
+        if (a->mean)
+          for (int k = 0; k < active; ++k) {
+            a->mean[(l - 1) * C + c0 + k] = (float)mu[k];
+            a->var[(l - 1) * C + c0 + k] = (float)v[k];
+          }
+      }
+      bsc[l] = gamma[l] * invstd[l];
+      bsh[l] = beta[l] - mean[l] * bsc[l];
+      const int relu = a->relu[l - 1];
+      if (l < L) {
+        const int64_t hn = a->h[l + 1], wn = a->w[l + 1];
+        const int64_t padded = (hl + 2) * (wl + 2) * LANES;
+        for (int64_t n = 0; n < N; ++n) {
+          float *A = buf + a->off_a[l] + n * padded;
+          zero_border(A, hl, wl);
+          for (int64_t i = 0; i < hl; ++i)
+            for (int64_t j = 0; j < wl; ++j) {
+              const vf v = bsc[l] * V(z + ((n * hl + i) * wl + j) * LANES) +
+                           bsh[l];
+              V(A + ((i + 1) * (wl + 2) + j + 1) * LANES) =
+                  relu ? where_positive(v, v) : v;
+            }
+          conv_forward(A, wl, K[l + 1],
+                       buf + a->off_z[l + 1] + n * hn * wn * LANES, hn, wn);
+        }
+      } else {
+        for (int64_t t = 0; t < m; ++t) {
+          const vf v = bsc[l] * V(z + t * LANES) + bsh[l];
+          V(ctx + t * LANES) = relu ? where_positive(v, v) : v;
+        }
+      }
+    }
+    if (a->context) store_small(a->context, ctx, N, C, c0, mL, active);
+    if (a->grad_gate) store_small(a->grad_gate, gg, N, C, c0, mL, active);
+    if (!backward) continue;
+
+    /* the gate and the context's gradient */
+    if (a->gate) {
+      load_small(gate, a->gate, N, C, c0, mL, active);
+      load_small(dctx, a->dcontext, N, C, c0, mL, active);
+    } else {
+      for (int64_t t = 0; t < N * mL * LANES; ++t) {
+        gate[t] = 1.f / (1.f + expf(-ctx[t]));
+        dctx[t] = gg[t] * gate[t] * (1.f - gate[t]);
+      }
+    }
+
+    /* the chain backwards: activation, norm, convolution (level 1's
+     * convolution is left to the full-resolution pass) */
+    for (int64_t l = L; l >= 1; --l) {
+      const int64_t hl = a->h[l], wl = a->w[l], ml = hl * wl, m = N * ml;
+      const float *z = buf + a->off_z[l];
+      float *d = buf + a->off_dz[l];
+      if (l == L) {
+        memcpy(d, dctx, sizeof(float) * m * LANES);
+      } else {
+        const float *dA = buf + a->off_da[l];
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t i = 0; i < hl; ++i)
+            memcpy(d + (n * ml + i * wl) * LANES,
+                   dA + ((n * (hl + 2) + i + 1) * (wl + 2) + 1) * LANES,
+                   sizeof(float) * wl * LANES);
+      }
+      if (a->relu[l - 1])
+        for (int64_t t = 0; t < m; ++t)
+          V(d + t * LANES) =
+              where_positive(bsc[l] * V(z + t * LANES) + bsh[l],
+                             V(d + t * LANES));
+      vd sd = {0}, sdx = {0};
+      for (int64_t t0 = 0; t0 < m; t0 += CHUNK) {
+        vf part = splat(0.f), partx = splat(0.f);
+        for (int64_t t = t0; t < min64(m, t0 + CHUNK); ++t) {
+          const vf dt = V(d + t * LANES);
+          part += dt;
+          partx += dt * ((V(z + t * LANES) - mean[l]) * invstd[l]);
+        }
+        sd += widen(part);
+        sdx += widen(partx);
+      }
+      if (a->dgamma)
+        for (int k = 0; k < active; ++k) {
+          a->dgamma[(l - 1) * C + c0 + k] = (float)sdx[k];
+          a->dbeta[(l - 1) * C + c0 + k] = (float)sd[k];
+        }
+      if (a->train[l - 1]) {
+        const vf md = __builtin_convertvector(sd / (double)m, vf);
+        const vf mdx = __builtin_convertvector(sdx / (double)m, vf);
+        for (int64_t t = 0; t < m; ++t) {
+          const vf xhat = (V(z + t * LANES) - mean[l]) * invstd[l];
+          V(d + t * LANES) = bsc[l] * (V(d + t * LANES) - md - xhat * mdx);
+        }
+      } else {
+        for (int64_t t = 0; t < m; ++t) V(d + t * LANES) *= bsc[l];
+      }
+      if (l == 1) break;
+      const int64_t hp = a->h[l - 1], wp = a->w[l - 1];
+      const int64_t padded = (hp + 2) * (wp + 2) * LANES;
+      memset(buf + a->off_da[l - 1], 0, sizeof(float) * N * padded);
+      for (int64_t n = 0; n < N; ++n)
+        conv_backward(buf + a->off_a[l - 1] + n * padded,
+                      buf + a->off_da[l - 1] + n * padded, wp, K[l],
+                      d + n * ml * LANES, hl, wl, dK[l]);
+    }
+
+    /* full resolution, sample by sample (the block's planes are still in
+     * the cache): level 1's convolution backward, then
+     * dx = grad * resize(gate) + its input gradient */
+    const float *dz1 = buf + a->off_dz[1];
+    const int64_t HW = H * W;
+    for (int64_t n = 0; n < N; ++n) {
+      load_input(a, P, n, c0, active, NULL, NULL);
+      memset(dP, 0, sizeof(float) * (H + 2) * stride);
+      conv_backward(P, dP, W, K[1], dz1 + n * a->h[1] * a->w[1] * LANES,
+                    a->h[1], a->w[1], dK[1]);
+      const float *g = a->grad + (n * C + c0) * HW;
+      float *out = a->dx + (n * C + c0) * HW;
+      for (int64_t p = 0; p < H; ++p) {
+        const float *gr = gate + (n * hL + a->row_index[p]) * wL * LANES;
+        const float *dr = dP + (p + 1) * stride + LANES;
+        load_row(G, g + p * W, HW, W, active, NULL, NULL);
+        for (int64_t q = 0; q < W; ++q)
+          V(D + q * LANES) = V(G + q * LANES) *
+                                 V(gr + a->col_index[q] * LANES) +
+                             V(dr + q * LANES);
+        store_row(out + p * W, D, HW, W, active);
+      }
+    }
+    for (int64_t l = 1; l <= L; ++l)
+      for (int k = 0; k < active; ++k)
+        for (int t = 0; t < 9; ++t)
+          a->dweight[((l - 1) * C + c0 + k) * 9 + t] = (float)dK[l][t][k];
+  }
+}
+
+/* The gather (and with dx its backward) of the channels of x. Returns 0,
+ * 1 when the scratch memory could not be allocated, 2 for more than
+ * MAX_LEVELS levels. */
+int ge_conv_gather(const float *x, const float *scale, const float *shift,
+                   const float *weight, const float *gamma,
+                   const float *beta, const float *rmean,
+                   const float *rinvstd, const float *eps, const int *train,
+                   const int *relu, int levels, int64_t N, int64_t C,
+                   int64_t H, int64_t W, const int64_t *row_index,
+                   const int64_t *col_index, const float *grad,
+                   const float *gate, const float *dcontext, float *context,
+                   float *mean, float *var, float *grad_gate, float *dx,
+                   float *dweight, float *dgamma, float *dbeta,
+                   int threads) {
+  if (levels < 1 || levels > MAX_LEVELS) return 2;
+  struct conv_gather_args a = {
+      x,         scale,    shift,     weight,   gamma,     beta,
+      rmean,     rinvstd,  eps,       train,    relu,      levels,
+      N,         C,        H,         W,        row_index, col_index,
+      grad,      gate,     dcontext,  context,  mean,      var,
+      grad_gate, dx,       dweight,   dgamma,   dbeta};
+  plan(&a);
+  return for_planes(conv_gather_blocks, &a, (C + LANES - 1) / LANES,
+                    N * H * W * LANES, a.scratch, threads);
+}

@@ -1,0 +1,156 @@
+"""Batch norm by hand, for GE's native CPU path.
+
+GE's native kernels (:mod:`.cpu_kernels`) make the output of the batch norm
+that feeds GE, and the batch norms inside GE-theta's gather, themselves. These
+helpers do what ``_BatchNorm.forward`` does around that: the batch
+statistics, the running statistics and ``num_batches_tracked``, and the
+backward.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def is_plain_batch_norm(norm: Optional[nn.Module]) -> bool:
+    """Whether ``norm`` is a batch norm that runs ``_BatchNorm.forward``
+    (``nn.BatchNorm2d``, mmcv's ``'BN'``), whose forward
+    :func:`batch_norm_forward` reproduces; SyncBN and others are not.
+
+    Args:
+        norm (nn.Module | None): The module.
+
+    Returns:
+        bool: True for such a batch norm.
+    """
+    return isinstance(norm, _BatchNorm) and \
+        type(norm).forward is _BatchNorm.forward
+
+
+def batch_norm_forward(norm: _BatchNorm, inp: torch.Tensor
+                       ) -> Tuple[torch.Tensor, Dict[str, object]]:
+    """``norm(inp)``, with what its backward and an on-the-fly recompute need.
+
+    Does what ``_BatchNorm.forward`` does (running statistics and
+    ``num_batches_tracked`` are updated the same way), through
+    ``torch.native_batch_norm``, which also returns the batch statistics.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts.
+        inp (Tensor): Its input.
+
+    Returns:
+        tuple[Tensor, dict]: ``norm(inp)`` and the saved state: ``scale``
+        and ``shift`` (per channel, ``norm(inp) = scale * inp + shift``),
+        ``mean``, ``invstd`` (the batch statistics), ``train``.
+    """
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and \
+            norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    train = uses_batch_stats(norm)
+    track = not norm.training or norm.track_running_stats
+    running_mean = norm.running_mean if track else None
+    running_var = norm.running_var if track else None
+    out, mean, invstd = torch.native_batch_norm(
+        inp, norm.weight, norm.bias, running_mean, running_var, train,
+        momentum, norm.eps)
+    if not train:
+        mean, invstd = running_mean, (running_var + norm.eps).rsqrt()
+    scale = invstd if norm.weight is None else invstd * norm.weight.detach()
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.detach()
+    return out, dict(scale=scale, shift=shift, mean=mean, invstd=invstd,
+                     train=train)
+
+
+def batch_norm_backward(norm: _BatchNorm, state: Dict[str, object],
+                        grad: torch.Tensor, inp: torch.Tensor,
+                        mask: List[bool]) -> Tuple[Optional[torch.Tensor],
+                                                   ...]:
+    """Backward of :func:`batch_norm_forward`.
+
+    Args:
+        norm (_BatchNorm): The module.
+        state (dict): What :func:`batch_norm_forward` returned.
+        grad (Tensor): Gradient of its output.
+        inp (Tensor): Its input.
+        mask (list[bool]): Which of (input, weight, bias) need a gradient.
+
+    Returns:
+        tuple: Gradients of the input, the weight and the bias (None where
+        not asked for).
+    """
+    grads = torch.ops.aten.native_batch_norm_backward(
+        grad, inp, norm.weight, norm.running_mean, norm.running_var,
+        state['mean'], state['invstd'], state['train'], norm.eps, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask))
+
+
+def eval_affine(norm: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` and ``shift`` with ``norm(x) = scale * x + shift`` for a
+    batch norm that normalises with its running statistics.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts,
+            for which :func:`uses_batch_stats` is False.
+
+    Returns:
+        tuple[Tensor, Tensor]: Per-channel ``scale`` and ``shift``
+        (detached).
+    """
+    invstd = (norm.running_var.detach() + norm.eps).rsqrt()
+    scale = invstd if norm.weight is None else invstd * norm.weight.detach()
+    shift = -norm.running_mean.detach() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.detach()
+    return scale, shift
+
+
+def uses_batch_stats(norm: _BatchNorm) -> bool:
+    """Whether ``norm`` normalises with the batch's statistics.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts.
+
+    Returns:
+        bool: True in training, and in eval mode without running
+        statistics (as ``_BatchNorm.forward`` decides).
+    """
+    return norm.training or (norm.running_mean is None
+                             and norm.running_var is None)
+
+
+def update_running_stats(norm: _BatchNorm, mean: torch.Tensor,
+                         var: torch.Tensor, count: int) -> None:
+    """Update ``norm``'s running statistics with a batch's, as
+    ``_BatchNorm.forward`` would have.
+
+    Nothing happens unless ``norm`` is training and tracks running
+    statistics. ``num_batches_tracked`` is incremented; the momentum is
+    ``norm.momentum``, or the cumulative ``1 / num_batches_tracked`` when it
+    is None; the running variance takes the unbiased batch variance.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts.
+        mean (Tensor): The batch mean per channel.
+        var (Tensor): The biased batch variance per channel.
+        count (int): Values per channel in the batch (> 1).
+    """
+    if not (norm.training and norm.track_running_stats):
+        return
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    if norm.running_mean is not None:
+        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+    if norm.running_var is not None:
+        norm.running_var.lerp_(
+            (var * (count / (count - 1))).to(norm.running_var.dtype),
+            momentum)
