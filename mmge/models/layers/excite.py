@@ -249,8 +249,30 @@ class Excite(nn.Module):
             Tensor: Gate in [0, 1], shape (N, C, h, w).
         """
         if self.mlp is not None:
-            context = self.mlp(context)
+            context = self._mlp(context)
         return context.sigmoid()
+
+    def _mlp(self, context: torch.Tensor) -> torch.Tensor:
+        """The MLP; its 1x1 convolutions as matrix products over the
+        context's cells when it has the plain layout this class builds
+        (a convolution dispatch costs more than the small product)."""
+        first, second = self.mlp
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+                context.dim() != 4 or not all(
+                    tuple(m.order) == ('conv', 'norm', 'act')
+                    and not m.with_norm and type(m.conv) is nn.Conv2d
+                    and m.conv.kernel_size == (1, 1) and m.conv.groups == 1
+                    for m in self.mlp):
+            return self.mlp(context)
+        n, c, h, w = context.shape
+        t = F.linear(context.permute(0, 2, 3, 1).reshape(-1, c),
+                     first.conv.weight.flatten(1), first.conv.bias)
+        if first.with_activation:
+            t = first.activate(t)
+        t = F.linear(t, second.conv.weight.flatten(1), second.conv.bias)
+        if second.with_activation:
+            t = second.activate(t)
+        return t.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Excite.

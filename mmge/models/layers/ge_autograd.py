@@ -138,7 +138,10 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     else:
         gate = layer.excite.gate(
             layer.gather.native_forward(inp, plan, scale, shift))
-    return cpu_kernels.excite(inp, gate, identity, scale=scale, shift=shift)
+    # float32 for the kernel (autocast may have run the MLP in bfloat16;
+    # the product with float32 features is float32 anyway)
+    return cpu_kernels.excite(inp, gate.float().contiguous(), identity,
+                              scale=scale, shift=shift)
 
 
 class GEFunction(torch.autograd.Function):
@@ -266,7 +269,8 @@ class GEFunction(torch.autograd.Function):
                 dcontext, *grads = torch.autograd.grad(
                     gate, [context] + weights, grad_gate)
                 by_param.update(zip(map(id, weights), grads))
-                gate = gate.detach()
+                gate, dcontext = (t.detach().float().contiguous()
+                                  for t in (gate, dcontext))
             grad_x, dweight, dgamma, dbeta = \
                 cpu_kernels.conv_gather_backward(inp, plan, grad, scale,
                                                  shift, gate, dcontext)
