@@ -119,10 +119,14 @@ def test_out_indices():
 
 
 @pytest.mark.parametrize('depth', (18, 50))
-def test_with_cp_same_outputs_and_grads(depth):
+@pytest.mark.parametrize('variant', ('theta_minus', 'theta', 'theta_plus'))
+def test_with_cp_same_outputs_and_grads(depth, variant):
+    """Checkpointing (whose saved tensors unpack as other objects) loses no
+    gradient, on the native CPU path too."""
     torch.manual_seed(1)
-    a = GEResNet(depth, with_cp=False, norm_eval=False)
-    b = GEResNet(depth, with_cp=True, norm_eval=False)
+    ge_cfg = dict(variant=variant, extent=4)
+    a = GEResNet(depth, with_cp=False, norm_eval=False, ge_cfg=ge_cfg)
+    b = GEResNet(depth, with_cp=True, norm_eval=False, ge_cfg=ge_cfg)
     b.load_state_dict(a.state_dict())
     a.train(), b.train()
     x = torch.randn(2, 3, 40, 40, requires_grad=True)

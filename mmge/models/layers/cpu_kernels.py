@@ -30,11 +30,12 @@ import importlib.util
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from .excite import nearest_index
 
 __all__ = [
-    'available', 'usable', 'pool_gather', 'excite', 'gate_grad',
+    'available', 'usable', 'hooked', 'pool_gather', 'excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'conv_gather', 'conv_gather_backward'
 ]
 
@@ -92,6 +93,24 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
     return available() and all(
         t is None or (t.device.type == 'cpu' and t.dtype == torch.float32
                       and t.is_contiguous()) for t in tensors)
+
+
+def hooked(*modules: torch.nn.Module) -> bool:
+    """Whether forward hooks would see these modules' calls: a kernel that
+    stands in for them (it does not call them) must not run then.
+
+    Args:
+        *modules (nn.Module): The modules (their submodules included).
+
+    Returns:
+        bool: True if one of them, or any module globally, has a forward
+        hook or forward pre-hook (the analysis probes, for instance).
+    """
+    if torch_module._global_forward_hooks or \
+            torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks
+               for module in modules for m in module.modules())
 
 
 #: smallest H * W on which :func:`worthwhile` sends one-pass work (the

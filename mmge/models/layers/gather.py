@@ -218,7 +218,8 @@ class ConvGather(nn.Module):
                 f'tied to one input size. Build it for this size (GEResNet '
                 f'input_size / GatherExcite feat_size), or use a local '
                 f'extent (2, 4, 8), which works at any size.')
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        if not (torch.is_grad_enabled() and x.requires_grad) and \
+                not cpu_kernels.hooked(self.convs):
             params = self.native_params(x)
             if params is not None:
                 return self.native_forward(x, params)

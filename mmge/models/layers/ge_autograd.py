@@ -75,11 +75,13 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
         a local extent, the gather's :meth:`ConvGather.native_params` for
         GE-theta and GE-theta-plus whose gather the kernel runs, and None
         otherwise; None too unless the tensors are contiguous float32 CPU
-        tensors and ``norm`` is None or a plain batch norm.
+        tensors and ``norm`` is None or a plain batch norm, and when the
+        gather or the excite has forward hooks (the analysis probes).
     """
     if not (inp.dim() == 4 and layer.extent != GLOBAL
             and (norm is None or is_plain_batch_norm(norm))
-            and cpu_kernels.usable(inp, identity)):
+            and cpu_kernels.usable(inp, identity)) or \
+            cpu_kernels.hooked(layer.gather, layer.excite):
         return None
     if layer.variant == 'theta_minus':
         return POOL
@@ -180,6 +182,9 @@ class GEFunction(torch.autograd.Function):
                 gate = layer.excite.gate(
                     layer.gather.native_forward(inp, plan, scale, shift))
             out = native_excite(x, gate, identity, own=norm is not None)
+        # the parameters' identities as given: under checkpointing the
+        # saved tensors unpack as other objects
+        ctx.param_ids = [id(p) for p in params]
         ctx.save_for_backward(inp, *params)
         return out
 
@@ -243,7 +248,7 @@ class GEFunction(torch.autograd.Function):
         Returns:
             tuple: Gradients of :meth:`forward`'s inputs.
         """
-        inp, *params = ctx.saved_tensors
+        inp, = ctx.saved_tensors[:1]
         layer, norm, plan = ctx.layer, ctx.norm, ctx.plan
         grad = grad.contiguous()
         scale, shift = ctx.affine
@@ -297,4 +302,4 @@ class GEFunction(torch.autograd.Function):
             grad_inp = None
         grad_identity = grad if ctx.with_identity else None
         return (None, None, None, grad_inp, grad_identity,
-                *[by_param.get(id(p)) for p in params])
+                *[by_param.get(i) for i in ctx.param_ids])
