@@ -5,6 +5,8 @@
 # nothing of its own for backward (docs/detection.md, "Memory"):
 #   --cfg-options model.backbone.ge_cfg.memory_efficient=True \
 #       model.roi_head.shared_head.ge_cfg.memory_efficient=True
+# (on float32 CPU tensors GE's native kernels keep nothing of their own in
+# either mode; the switch matters on the GPU)
 _base_ = './faster_rcnn_r50_c4.py'
 
 ge_cfg = dict(type='GatherExcite', variant='theta', extent=8)

@@ -77,9 +77,9 @@ class GatherExcite(BaseModule):
             instead of keeping GE's input. Needs that norm layer in
             :meth:`forward` (``GEResNet``, ``GEResLayer`` and
             ``GEShuffleNetV1`` pass it). Either way the gather and the gate
-            are recomputed in backward, not stored. GE-theta-minus with a
-            local extent on float32 CPU tensors after a plain
-            ``BatchNorm2d`` keeps the norm's input in both modes: its native
+            are recomputed in backward, not stored. With a local extent on
+            float32 CPU tensors after a plain ``BatchNorm2d``, every
+            variant keeps the norm's input in both modes: the native
             kernels make GE's input on the fly (see ``cpu_kernels``).
             Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config.

@@ -10,13 +10,15 @@ its own (the memory-saving mode, ``GatherExcite(memory_efficient=True)``).
 Outputs and gradients are those of the plain formula; only what is stored
 between forward and backward changes.
 
-GE-theta-minus with a local extent has a second backward on contiguous
-float32 CPU tensors, written out by hand on the native kernels of
-:mod:`.cpu_kernels`: the pool, the gate's gradient and the input's gradient
-are one memory pass each. Given a plain ``BatchNorm2d`` (in both modes) it
-keeps the norm's input and makes GE's input on the fly inside those
-passes, never materialised. GE-theta and GE-theta-plus use the native gate
-gradient.
+With a local extent on contiguous float32 CPU tensors, every variant has a
+second path written out by hand on the native kernels of
+:mod:`.cpu_kernels` (:func:`native_plan` decides): GE-theta-minus's pool,
+gate gradient and input gradient are one memory pass each; GE-theta's and
+GE-theta-plus's whole gather runs in one kernel, forward and backward.
+Given a plain ``BatchNorm2d`` (in both modes) this path keeps the norm's
+input and makes GE's input on the fly inside the kernels, never
+materialised; without autograd (:func:`native_inference`) it does not
+materialise the norm's output either.
 """
 from typing import Dict, List, Optional, Union
 
@@ -134,16 +136,34 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     if plan is None or (norm is not None and uses_batch_stats(norm)):
         return None
     scale, shift = (None, None) if norm is None else eval_affine(norm)
-    if plan == POOL:
-        gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
-                                       shift).sigmoid_()
-    else:
-        gate = layer.excite.gate(
-            layer.gather.native_forward(inp, plan, scale, shift))
-    # float32 for the kernel (autocast may have run the MLP in bfloat16;
-    # the product with float32 features is float32 anyway)
-    return cpu_kernels.excite(inp, gate.float().contiguous(), identity,
+    return cpu_kernels.excite(inp, native_gate(layer, plan, inp, scale,
+                                               shift), identity,
                               scale=scale, shift=shift)
+
+
+def native_gate(layer: nn.Module, plan: NativePlan, inp: torch.Tensor,
+                scale: Optional[torch.Tensor],
+                shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gate of ``y = scale[c] * inp + shift[c]`` (or ``inp``) on the
+    kernels.
+
+    Args:
+        layer (nn.Module): The GE layer.
+        plan (str | ConvGatherParams): :func:`native_plan`'s answer.
+        inp (Tensor): (N, C, H, W).
+        scale (Tensor, optional): Per-channel scale.
+        shift (Tensor, optional): Per-channel shift.
+
+    Returns:
+        Tensor: ``sigmoid(f(gather(y)))``, contiguous float32 for the
+        kernels (autocast may run the MLP in bfloat16; the product with
+        float32 features is float32 anyway).
+    """
+    if plan == POOL:
+        return cpu_kernels.pool_gather(inp, layer.extent, scale,
+                                       shift).sigmoid_()
+    context = layer.gather.native_forward(inp, plan, scale, shift)
+    return layer.excite.gate(context).float().contiguous()
 
 
 class GEFunction(torch.autograd.Function):
@@ -175,13 +195,9 @@ class GEFunction(torch.autograd.Function):
                 batch_norm_forward(norm, inp)
             scale, shift = ctx.affine = (None, None) if norm is None else \
                 (ctx.norm_state['scale'], ctx.norm_state['shift'])
-            if plan == POOL:
-                gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
-                                               shift).sigmoid_()
-            else:
-                gate = layer.excite.gate(
-                    layer.gather.native_forward(inp, plan, scale, shift))
-            out = native_excite(x, gate, identity, own=norm is not None)
+            out = native_excite(x, native_gate(layer, plan, inp, scale,
+                                               shift),
+                                identity, own=norm is not None)
         # the parameters' identities as given: under checkpointing the
         # saved tensors unpack as other objects
         ctx.param_ids = [id(p) for p in params]
@@ -254,8 +270,7 @@ class GEFunction(torch.autograd.Function):
         scale, shift = ctx.affine
         by_param: Dict[int, torch.Tensor] = {}
         if plan == POOL:
-            gate = cpu_kernels.pool_gather(inp, layer.extent, scale,
-                                           shift).sigmoid_()
+            gate = native_gate(layer, plan, inp, scale, shift)
             grad_gate = cpu_kernels.gate_grad(grad, inp, gate.shape[-2:],
                                               scale, shift)
             grad_pool = grad_gate.mul_(gate).mul_(1 - gate)
