@@ -51,3 +51,21 @@ def test_detection_benchmark_prints_every_row():
     # norm's input, as the baseline does
     assert 1.0 < _ratio(rows[1][4]) <= 1.03
     assert _ratio(rows[2][4]) == _ratio(rows[1][4])
+
+
+def test_kernel_benchmark_prints_every_map():
+    rows = _table([
+        'tools/benchmark/kernel_benchmark.py', '--batch', '2', '--repeats',
+        '1', '--maps', '16x20', '24x9'
+    ])
+    assert [r[0] for r in rows] == ['16 x 20x20', '24 x 9x9']
+    assert all(len(r) == 5 and all(float(c) > 0 for c in r[1:])
+               for r in rows)
+
+
+def test_kernel_benchmark_refuses_a_bad_map():
+    out = subprocess.run(
+        [sys.executable, 'tools/benchmark/kernel_benchmark.py', '--maps',
+         '16x'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert 'CHANNELSxSIZE' in out.stderr and "'16x'" in out.stderr
