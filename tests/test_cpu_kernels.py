@@ -338,7 +338,7 @@ def test_conv_gather_of_an_affine_map_and_the_gates_gradient(size):
     scale, shift = _affine(11, 1)
     y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     params = gather.native_params(x.float())
-    context, mean, var, grad_gate = cpu_kernels.conv_gather(
+    context, mean, var, grad_gate, _ = cpu_kernels.conv_gather(
         x.float(), params, scale.float(), shift.float(), grad.float())
     close(context, ref(y))
     z = F.conv2d(y, ref.convs[0].conv.weight, stride=2, padding=1,
@@ -353,6 +353,28 @@ def test_conv_gather_of_an_affine_map_and_the_gates_gradient(size):
     with pytest.raises(ValueError, match='gate and dcontext together'):
         cpu_kernels.conv_gather_backward(x.float(), params, grad.float(),
                                          gate=context)
+
+
+def test_conv_gather_backward_from_a_kept_first_level():
+    """GE-theta-plus's backward keeps the first level from the kernel's
+    first call: the second call then gives the same values bit for bit,
+    and refuses level1 without the context's gradient."""
+    gather = _conv_gather(11, 8, last_act=True)
+    x, grad = torch.randn(2, 11, 30, 23), torch.randn(2, 11, 30, 23)
+    scale, shift = torch.rand(11), torch.rand(11)
+    params = gather.native_params(x)
+    context, _, _, grad_gate, level1 = cpu_kernels.conv_gather(
+        x, params, scale, shift, grad, keep_level1=True)
+    gate, dcontext = context.sigmoid(), grad_gate * 0.3
+    again = cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
+                                             gate, dcontext)
+    kept = cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
+                                            gate, dcontext, level1)
+    for a, b in zip(again, kept):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='level1 replaces the input'):
+        cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
+                                         level1=level1)
 
 
 def _theta_pair(variant, extent, train):
@@ -422,7 +444,8 @@ def test_conv_gather_split_over_threads_gives_the_same_values():
         for n in (1, 2):
             torch.set_num_threads(n)
             results.append(
-                cpu_kernels.conv_gather(x, params, scale, shift, grad) +
+                cpu_kernels.conv_gather(x, params, scale, shift, grad,
+                                        keep_level1=True) +
                 cpu_kernels.conv_gather_backward(x, params, grad, scale,
                                                  shift))
     finally:

@@ -321,3 +321,26 @@ def test_compiles_without_graph_breaks(variant, extent):
     y.sum().backward()
     torch.testing.assert_close(y, layer(x))
     assert x.grad is not None
+
+
+@pytest.mark.parametrize('act', ('ReLU', 'GELU', None))
+@pytest.mark.parametrize('frozen', (False, True))
+def test_excite_gate_backward_is_autograds(act, frozen):
+    """GE-theta-plus's MLP backward, by hand for the plain layout (ReLU or
+    no activation) and on autograd otherwise: the gate, the context's and
+    each trainable parameter's gradient are autograd's."""
+    torch.manual_seed(0)
+    excite = Excite(16, 4, act_cfg=dict(type=act) if act else None).double()
+    if frozen:
+        excite.mlp[0].conv.weight.requires_grad_(False)
+    params = [p for p in excite.parameters() if p.requires_grad]
+    context = torch.randn(3, 16, 2, 3, dtype=torch.float64,
+                          requires_grad=True)
+    grad = torch.randn(3, 16, 2, 3, dtype=torch.float64)
+    gate = excite.gate(context)
+    expect = torch.autograd.grad(gate, [context] + params, grad)
+    got = excite.gate_backward(context.detach(), grad)
+    assert len(got) == 2 + len(params)
+    torch.testing.assert_close(got[0], gate.detach())
+    for a, b in zip(got[1:], expect):
+        torch.testing.assert_close(a, b)

@@ -136,6 +136,12 @@ struct conv_gather_args {
    * and dcontext (N, C, hL, wL), or NULL: then gate = sigmoid(context) and
    * dcontext = grad_gate * gate * (1 - gate) (GE-theta) */
   const float *grad, *gate, *dcontext;
+  /* level 1's convolution output, in the kernel's own layout (blocks of
+   * LANES channels, (N, h1, w1, LANES) each): saved by a first call
+   * (level1_out) for a second (level1_in), which then skips reading the
+   * input for it (GE-theta-plus's backward runs the kernel twice) */
+  const float *level1_in;
+  float *level1_out;
   /* outputs, each optional: context (N, C, hL, wL); the batch mean and
    * biased variance of the training levels (L, C); grad_gate, the adjoint
    * of the resize applied to grad * y (N, C, hL, wL); the backward (when
@@ -305,13 +311,22 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     }
 
     /* level 1's convolution, sample by sample, and the gate's gradient */
+    const int64_t m1 = N * a->h[1] * a->w[1] * LANES;
     if (need_gg) memset(gg, 0, sizeof(float) * N * mL * LANES);
-    for (int64_t n = 0; n < N; ++n) {
-      load_input(a, P, n, c0, active, need_gg ? G : NULL, gg);
-      conv_forward(P, W, K[1],
-                   buf + a->off_z[1] + n * a->h[1] * a->w[1] * LANES,
-                   a->h[1], a->w[1]);
+    if (a->level1_in) {
+      memcpy(buf + a->off_z[1], a->level1_in + block * m1,
+             sizeof(float) * m1);
+    } else {
+      for (int64_t n = 0; n < N; ++n) {
+        load_input(a, P, n, c0, active, need_gg ? G : NULL, gg);
+        conv_forward(P, W, K[1],
+                     buf + a->off_z[1] + n * a->h[1] * a->w[1] * LANES,
+                     a->h[1], a->w[1]);
+      }
     }
+    if (a->level1_out)
+      memcpy(a->level1_out + block * m1, buf + a->off_z[1],
+             sizeof(float) * m1);
 
     /* the chain: norm, activation, next convolution */
     for (int64_t l = 1; l <= L; ++l) {
@@ -476,7 +491,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
 
 /* The gather (and with dx its backward) of the channels of x. Returns 0,
  * 1 when the scratch memory could not be allocated, 2 for more than
- * MAX_LEVELS levels. */
+ * MAX_LEVELS levels, 3 for level1_in with an output that needs the input's
+ * gate gradient. */
 int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *weight, const float *gamma,
                    const float *beta, const float *rmean,
@@ -484,17 +500,22 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const int *relu, int levels, int64_t N, int64_t C,
                    int64_t H, int64_t W, const int64_t *row_index,
                    const int64_t *col_index, const float *grad,
-                   const float *gate, const float *dcontext, float *context,
-                   float *mean, float *var, float *grad_gate, float *dx,
-                   float *dweight, float *dgamma, float *dbeta,
-                   int threads) {
+                   const float *gate, const float *dcontext,
+                   const float *level1_in, float *level1_out,
+                   float *context, float *mean, float *var,
+                   float *grad_gate, float *dx, float *dweight,
+                   float *dgamma, float *dbeta, int threads) {
   if (levels < 1 || levels > MAX_LEVELS) return 2;
+  /* the gate's gradient needs the input: a call that gets level 1 from a
+   * previous one must have its context's gradient */
+  if (level1_in && (grad_gate || (dx && !dcontext))) return 3;
   struct conv_gather_args a = {
       x,         scale,    shift,     weight,   gamma,     beta,
       rmean,     rinvstd,  eps,       train,    relu,      levels,
       N,         C,        H,         W,        row_index, col_index,
-      grad,      gate,     dcontext,  context,  mean,      var,
-      grad_gate, dx,       dweight,   dgamma,   dbeta};
+      grad,      gate,     dcontext,  level1_in, level1_out, context,
+      mean,      var,      grad_gate, dx,       dweight,   dgamma,
+      dbeta};
   plan(&a);
   return for_planes(conv_gather_blocks, &a, (C + LANES - 1) / LANES,
                     N * H * W * LANES, a.scratch, threads);

@@ -61,7 +61,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
-        [_I64] * 4 + [_PTR] * 13 + [ctypes.c_int]
+        [_I64] * 4 + [_PTR] * 15 + [ctypes.c_int]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_conv_gather):
         fn.restype = ctypes.c_int
@@ -141,6 +141,10 @@ def _check(status: int, name: str) -> None:
     if status == 2:
         raise ValueError(f'mmge native kernel {name}: more levels than it '
                          f'supports ({MAX_LEVELS})')
+    if status == 3:
+        raise ValueError(f'mmge native kernel {name}: level1 replaces the '
+                         f'input, so the gate gradient must come as '
+                         f'dcontext')
     if status:
         raise MemoryError(f'mmge native kernel {name}: out of memory for '
                           f'its scratch buffers')
@@ -327,13 +331,17 @@ def conv_gather_size(height: int, width: int,
     return -(-height // 2**levels), -(-width // 2**levels)
 
 
-def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs):
+def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
+                 level1=None):
     n, c, height, width = x.shape
     levels = params.weight.shape[0]
     h, w = conv_gather_size(height, width, levels)
+    h1, w1 = conv_gather_size(height, width, 1)
+    blocks = -(-c // 8)  # LANES in ge_conv_gather.c
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = {
+        'level1': (blocks * n * h1 * w1 * 8, ),
         'context': (n, c, h, w),
         'mean': (levels, c),
         'var': (levels, c),
@@ -348,8 +356,8 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs):
     _check(_library().ge_conv_gather(
         _ptr(x), _ptr(scale), _ptr(shift), *map(_ptr, params), levels, n,
         c, height, width, _ptr(rows), _ptr(cols),
-        _ptr(grad), _ptr(gate), _ptr(dcontext), *map(_ptr, out.values()),
-        torch.get_num_threads()), 'ge_conv_gather')
+        _ptr(grad), _ptr(gate), _ptr(dcontext), _ptr(level1),
+        *map(_ptr, out.values()), torch.get_num_threads()), 'ge_conv_gather')
     return out
 
 
@@ -357,9 +365,9 @@ def conv_gather(x: torch.Tensor,
                 params: ConvGatherParams,
                 scale: Optional[torch.Tensor] = None,
                 shift: Optional[torch.Tensor] = None,
-                grad: Optional[torch.Tensor] = None) -> Tuple[
-                    torch.Tensor, torch.Tensor, torch.Tensor,
-                    Optional[torch.Tensor]]:
+                grad: Optional[torch.Tensor] = None,
+                keep_level1: bool = False) -> Tuple[
+                    Optional[torch.Tensor], ...]:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``
     (or of ``x``).
 
@@ -370,18 +378,23 @@ def conv_gather(x: torch.Tensor,
         shift (Tensor, optional): Per-channel shift, (C, ).
         grad (Tensor, optional): Gradient of the excite's output,
             (N, C, H, W): also return the gate's gradient.
+        keep_level1 (bool): Also return the first level's convolution
+            output, for :func:`conv_gather_backward`'s ``level1``.
 
     Returns:
         tuple: ``context`` (N, C, h, w) with ``(h, w)`` from
         :func:`conv_gather_size`; the batch ``mean`` and biased ``var`` of
-        the levels that train, (L, C) (other rows undefined); and, with
+        the levels that train, (L, C) (other rows undefined); with
         ``grad``, ``grad_gate`` (N, C, h, w), the nearest resize's adjoint
-        of ``grad * y``, else None.
+        of ``grad * y``, else None; with ``keep_level1``, ``level1`` (the
+        kernel's own layout), else None.
     """
-    want = ('context', 'mean', 'var') + (('grad_gate', )
-                                        if grad is not None else ())
+    want = ('context', 'mean', 'var') + (
+        ('grad_gate', ) if grad is not None else ()) + (
+            ('level1', ) if keep_level1 else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want)
-    return out['context'], out['mean'], out['var'], out['grad_gate']
+    return (out['context'], out['mean'], out['var'], out['grad_gate'],
+            out['level1'])
 
 
 def conv_gather_backward(
@@ -391,7 +404,8 @@ def conv_gather_backward(
         scale: Optional[torch.Tensor] = None,
         shift: Optional[torch.Tensor] = None,
         gate: Optional[torch.Tensor] = None,
-        dcontext: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+        dcontext: Optional[torch.Tensor] = None,
+        level1: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Backward of ``out = y * resize(gate)`` with ``gate`` made from
     ``conv_gather(y)``: the gradients of ``y`` (both terms) and of the
     gather's parameters.
@@ -410,6 +424,9 @@ def conv_gather_backward(
         gate (Tensor, optional): The gate, (N, C, h, w).
         dcontext (Tensor, optional): Gradient of the context,
             (N, C, h, w); given with ``gate``.
+        level1 (Tensor, optional): :func:`conv_gather`'s ``level1`` for the
+            same ``x``, parameters and affine: the first convolution is not
+            run again. Needs ``gate`` and ``dcontext``.
 
     Returns:
         tuple[Tensor]: ``dy`` (N, C, H, W), ``dweight`` (L, C, 9),
@@ -419,5 +436,5 @@ def conv_gather_backward(
         raise ValueError('conv_gather_backward takes gate and dcontext '
                          'together, or neither')
     out = _conv_gather(x, params, scale, shift, grad, gate, dcontext,
-                       ('dx', 'dweight', 'dgamma', 'dbeta'))
+                       ('dx', 'dweight', 'dgamma', 'dbeta'), level1)
     return out['dx'], out['dweight'], out['dgamma'], out['dbeta']

@@ -5,7 +5,7 @@ gate ``f(g)`` in [0, 1] computed from the gathered context ``g`` and brought
 back to the size of ``x`` by nearest-neighbour interpolation.
 """
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -252,17 +252,76 @@ class Excite(nn.Module):
             context = self._mlp(context)
         return context.sigmoid()
 
+    def _plain_mlp(self) -> bool:
+        """Whether the MLP has the layout this class builds: two 1x1
+        ``nn.Conv2d`` with bias, no norm, a ReLU or nothing after the
+        first and nothing after the second."""
+        first, second = self.mlp
+        return all(
+            tuple(m.order) == ('conv', 'norm', 'act') and not m.with_norm
+            and type(m.conv) is nn.Conv2d and m.conv.kernel_size == (1, 1)
+            and m.conv.groups == 1 and m.conv.bias is not None
+            for m in self.mlp) and not second.with_activation and (
+                not first.with_activation
+                or type(first.activate) is nn.ReLU)
+
+    def gate_backward(self, context: torch.Tensor,
+                      grad_gate: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The gate and the gradients of the context and the MLP's
+        parameters for the gate's gradient ``grad_gate``.
+
+        Args:
+            context (Tensor): Gathered context (N, C, h, w).
+            grad_gate (Tensor): Gradient of :meth:`gate`'s output.
+
+        Returns:
+            tuple: ``gate``, ``grad_context`` and, per parameter of the MLP
+            that requires grad (in ``parameters()`` order), its gradient.
+            For the plain layout the products are written out by hand (no
+            autograd graph: the context is small and the graph's overhead
+            is not); else autograd runs :meth:`gate`.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.mlp is None or not self._plain_mlp() or context.dim() != 4:
+            with torch.enable_grad():
+                leaf = context.detach().requires_grad_(True)
+                gate = self.gate(leaf)
+            grads = torch.autograd.grad(gate, [leaf] + params, grad_gate)
+            return (gate.detach(), ) + tuple(grads)
+        first, second = (m.conv for m in self.mlp)
+        n, c, h, w = context.shape
+        rows = context.permute(0, 2, 3, 1).reshape(-1, c)
+        hidden = F.linear(rows, first.weight.flatten(1), first.bias)
+        if self.mlp[0].with_activation:
+            hidden = hidden.clamp_min_(0)
+        gate = F.linear(hidden, second.weight.flatten(1),
+                        second.bias).sigmoid_()
+        d_out = grad_gate.permute(0, 2, 3, 1).reshape(-1, c) * gate * (
+            1 - gate)
+        d_hidden = d_out @ second.weight.flatten(1)
+        if self.mlp[0].with_activation:
+            d_hidden = d_hidden * (hidden > 0)
+        by_param = {
+            id(second.weight): (d_out.t() @ hidden).view_as(second.weight),
+            id(second.bias): d_out.sum(0),
+            id(first.weight): (d_hidden.t() @ rows).view_as(first.weight),
+            id(first.bias): d_hidden.sum(0)
+        }
+        d_context = d_hidden @ first.weight.flatten(1)
+
+        def nchw(t):
+            return t.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+        return (nchw(gate), nchw(d_context),
+                *[by_param[id(p)] for p in params])
+
     def _mlp(self, context: torch.Tensor) -> torch.Tensor:
         """The MLP; its 1x1 convolutions as matrix products over the
         context's cells when it has the plain layout this class builds
         (a convolution dispatch costs more than the small product)."""
         first, second = self.mlp
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
-                context.dim() != 4 or not all(
-                    tuple(m.order) == ('conv', 'norm', 'act')
-                    and not m.with_norm and type(m.conv) is nn.Conv2d
-                    and m.conv.kernel_size == (1, 1) and m.conv.groups == 1
-                    for m in self.mlp):
+                context.dim() != 4 or not self._plain_mlp():
             return self.mlp(context)
         n, c, h, w = context.shape
         t = F.linear(context.permute(0, 2, 3, 1).reshape(-1, c),

@@ -325,7 +325,7 @@ class ConvGather(nn.Module):
         Returns:
             Tensor: The context, (N, C, ceil(H/e), ceil(W/e)).
         """
-        context, mean, var, _ = cpu_kernels.conv_gather(
+        context, mean, var, _, _ = cpu_kernels.conv_gather(
             x, params, scale, shift)
         n, _, h, w = x.shape
         for level, (m, train) in enumerate(

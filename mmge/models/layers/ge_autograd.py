@@ -277,23 +277,22 @@ class GEFunction(torch.autograd.Function):
             grad_x = cpu_kernels.input_grad(grad, gate, grad_pool,
                                             layer.extent)
         else:
-            gate = dcontext = None
+            gate = dcontext = level1 = None
             mlp = layer.excite.mlp
             if mlp is not None:
-                context, _, _, grad_gate = cpu_kernels.conv_gather(
-                    inp, plan, scale, shift, grad)
-                weights = [p for p in mlp.parameters() if p.requires_grad]
-                with torch.enable_grad():
-                    context.requires_grad_()
-                    gate = layer.excite.gate(context)
-                dcontext, *grads = torch.autograd.grad(
-                    gate, [context] + weights, grad_gate)
+                context, _, _, grad_gate, level1 = cpu_kernels.conv_gather(
+                    inp, plan, scale, shift, grad, keep_level1=True)
+                weights = [p for p in layer.excite.parameters()
+                           if p.requires_grad]
+                gate, dcontext, *grads = layer.excite.gate_backward(
+                    context, grad_gate)
                 by_param.update(zip(map(id, weights), grads))
-                gate, dcontext = (t.detach().float().contiguous()
+                gate, dcontext = (t.float().contiguous()
                                   for t in (gate, dcontext))
             grad_x, dweight, dgamma, dbeta = \
                 cpu_kernels.conv_gather_backward(inp, plan, grad, scale,
-                                                 shift, gate, dcontext)
+                                                 shift, gate, dcontext,
+                                                 level1)
             for level, m in enumerate(layer.gather.convs):
                 by_param[id(m.conv.weight)] = dweight[level].view_as(
                     m.conv.weight)
