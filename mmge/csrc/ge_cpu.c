@@ -16,6 +16,15 @@
 
 #include "ge_parallel.h"
 
+/* sc, sh <- scale[c], shift[c] of the plane's channel c (1, 0 without
+ * scale) */
+static void plane_affine(const float *scale, const float *shift,
+                         int64_t channels, int64_t plane, float *sc,
+                         float *sh) {
+  *sc = scale ? scale[plane % channels] : 1.f;
+  *sh = scale ? shift[plane % channels] : 0.f;
+}
+
 /* Cells of window i of a length-n axis (kernel 2e-1, stride e, pad e-1). */
 static float window_count(int64_t i, int64_t e, int64_t n) {
   return (float)(min64(n - 1, i * e + e - 1) - max64(0, i * e - e + 1) + 1);
@@ -63,12 +72,8 @@ static void pool_planes(const void *args_, int64_t first, int64_t last,
         if (j + 1 < w) o[j + 1] += rest;
       }
       float ch = window_count(i, e, H);
-      float sc = 1.f, sh = 0.f;
-      if (a->scale) {
-        int64_t c = plane % a->channels;
-        sc = a->scale[c];
-        sh = a->shift[c];
-      }
+      float sc, sh;
+      plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
       for (int64_t j = 0; j < w; ++j)
         o[j] = o[j] / (ch * window_count(j, e, W)) * sc + sh;
     }
@@ -105,12 +110,8 @@ static void gate_grad_planes(const void *args_, int64_t first, int64_t last,
     const float *g = a->grad + plane * H * W;
     const float *x = a->x + plane * H * W;
     float *out = a->out + plane * h * w;
-    float sc = 1.f, sh = 0.f;
-    if (a->scale) {
-      int64_t c = plane % a->channels;
-      sc = a->scale[c];
-      sh = a->shift[c];
-    }
+    float sc, sh;
+    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
     memset(out, 0, sizeof(float) * h * w);
     int64_t p = 0;
     while (p < H) {
@@ -261,12 +262,8 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
     const float *id = a->identity ? a->identity + plane * H * W : NULL;
     const float *gate = a->gate + plane * h * w;
     float *out = a->out + plane * H * W;
-    float sc = 1.f, sh = 0.f;
-    if (a->scale) {
-      int64_t c = plane % a->channels;
-      sc = a->scale[c];
-      sh = a->shift[c];
-    }
+    float sc, sh;
+    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
     int64_t gate_i = -1;
     for (int64_t p = 0; p < H; ++p) {
       if (a->row_index[p] != gate_i) {
