@@ -265,24 +265,28 @@ def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
 @pytest.mark.parametrize('variant', ('theta_minus', 'theta', 'theta_plus'))
 def test_inference_gates_in_place_without_touching_the_callers_tensors(
         variant):
-    """Without grad and with a norm the kernels do not fuse (here one in
-    training mode), GE writes into the norm's output, which it made
-    itself; the caller's input and shortcut stay as they were."""
+    """Without grad and with a norm in training mode, GE-theta-minus writes
+    into the norm's output, which it made itself, and GE-theta(-plus) run
+    the norm inside the gather's kernel: the modules' values and running
+    statistics, and the caller's input and shortcut stay as they were."""
     torch.manual_seed(0)
     layer = GatherExcite(8, variant, 2).eval()
     norm = nn.BatchNorm2d(8).train()
     inp, identity = torch.randn(2, 8, 32, 32), torch.randn(2, 8, 32, 32)
     kept = inp.clone(), identity.clone()
     with torch.no_grad():
-        out = layer(inp, identity, norm=copy.deepcopy(norm))
-        expect = resize_multiply(
-            norm(inp), layer.excite.gate(layer.gather(norm(inp))), identity)
+        used = copy.deepcopy(norm)
+        out = layer(inp, identity, norm=used)
+        y = norm(inp)  # one forward: the running statistics GE must leave
+        expect = resize_multiply(y, layer.excite.gate(layer.gather(y)),
+                                 identity)
         alone = layer(inp)
         expect_alone = resize_multiply(
             inp, layer.excite.gate(layer.gather(inp)))
     assert torch.equal(inp, kept[0]) and torch.equal(identity, kept[1])
     torch.testing.assert_close(out, expect)
     torch.testing.assert_close(alone, expect_alone)
+    _buffers_close(used, norm)
 
 
 def _conv_gather(channels, extent, last_act=False, train=True, **kwargs):
@@ -338,7 +342,7 @@ def test_conv_gather_of_an_affine_map_and_the_gates_gradient(size):
     scale, shift = _affine(11, 1)
     y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     params = gather.native_params(x.float())
-    context, mean, var, grad_gate, _ = cpu_kernels.conv_gather(
+    context, mean, var, grad_gate, *_ = cpu_kernels.conv_gather(
         x.float(), params, scale.float(), shift.float(), grad.float())
     close(context, ref(y))
     z = F.conv2d(y, ref.convs[0].conv.weight, stride=2, padding=1,
@@ -363,18 +367,138 @@ def test_conv_gather_backward_from_a_kept_first_level():
     x, grad = torch.randn(2, 11, 30, 23), torch.randn(2, 11, 30, 23)
     scale, shift = torch.rand(11), torch.rand(11)
     params = gather.native_params(x)
-    context, _, _, grad_gate, level1 = cpu_kernels.conv_gather(
-        x, params, scale, shift, grad, keep_level1=True)
+    first = cpu_kernels.conv_gather(x, params, scale, shift, grad,
+                                    keep_level1=True)
+    context, grad_gate, level1 = first.context, first.grad_gate, first.level1
     gate, dcontext = context.sigmoid(), grad_gate * 0.3
     again = cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
                                              gate, dcontext)
     kept = cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
                                             gate, dcontext, level1)
-    for a, b in zip(again, kept):
-        assert torch.equal(a, b)
+    _bit_equal(again, kept)
     with pytest.raises(ValueError, match='level1 replaces the input'):
         cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
                                          level1=level1)
+
+
+def _fused_norm(channels, affine=True):
+    torch.manual_seed(2)
+    norm = nn.BatchNorm2d(channels, affine=affine).double()
+    if affine:
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.uniform_(norm.bias, -0.5, 0.5)
+    return norm
+
+
+def _features(shape, offset, seed):
+    """float64 features that float32 holds exactly, spread 0.5 around
+    ``offset``."""
+    torch.manual_seed(seed)
+    return (torch.randn(shape) * 0.5 + offset).double()
+
+
+def close_as_aten(got, expect, aten):
+    """``got`` (float32) is about as close to the float64 ``expect`` as
+    ATen's float32 ``aten`` is: for features far from zero, where float32
+    itself cannot do better. The kernels make ``y = scale * x + shift``,
+    whose rounding is about ``ulp(scale * x)``: a few times ATen's
+    ``(x - mean) * invstd * weight + bias`` there (both far below the usual
+    tolerance)."""
+    err = (got.double() - expect).abs().max().item()
+    bound = 5 * (aten.double() - expect).abs().max().item() + 2e-6
+    assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7), (1, 31)))
+@pytest.mark.parametrize('offset', (0.0, 40.0))
+@pytest.mark.parametrize('affine', (True, False))
+def test_conv_gather_runs_the_norm_before_it(size, offset, affine):
+    """Given the batch norm before the gather (training), the kernel
+    computes its batch statistics in its pass over x and gathers norm(x):
+    the context and the statistics are the float64 modules', also for
+    features far from zero (offset 40, spread 0.5: as close as ATen's
+    float32)."""
+    gather = _conv_gather(11, 8)
+    norm = _fused_norm(11, affine)
+    x = _features((3, 11, *size), offset, 3)
+
+    def modules(dtype):
+        n = copy.deepcopy(norm).to(dtype)
+        return copy.deepcopy(gather).to(dtype)(n(x.to(dtype))).detach()
+
+    fused = cpu_kernels.FusedNorm(
+        None if norm.weight is None else norm.weight.float(),
+        None if norm.bias is None else norm.bias.float(), norm.eps)
+    got = cpu_kernels.conv_gather(x.float(), gather.native_params(x.float()),
+                                  norm=fused)
+    if offset:
+        close_as_aten(got.context, modules(torch.float64),
+                      modules(torch.float32))
+    else:
+        close(got.context, modules(torch.float64))
+    close(got.norm_mean, x.mean((0, 2, 3)))
+    close(got.norm_var, x.var((0, 2, 3), unbiased=False))
+    grad = torch.randn(3, 11, *size)
+    with pytest.raises(ValueError, match='fused norm'):
+        cpu_kernels.conv_gather(x.float(), gather.native_params(x.float()),
+                                torch.ones(11), torch.zeros(11), norm=fused)
+    with pytest.raises(ValueError, match='fused norm'):
+        cpu_kernels.conv_gather(x.float(), gather.native_params(x.float()),
+                                grad=grad, norm=fused)
+
+
+@pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7)))
+@pytest.mark.parametrize('train', (True, False))
+@pytest.mark.parametrize('offset', (0.0, 40.0))
+def test_conv_gather_backward_runs_the_norms_backward(size, train, offset):
+    """Given the statistics of the batch norm that made y, the backward
+    returns the gradient of the norm's input (through batch statistics in
+    training, running ones else) and of its weight and bias: autograd's in
+    float64 (as close as ATen's float32 for features far from zero)."""
+    gather = _conv_gather(11, 8, train=train)
+    norm = _fused_norm(11).train(train)
+    norm.running_mean.uniform_(-1, 1).add_(offset)
+    norm.running_var.uniform_(0.5, 2)
+    x = _features((2, 11, *size), offset, 4)
+    grad = torch.randn_like(x)
+
+    def autograd(dtype):
+        n, g = copy.deepcopy(norm).to(dtype), copy.deepcopy(gather).to(dtype)
+        leaf = x.to(dtype).requires_grad_(True)
+        y = F.batch_norm(leaf, n.running_mean, n.running_var, n.weight,
+                         n.bias, train, 0.0, n.eps)
+        out = y * F.interpolate(g(y).sigmoid(), size=size, mode='nearest')
+        return torch.autograd.grad(out, [leaf, n.weight, n.bias],
+                                   grad.to(dtype))
+
+    if train:
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    else:
+        mean, var = norm.running_mean, norm.running_var
+    invstd = (var + norm.eps).rsqrt()
+    scale = norm.weight.detach() * invstd
+    shift = norm.bias.detach() - mean * scale
+    xf = x.float()
+    got = cpu_kernels.conv_gather_backward(
+        xf, gather.native_params(xf), grad.float(), scale.float(),
+        shift.float(),
+        stats=cpu_kernels.NormStats(mean.float(), invstd.float(), train))
+    got = (got.dx, got.norm_dweight, got.norm_dbias)
+    expect = autograd(torch.float64)
+    aten = autograd(torch.float32) if offset else (None, ) * 3
+    for g, e, a in zip(got, expect, aten):
+        if offset:
+            close_as_aten(g, e, a)
+        else:
+            close(g, e)
+
+
+def _bit_equal(first, second):
+    """Two kernel results: the same fields given, bit-equal."""
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b)
 
 
 def _theta_pair(variant, extent, train):
@@ -431,6 +555,67 @@ def test_native_theta_equals_the_formula(variant, extent, train, size,
             _buffers_close(module, ref)
 
 
+@pytest.mark.parametrize('variant', ('theta', 'theta_plus'))
+@pytest.mark.parametrize('norm_cfg', (
+    dict(), dict(momentum=None), dict(track_running_stats=False),
+    dict(affine=False)))
+def test_native_theta_runs_the_block_norm_in_its_kernels(
+        variant, norm_cfg, monkeypatch):
+    """In training, GE-theta(-plus) runs the block's batch norm inside its
+    kernels (ATen's batch norm is not called, forward or backward): the
+    output, the gradients and the norm's running statistics and
+    num_batches_tracked are the float64 formula's, for every kind of plain
+    batch norm."""
+    torch.manual_seed(5)
+    layer = GatherExcite(11, variant, 8, reduction=2).train()
+    norm = nn.BatchNorm2d(11, **norm_cfg).train()
+    if norm.weight is not None:
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.uniform_(norm.bias, -0.5, 0.5)
+    ref_layer, ref_norm = (copy.deepcopy(m).double() for m in (layer, norm))
+    inp = torch.randn(4, 11, 30, 23, dtype=torch.float64) * 2 + 0.7
+    grad = torch.randn_like(inp)
+    for _ in range(2):  # twice: the cumulative momentum counts batches
+        seen = []
+        kernel = cpu_kernels.conv_gather
+        monkeypatch.setattr(
+            cpu_kernels, 'conv_gather',
+            lambda *a, **k: seen.append(k.get('norm')) or kernel(*a, **k))
+        for name in ('batch_norm_forward', 'batch_norm_backward'):
+            monkeypatch.setattr(
+                f'mmge.models.layers.ge_autograd.{name}',
+                lambda *a, **k: pytest.fail('ATen batch norm was called'))
+        leaf = inp.float().requires_grad_(True)
+        out = layer(leaf, norm=norm)
+        out.backward(grad.float())
+        monkeypatch.undo()
+        assert any(isinstance(n, cpu_kernels.FusedNorm) for n in seen)
+        ref_leaf = inp.clone().requires_grad_(True)
+        ref_out = _formula_forward(ref_layer)(ref_leaf, None, ref_norm)
+        ref_out.backward(grad)
+        close(out.detach(), ref_out.detach())
+        close(leaf.grad, ref_leaf.grad)
+    for module, ref in ((layer, ref_layer), (norm, ref_norm)):
+        for (name, p), q in zip(module.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad.double(), q.grad, msg=name,
+                                       **TOL)
+        _buffers_close(module, ref)
+
+
+def test_native_theta_refuses_one_value_per_channel_untouched():
+    """A training batch norm that would see one value per channel raises
+    PyTorch's error before any running statistic changes."""
+    layer = GatherExcite(11, 'theta', 2).eval()
+    norm = nn.BatchNorm2d(11).train()
+    before = copy.deepcopy((layer.state_dict(), norm.state_dict()))
+    leaf = torch.randn(1, 11, 1, 1, requires_grad=True)
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        layer(leaf, norm=norm)
+    for state, kept in zip((layer.state_dict(), norm.state_dict()), before):
+        for name, value in state.items():
+            assert torch.equal(value, kept[name]), name
+
+
 def test_conv_gather_split_over_threads_gives_the_same_values():
     """Each channel block runs on one thread in a fixed order: one thread
     and two give bit-equal results."""
@@ -450,8 +635,7 @@ def test_conv_gather_split_over_threads_gives_the_same_values():
                                                  shift))
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+    _bit_equal(*results)
 
 
 def test_conv_gather_leaves_other_layers_to_their_modules():

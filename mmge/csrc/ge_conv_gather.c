@@ -57,6 +57,31 @@ INLINE vf where_positive(vf keep, vf v) {
 
 INLINE vd widen(vf v) { return __builtin_convertvector(v, vd); }
 
+/* 1 / (1 + exp(-v)) lane by lane: exp by range reduction to
+ * r in [-ln2 / 2, ln2 / 2] and Cephes' expf polynomial (about 1 ulp), so
+ * that the gate costs a few vector operations, not a libm call per value */
+INLINE vf sigmoid(vf v) {
+  const vf lo = splat(-87.f), hi = splat(88.f);
+  vf x = -v;
+  vi m = x > lo;
+  x = (vf)(((vi)x & m) | ((vi)lo & ~m));
+  m = x < hi;
+  x = (vf)(((vi)x & m) | ((vi)hi & ~m));
+  /* n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer */
+  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf e = p * r * r + r + 1.f;
+  /* times 2^n: n added to the exponent bits */
+  const vi bits = ((vi)e) + (__builtin_convertvector(n, vi) << 23);
+  return 1.f / (1.f + (vf)bits);
+}
+
 /* Sums in float over runs of CHUNK positions, added up in double: exact
  * enough, and few double operations */
 #define CHUNK 64
@@ -148,6 +173,19 @@ struct conv_gather_args {
    * dx is given): dx = grad * resize(gate) + the gather's backward
    * (N, C, H, W), dweight (L, C, 9), dgamma and dbeta (L, C) */
   float *context, *mean, *var, *grad_gate, *dx, *dweight, *dgamma, *dbeta;
+  /* the batch norm that makes y from x, fused (optional). Forward
+   * (norm_batch): y = norm(x) with the batch's statistics, which the kernel
+   * computes in its pass over x (scale and shift are NULL), with the
+   * norm's weight and bias norm_gamma, norm_beta (NULL: 1, 0) and
+   * norm_eps, and returns in norm_mean and norm_var (C), the biased
+   * variance. Backward (norm_invstd): y = scale * x + shift as given, with
+   * the statistics norm_mean_in and norm_invstd (C; the batch's when
+   * norm_train); dx is then the gradient of x through the norm, and
+   * norm_dgamma, norm_dbeta (C) those of its weight and bias. */
+  const float *norm_gamma, *norm_beta, *norm_mean_in, *norm_invstd;
+  double norm_eps;
+  int norm_batch, norm_train;
+  float *norm_mean, *norm_var, *norm_dgamma, *norm_dbeta;
   /* map sizes per level (level 0: the input) and scratch offsets */
   int64_t h[MAX_LEVELS + 1], w[MAX_LEVELS + 1];
   int64_t off_z[MAX_LEVELS + 1], off_dz[MAX_LEVELS + 1];
@@ -157,7 +195,7 @@ struct conv_gather_args {
 
 /* Scratch per thread (floats, LANES per position, each buffer whole cache
  * lines): a[0], da[0]: one padded full-resolution map and its gradient;
- * rows: 2 rows of W positions; z[l], dz[l] (l >= 1): the level's
+ * rows: 3 rows of W positions; z[l], dz[l] (l >= 1): the level's
  * convolution output for the N maps and its gradient; a[l], da[l]
  * (1 <= l < L): the next convolution's padded input maps and their
  * gradient; ctx, gate, gg, dctx: (N, hL, wL) each. */
@@ -175,7 +213,7 @@ static void plan(struct conv_gather_args *a) {
   const int64_t bwd = a->dx != NULL;
   a->off_a[0] = TAKE((a->H + 2) * (a->W + 2));
   a->off_da[0] = TAKE(bwd * (a->H + 2) * (a->W + 2));
-  a->off_rows = TAKE(2 * a->W);
+  a->off_rows = TAKE(3 * a->W);
   for (int64_t l = 1; l <= L; ++l) {
     const int64_t m = N * a->h[l] * a->w[l];
     const int64_t padded = l < L ? N * (a->h[l] + 2) * (a->w[l] + 2) : 0;
@@ -224,21 +262,26 @@ INLINE void transpose8(vf *r) {
 #undef SHUF
 }
 
-/* dst row (W positions) <- scale[k] * row p of plane (n, c0 + k) + shift[k]
- * (no scale: 1 and 0) for the block's `active` channels. The other lanes
- * read channel c0's row with scale and shift 0: finite values stay 0 there,
- * and no lane's value reaches another lane or the outputs. Eight positions
- * at a time through an 8x8 transpose. */
-INLINE void load_row(float *dst, const float *src, int64_t plane_stride,
-                     int64_t W, int active, const float *sc,
-                     const float *sh) {
-  const float *s[LANES];
-  vf A, B;
+/* A, B <- the per-lane scale and shift of a block's `active` channels:
+ * sc[k], sh[k] (no sc: 1 and 0); 0 and 0 past them */
+INLINE void lane_affine(const float *sc, const float *sh, int active, vf *A,
+                        vf *B) {
   for (int k = 0; k < LANES; ++k) {
-    s[k] = src + (k < active ? k : 0) * plane_stride;
-    A[k] = k >= active ? 0.f : sc ? sc[k] : 1.f;
-    B[k] = k >= active || !sc ? 0.f : sh[k];
+    (*A)[k] = k >= active ? 0.f : sc ? sc[k] : 1.f;
+    (*B)[k] = k >= active || !sc ? 0.f : sh[k];
   }
+}
+
+/* dst row (W positions) <- A[k] * row p of plane (n, c0 + k) + B[k] for
+ * the block's `active` channels. The other lanes read channel c0's row
+ * (their A and B are 0: finite values stay 0 there, and no lane's value
+ * reaches another lane or the outputs). Eight positions at a time through
+ * an 8x8 transpose. */
+INLINE void load_row(float *dst, const float *src, int64_t plane_stride,
+                     int64_t W, int active, vf A, vf B) {
+  const float *s[LANES];
+  for (int k = 0; k < LANES; ++k)
+    s[k] = src + (k < active ? k : 0) * plane_stride;
   int64_t q = 0;
   for (; q + LANES <= W; q += LANES) {
     vf r[LANES];
@@ -305,26 +348,68 @@ INLINE void lanes_of(vf *dst, const float *src, int64_t c0,
   }
 }
 
-/* The padded full-resolution map of y for one block and sample; with G,
- * also the gate's gradient of the sample: gg += resize^T(grad * y). */
+/* The padded full-resolution map of y = A * x + B for one block and
+ * sample; with G, also the gate's gradient of the sample:
+ * gg += resize^T(grad * y); with sums, the sums of y and y^2 of each lane
+ * are added to sums[0] and sums[1]. */
 INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
-                       int64_t c0, int active, float *G, float *gg) {
+                       int64_t c0, int active, vf A, vf B, float *G,
+                       float *gg, vd *sums) {
   const int64_t H = a->H, W = a->W, HW = H * W;
   const int64_t stride = (W + 2) * LANES, wL = a->w[a->levels];
   const float *x = a->x + (n * a->C + c0) * HW;
-  const float *sc = a->scale ? a->scale + c0 : NULL;
-  const float *sh = a->scale ? a->shift + c0 : NULL;
+  vf one, zero;
+  lane_affine(NULL, NULL, active, &one, &zero);
   zero_border(P, H, W);
   for (int64_t p = 0; p < H; ++p) {
     float *row = P + (p + 1) * stride + LANES;
-    load_row(row, x + p * W, HW, W, active, sc, sh);
+    load_row(row, x + p * W, HW, W, active, A, B);
+    if (sums) {
+      vf s = splat(0.f), s2 = splat(0.f);
+      for (int64_t q = 0; q < W; ++q) {
+        const vf v = V(row + q * LANES);
+        s += v;
+        s2 += v * v;
+      }
+      sums[0] += widen(s);
+      sums[1] += widen(s2);
+    }
     if (!G) continue;
-    load_row(G, a->grad + (n * a->C + c0) * HW + p * W, HW, W, active, NULL,
-             NULL);
+    load_row(G, a->grad + (n * a->C + c0) * HW + p * W, HW, W, active, one,
+             zero);
     float *o = gg + (n * a->h[a->levels] + a->row_index[p]) * wL * LANES;
     for (int64_t q = 0; q < W; ++q)
       V(o + a->col_index[q] * LANES) += V(G + q * LANES) * V(row + q * LANES);
   }
+}
+
+/* z (N maps of h1 x w1) <- s * z + u * (the sum of the taps of kernel K
+ * that fall inside the H x W input at each position): the first level's
+ * convolution of y = s * x' + u, from its convolution of x' (the zero
+ * padding is padding of y, not of x') */
+INLINE void level1_affine(float *z, const vf *K, vf s, vf u, int64_t N,
+                          int64_t H, int64_t W, int64_t h1, int64_t w1) {
+  /* per class of row (first? last tap inside?) and of column */
+  vf taps[2][2][2][2];
+  for (int r0 = 0; r0 < 2; ++r0)
+    for (int r2 = 0; r2 < 2; ++r2)
+      for (int q0 = 0; q0 < 2; ++q0)
+        for (int q2 = 0; q2 < 2; ++q2) {
+          vf t = splat(0.f);
+          for (int i = 0; i < 3; ++i)
+            for (int j = 0; j < 3; ++j)
+              if ((i || r0) && (i < 2 || r2) && (j || q0) && (j < 2 || q2))
+                t += K[3 * i + j];
+          taps[r0][r2][q0][q2] = u * t;
+        }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < h1; ++i) {
+      const int r0 = i > 0, r2 = 2 * i + 1 < H;
+      float *o = z + (n * h1 + i) * w1 * LANES;
+      for (int64_t j = 0; j < w1; ++j)
+        V(o + j * LANES) = s * V(o + j * LANES) +
+                           taps[r0][r2][j > 0][2 * j + 1 < W];
+    }
 }
 
 CLONED static void conv_gather_blocks(const void *args_, int64_t first,
@@ -336,7 +421,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
   const int backward = a->dx != NULL;
   const int need_gg = a->grad_gate != NULL || (backward && !a->dcontext);
   float *P = buf + a->off_a[0], *dP = buf + a->off_da[0];
-  float *G = buf + a->off_rows, *D = G + W * LANES;
+  float *G = buf + a->off_rows, *D = G + W * LANES, *X = D + W * LANES;
   float *ctx = buf + a->off_ctx, *gate = buf + a->off_gate;
   float *gg = buf + a->off_gg, *dctx = buf + a->off_dctx;
   for (int64_t block = first; block < last; ++block) {
@@ -356,17 +441,51 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       for (int t = 0; t < 9; ++t) dK[l][t] = (vd){0};
     }
 
+    /* y = A * x + B; one and zero: the lanes' 1 and 0 */
+    vf A, B, one, zero;
+    lane_affine(a->scale ? a->scale + c0 : NULL,
+                a->scale ? a->shift + c0 : NULL, active, &A, &B);
+    lane_affine(NULL, NULL, active, &one, &zero);
+
     /* level 1's convolution, sample by sample, and the gate's gradient */
     const int64_t m1 = N * a->h[1] * a->w[1] * LANES;
+    float *z1 = buf + a->off_z[1];
     if (need_gg) memset(gg, 0, sizeof(float) * N * mL * LANES);
     if (a->level1_in) {
-      memcpy(buf + a->off_z[1], a->level1_in + block * m1,
-             sizeof(float) * m1);
+      memcpy(z1, a->level1_in + block * m1, sizeof(float) * m1);
+    } else if (a->norm_batch) {
+      /* the norm's statistics and level 1 from one pass over x' = x - the
+       * channel's first value (its sums stay exact where x sits far from
+       * 0), then level 1 of y = s * x' + u */
+      vf pivot = splat(0.f), gamma_n, beta_n;
+      for (int k = 0; k < active; ++k) pivot[k] = a->x[(c0 + k) * H * W];
+      vd sums[2] = {{0}, {0}};
+      for (int64_t n = 0; n < N; ++n) {
+        load_input(a, P, n, c0, active, one, -pivot, NULL, NULL, sums);
+        conv_forward(P, W, K[1], z1 + n * a->h[1] * a->w[1] * LANES,
+                     a->h[1], a->w[1]);
+      }
+      const vd d = sums[0] / (double)(N * H * W);
+      const vd var = sums[1] / (double)(N * H * W) - d * d;
+      vf invstd_n = splat(1.f);
+      for (int k = 0; k < LANES; ++k)
+        invstd_n[k] =
+            (float)(1.0 / sqrt((var[k] > 0 ? var[k] : 0) + a->norm_eps));
+      if (a->norm_gamma) lanes_of(&gamma_n, a->norm_gamma, c0, active, 1, 1.f);
+      else gamma_n = splat(1.f);
+      if (a->norm_beta) lanes_of(&beta_n, a->norm_beta, c0, active, 1, 0.f);
+      else beta_n = splat(0.f);
+      const vf s = gamma_n * invstd_n;
+      for (int k = 0; k < active; ++k) {
+        a->norm_mean[c0 + k] = (float)(pivot[k] + d[k]);
+        a->norm_var[c0 + k] = (float)(var[k] > 0 ? var[k] : 0);
+      }
+      level1_affine(z1, K[1], s, beta_n - __builtin_convertvector(d, vf) * s,
+                    N, H, W, a->h[1], a->w[1]);
     } else {
       for (int64_t n = 0; n < N; ++n) {
-        load_input(a, P, n, c0, active, need_gg ? G : NULL, gg);
-        conv_forward(P, W, K[1],
-                     buf + a->off_z[1] + n * a->h[1] * a->w[1] * LANES,
+        load_input(a, P, n, c0, active, A, B, need_gg ? G : NULL, gg, NULL);
+        conv_forward(P, W, K[1], z1 + n * a->h[1] * a->w[1] * LANES,
                      a->h[1], a->w[1]);
       }
     }
@@ -442,9 +561,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       load_small(gate, a->gate, N, C, c0, mL, active);
       load_small(dctx, a->dcontext, N, C, c0, mL, active);
     } else {
-      for (int64_t t = 0; t < N * mL * LANES; ++t) {
-        gate[t] = 1.f / (1.f + expf(-ctx[t]));
-        dctx[t] = gg[t] * gate[t] * (1.f - gate[t]);
+      for (int64_t t = 0; t < N * mL; ++t) {
+        const vf g = sigmoid(V(ctx + t * LANES));
+        V(gate + t * LANES) = g;
+        V(dctx + t * LANES) = V(gg + t * LANES) * g * (1.f - g);
       }
     }
 
@@ -507,11 +627,20 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
 
     /* full resolution, sample by sample (the block's planes are still in
      * the cache): level 1's convolution backward, then
-     * dx = grad * resize(gate) + its input gradient */
+     * dy = grad * resize(gate) + its input gradient, written to dx; with
+     * the norm, also its sums of dy and dy * xhat (xhat = (x - mean) *
+     * invstd) */
     const float *dz1 = buf + a->off_dz[1];
     const int64_t HW = H * W;
+    const int fuse = a->norm_invstd != NULL;
+    vf nmean = splat(0.f), ninvstd = splat(1.f);
+    if (fuse) {
+      lanes_of(&nmean, a->norm_mean_in, c0, active, 1, 0.f);
+      lanes_of(&ninvstd, a->norm_invstd, c0, active, 1, 1.f);
+    }
+    vd nsum = {0}, nsumx = {0};
     for (int64_t n = 0; n < N; ++n) {
-      load_input(a, P, n, c0, active, NULL, NULL);
+      load_input(a, P, n, c0, active, A, B, NULL, NULL, NULL);
       memset(dP, 0, sizeof(float) * (H + 2) * stride);
       conv_backward(P, dP, W, K[1], dz1 + n * a->h[1] * a->w[1] * LANES,
                     a->h[1], a->w[1], dK[1]);
@@ -520,12 +649,46 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       for (int64_t p = 0; p < H; ++p) {
         const float *gr = gate + (n * hL + a->row_index[p]) * wL * LANES;
         const float *dr = dP + (p + 1) * stride + LANES;
-        load_row(G, g + p * W, HW, W, active, NULL, NULL);
+        load_row(G, g + p * W, HW, W, active, one, zero);
         for (int64_t q = 0; q < W; ++q)
           V(D + q * LANES) = V(G + q * LANES) *
                                  V(gr + a->col_index[q] * LANES) +
                              V(dr + q * LANES);
+        if (fuse) {
+          const float *xr = a->x + (n * C + c0) * HW + p * W;
+          load_row(X, xr, HW, W, active, one, -nmean * one);  /* x - mean */
+          vf s = splat(0.f), sx = splat(0.f);
+          for (int64_t q = 0; q < W; ++q) {
+            const vf d = V(D + q * LANES);
+            s += d;
+            sx += d * V(X + q * LANES);
+          }
+          nsum += widen(s);
+          nsumx += widen(sx) * widen(ninvstd);
+        }
         store_row(out + p * W, D, HW, W, active);
+      }
+    }
+    if (fuse) {
+      /* dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the
+       * batch's statistics, else scale * dy; over the block's planes, in
+       * the cache */
+      const double m = (double)(N * HW);
+      for (int k = 0; k < active; ++k) {
+        a->norm_dgamma[c0 + k] = (float)nsumx[k];
+        a->norm_dbeta[c0 + k] = (float)nsum[k];
+        const float sk = A[k], mk = nmean[k], ik = ninvstd[k];
+        const float md = a->norm_train ? (float)(nsum[k] / m) : 0.f;
+        const float mdx = a->norm_train ? (float)(nsumx[k] / m) : 0.f;
+        for (int64_t n = 0; n < N; ++n) {
+          float *out = a->dx + (n * C + c0 + k) * HW;
+          const float *xin = a->x + (n * C + c0 + k) * HW;
+          if (a->norm_train)
+            for (int64_t i = 0; i < HW; ++i)
+              out[i] = sk * (out[i] - md - (xin[i] - mk) * ik * mdx);
+          else
+            for (int64_t i = 0; i < HW; ++i) out[i] *= sk;
+        }
       }
     }
     for (int64_t l = 1; l <= L; ++l)
@@ -538,7 +701,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
 /* The gather (and with dx its backward) of the channels of x. Returns 0,
  * 1 when the scratch memory could not be allocated, 2 for more than
  * MAX_LEVELS levels, 3 for level1_in with an output that needs the input's
- * gate gradient. */
+ * gate gradient, 4 for a fused norm used wrongly (norm_batch with scale or
+ * with a backward output, norm_invstd without dx). */
 int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *weight, const float *gamma,
                    const float *beta, const float *rmean,
@@ -550,18 +714,33 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *level1_in, float *level1_out,
                    float *context, float *mean, float *var,
                    float *grad_gate, float *dx, float *dweight,
-                   float *dgamma, float *dbeta, int threads) {
+                   float *dgamma, float *dbeta, const float *norm_gamma,
+                   const float *norm_beta, double norm_eps, int norm_batch,
+                   const float *norm_mean_in, const float *norm_invstd,
+                   int norm_train, float *norm_mean, float *norm_var,
+                   float *norm_dgamma, float *norm_dbeta, int threads) {
   if (levels < 1 || levels > MAX_LEVELS) return 2;
   /* the gate's gradient needs the input: a call that gets level 1 from a
    * previous one must have its context's gradient */
   if (level1_in && (grad_gate || (dx && !dcontext))) return 3;
+  if (norm_batch && (scale || grad || dx || level1_in || !norm_mean ||
+                     !norm_var))
+    return 4;
+  if (norm_invstd && (!dx || !norm_mean_in || !norm_dgamma || !norm_dbeta))
+    return 4;
   struct conv_gather_args a = {
-      x,         scale,    shift,     weight,   gamma,     beta,
-      rmean,     rinvstd,  eps,       train,    relu,      levels,
-      N,         C,        H,         W,        row_index, col_index,
-      grad,      gate,     dcontext,  level1_in, level1_out, context,
-      mean,      var,      grad_gate, dx,       dweight,   dgamma,
-      dbeta};
+      .x = x, .scale = scale, .shift = shift, .weight = weight, .gamma = gamma,
+      .beta = beta, .rmean = rmean, .rinvstd = rinvstd, .eps = eps,
+      .train = train, .relu = relu, .levels = levels, .N = N, .C = C, .H = H,
+      .W = W, .row_index = row_index, .col_index = col_index, .grad = grad,
+      .gate = gate, .dcontext = dcontext, .level1_in = level1_in,
+      .level1_out = level1_out, .context = context, .mean = mean, .var = var,
+      .grad_gate = grad_gate, .dx = dx, .dweight = dweight, .dgamma = dgamma,
+      .dbeta = dbeta, .norm_gamma = norm_gamma, .norm_beta = norm_beta,
+      .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,
+      .norm_eps = norm_eps, .norm_batch = norm_batch, .norm_train = norm_train,
+      .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
+      .norm_dbeta = norm_dbeta};
   plan(&a);
   return for_planes(conv_gather_blocks, &a, (C + LANES - 1) / LANES,
                     N * H * W * LANES, a.scratch, threads);

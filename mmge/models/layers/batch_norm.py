@@ -59,13 +59,77 @@ def batch_norm_forward(norm: _BatchNorm, inp: torch.Tensor
         inp, norm.weight, norm.bias, running_mean, running_var, train,
         momentum, norm.eps)
     if not train:
-        mean, invstd = running_mean, (running_var + norm.eps).rsqrt()
+        return out, running_stats_state(norm)
+    return out, _state(norm, mean, invstd, train)
+
+
+def _state(norm: _BatchNorm, mean: torch.Tensor, invstd: torch.Tensor,
+           train: bool) -> Dict[str, object]:
     scale = invstd if norm.weight is None else invstd * norm.weight.detach()
     shift = -mean * scale
     if norm.bias is not None:
         shift = shift + norm.bias.detach()
-    return out, dict(scale=scale, shift=shift, mean=mean, invstd=invstd,
-                     train=train)
+    return dict(scale=scale, shift=shift, mean=mean, invstd=invstd,
+                train=train)
+
+
+def running_stats_state(norm: _BatchNorm) -> Dict[str, object]:
+    """:func:`batch_norm_forward`'s state for a batch norm that normalises
+    with its running statistics, without running it.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts,
+            for which :func:`uses_batch_stats` is False.
+
+    Returns:
+        dict: ``scale``, ``shift``, ``mean``, ``invstd`` (detached) and
+        ``train`` (False).
+    """
+    mean = norm.running_mean.detach()
+    invstd = (norm.running_var.detach() + norm.eps).rsqrt()
+    return _state(norm, mean, invstd, False)
+
+
+def check_batch_size(size: torch.Size) -> int:
+    """Refuse what ``_BatchNorm.forward`` refuses in training: one value per
+    channel.
+
+    Args:
+        size (torch.Size): The input's size, (N, C, ...).
+
+    Returns:
+        int: The values per channel.
+
+    Raises:
+        ValueError: With one value per channel (PyTorch's message).
+    """
+    count = size.numel() // size[1]
+    if count < 2:
+        raise ValueError(f'Expected more than 1 value per channel when '
+                         f'training, got input size {size}')
+    return count
+
+
+def batch_stats_state(norm: _BatchNorm, mean: torch.Tensor,
+                      var: torch.Tensor, count: int) -> Dict[str, object]:
+    """:func:`batch_norm_forward`'s state for a batch norm whose batch
+    statistics were computed elsewhere (GE's kernel), updating the running
+    statistics as its forward would.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts,
+            for which :func:`uses_batch_stats` is True.
+        mean (Tensor): The batch mean per channel.
+        var (Tensor): The biased batch variance per channel.
+        count (int): Values per channel in the batch
+            (:func:`check_batch_size`).
+
+    Returns:
+        dict: ``scale``, ``shift``, ``mean``, ``invstd`` and ``train``
+        (True).
+    """
+    update_running_stats(norm, mean, var, count)
+    return _state(norm, mean, (var + norm.eps).rsqrt(), True)
 
 
 def batch_norm_backward(norm: _BatchNorm, state: Dict[str, object],
@@ -103,12 +167,8 @@ def eval_affine(norm: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
         tuple[Tensor, Tensor]: Per-channel ``scale`` and ``shift``
         (detached).
     """
-    invstd = (norm.running_var.detach() + norm.eps).rsqrt()
-    scale = invstd if norm.weight is None else invstd * norm.weight.detach()
-    shift = -norm.running_mean.detach() * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.detach()
-    return scale, shift
+    state = running_stats_state(norm)
+    return state['scale'], state['shift']
 
 
 def uses_batch_stats(norm: _BatchNorm) -> bool:

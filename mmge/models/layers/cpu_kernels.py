@@ -15,9 +15,13 @@ several ATen calls on the CPU:
   backward for GE-theta-minus;
 - :func:`conv_gather` and :func:`conv_gather_backward`
   (``mmge/csrc/ge_conv_gather.c``): GE-theta's whole parametric gather
-  (strided depthwise convolutions, batch norms, ReLUs) one channel at a
-  time, in one pass over the input; the backward also writes the excite's
-  direct term, so it is all of GE's backward but the norm before it.
+  (strided depthwise convolutions, batch norms, ReLUs) one block of channels
+  at a time, in one pass over the input; the backward also writes the
+  excite's direct term. Given the batch norm before the gather
+  (:class:`FusedNorm` forward, :class:`NormStats` backward) they run it too:
+  its batch statistics come from the same pass over its input, and its
+  backward from the same pass over the gradient, so the norm's output is
+  never materialised.
 
 They take contiguous float32 CPU tensors (:func:`usable`); everything else
 takes the ATen path, which is also what runs when the library was not built
@@ -36,7 +40,9 @@ from .excite import nearest_index
 
 __all__ = [
     'available', 'usable', 'hooked', 'pool_gather', 'excite', 'gate_grad',
-    'input_grad', 'ConvGatherParams', 'conv_gather', 'conv_gather_backward'
+    'input_grad', 'ConvGatherParams', 'FusedNorm', 'NormStats',
+    'ConvGatherResult', 'ConvGatherGrads', 'conv_gather',
+    'conv_gather_backward'
 ]
 
 _I64 = ctypes.c_int64
@@ -61,7 +67,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
-        [_I64] * 4 + [_PTR] * 15 + [ctypes.c_int]
+        [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
+        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_conv_gather):
         fn.restype = ctypes.c_int
@@ -145,19 +152,30 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f'mmge native kernel {name}: level1 replaces the '
                          f'input, so the gate gradient must come as '
                          f'dcontext')
+    if status == 4:
+        raise ValueError(f'mmge native kernel {name}: a fused norm computes '
+                         f'its statistics only in a forward call without '
+                         f'scale and shift, and its backward needs dx')
     if status:
         raise MemoryError(f'mmge native kernel {name}: out of memory for '
                           f'its scratch buffers')
+
+
+def _vector(t: Optional[torch.Tensor],
+            channels: int) -> Optional[torch.Tensor]:
+    """A per-channel parameter as the kernels read it: ``channels``
+    contiguous float32 values (``expand`` refuses any other length and
+    broadcasts a single value)."""
+    if t is None:
+        return None
+    return t.detach().float().expand(channels).contiguous()
 
 
 def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
             channels: int) -> Tuple[Optional[torch.Tensor], ...]:
     if scale is None:
         return None, None
-    # the kernels read `channels` values of each: expand refuses any other
-    # length (and broadcasts a single value)
-    return tuple(t.detach().float().expand(channels).contiguous()
-                 for t in (scale, shift))
+    return _vector(scale, channels), _vector(shift, channels)
 
 
 def pool_gather(x: torch.Tensor,
@@ -331,8 +349,85 @@ def conv_gather_size(height: int, width: int,
     return -(-height // 2**levels), -(-width // 2**levels)
 
 
+class FusedNorm(NamedTuple):
+    """A batch norm ``y = norm(x)`` in training, run by :func:`conv_gather`
+    with the gather: it computes the batch's statistics in the same pass
+    over ``x``, and ``y`` is never materialised.
+
+    Attributes:
+        weight (Tensor | None): The norm's weight, (C, ).
+        bias (Tensor | None): Its bias, (C, ).
+        eps (float): Its eps.
+    """
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+
+
+class NormStats(NamedTuple):
+    """The statistics of the batch norm before the gather, for
+    :func:`conv_gather_backward` to run its backward too.
+
+    Attributes:
+        mean (Tensor): The mean it normalised with, (C, ).
+        invstd (Tensor): ``1 / sqrt(var + eps)`` it normalised with, (C, ).
+        train (bool): They are the batch's (then the gradient also flows
+            through them).
+    """
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    train: bool
+
+
+class ConvGatherResult(NamedTuple):
+    """What :func:`conv_gather` returns (None where not asked for).
+
+    Attributes:
+        context (Tensor): (N, C, h, w), ``(h, w)`` from
+            :func:`conv_gather_size`.
+        mean (Tensor): The batch mean of the levels that train, (L, C)
+            (other rows undefined).
+        var (Tensor): Their biased batch variance, (L, C).
+        grad_gate (Tensor | None): With ``grad``, (N, C, h, w): the nearest
+            resize's adjoint of ``grad * y``.
+        level1 (Tensor | None): With ``keep_level1``, the first level's
+            convolution output (the kernel's own layout).
+        norm_mean (Tensor | None): With ``norm``, its batch mean, (C, ).
+        norm_var (Tensor | None): With ``norm``, its biased batch
+            variance, (C, ).
+    """
+    context: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    grad_gate: Optional[torch.Tensor]
+    level1: Optional[torch.Tensor]
+    norm_mean: Optional[torch.Tensor]
+    norm_var: Optional[torch.Tensor]
+
+
+class ConvGatherGrads(NamedTuple):
+    """What :func:`conv_gather_backward` returns.
+
+    Attributes:
+        dx (Tensor): The gradient of ``y`` (N, C, H, W), or of ``x`` through
+            the norm when its statistics were given.
+        dweight (Tensor): The convolutions' kernels' gradient, (L, C, 9).
+        dgamma (Tensor): The levels' norm weights' gradient, (L, C).
+        dbeta (Tensor): Their biases' gradient, (L, C).
+        norm_dweight (Tensor | None): With the norm's statistics, its
+            weight's gradient, (C, ).
+        norm_dbias (Tensor | None): Its bias's gradient, (C, ).
+    """
+    dx: torch.Tensor
+    dweight: torch.Tensor
+    dgamma: torch.Tensor
+    dbeta: torch.Tensor
+    norm_dweight: Optional[torch.Tensor]
+    norm_dbias: Optional[torch.Tensor]
+
+
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
-                 level1=None):
+                 level1=None, norm=None, stats=None):
     n, c, height, width = x.shape
     levels = params.weight.shape[0]
     h, w = conv_gather_size(height, width, levels)
@@ -349,15 +444,34 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
         'dx': (n, c, height, width),
         'dweight': (levels, c, 9),
         'dgamma': (levels, c),
-        'dbeta': (levels, c)
+        'dbeta': (levels, c),
+        'norm_mean': (c, ),
+        'norm_var': (c, ),
+        'norm_dweight': (c, ),
+        'norm_dbias': (c, ),
     }
     out = {k: x.new_empty(v) if k in outputs else None
            for k, v in out.items()}
+    gamma = beta = mean = invstd = None
+    eps, train = 0.0, 0
+    if norm is not None:
+        gamma, beta, eps = _vector(norm.weight, c), _vector(norm.bias,
+                                                            c), norm.eps
+    if stats is not None:
+        mean, invstd = _vector(stats.mean, c), _vector(stats.invstd, c)
+        train = int(stats.train)
     _check(_library().ge_conv_gather(
         _ptr(x), _ptr(scale), _ptr(shift), *map(_ptr, params), levels, n,
         c, height, width, _ptr(rows), _ptr(cols),
         _ptr(grad), _ptr(gate), _ptr(dcontext), _ptr(level1),
-        *map(_ptr, out.values()), torch.get_num_threads()), 'ge_conv_gather')
+        *[_ptr(out[k]) for k in ('level1', 'context', 'mean', 'var',
+                                 'grad_gate', 'dx', 'dweight', 'dgamma',
+                                 'dbeta')],
+        _ptr(gamma), _ptr(beta), float(eps), int(norm is not None),
+        _ptr(mean), _ptr(invstd), train,
+        *[_ptr(out[k]) for k in ('norm_mean', 'norm_var', 'norm_dweight',
+                                 'norm_dbias')],
+        torch.get_num_threads()), 'ge_conv_gather')
     return out
 
 
@@ -366,10 +480,10 @@ def conv_gather(x: torch.Tensor,
                 scale: Optional[torch.Tensor] = None,
                 shift: Optional[torch.Tensor] = None,
                 grad: Optional[torch.Tensor] = None,
-                keep_level1: bool = False) -> Tuple[
-                    Optional[torch.Tensor], ...]:
-    """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``
-    (or of ``x``).
+                keep_level1: bool = False,
+                norm: Optional[FusedNorm] = None) -> ConvGatherResult:
+    """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
+    of ``y = norm(x)`` with the batch's statistics, or of ``x``.
 
     Args:
         x (Tensor): (N, C, H, W), :func:`usable`.
@@ -380,21 +494,19 @@ def conv_gather(x: torch.Tensor,
             (N, C, H, W): also return the gate's gradient.
         keep_level1 (bool): Also return the first level's convolution
             output, for :func:`conv_gather_backward`'s ``level1``.
+        norm (FusedNorm, optional): The batch norm that makes ``y`` in
+            training; not with ``scale``, ``grad`` or ``keep_level1``.
 
     Returns:
-        tuple: ``context`` (N, C, h, w) with ``(h, w)`` from
-        :func:`conv_gather_size`; the batch ``mean`` and biased ``var`` of
-        the levels that train, (L, C) (other rows undefined); with
-        ``grad``, ``grad_gate`` (N, C, h, w), the nearest resize's adjoint
-        of ``grad * y``, else None; with ``keep_level1``, ``level1`` (the
-        kernel's own layout), else None.
+        ConvGatherResult: The context and statistics.
     """
     want = ('context', 'mean', 'var') + (
         ('grad_gate', ) if grad is not None else ()) + (
-            ('level1', ) if keep_level1 else ())
-    out = _conv_gather(x, params, scale, shift, grad, None, None, want)
-    return (out['context'], out['mean'], out['var'], out['grad_gate'],
-            out['level1'])
+            ('level1', ) if keep_level1 else ()) + (
+                ('norm_mean', 'norm_var') if norm is not None else ())
+    out = _conv_gather(x, params, scale, shift, grad, None, None, want,
+                       norm=norm)
+    return ConvGatherResult(*[out[k] for k in ConvGatherResult._fields])
 
 
 def conv_gather_backward(
@@ -405,10 +517,12 @@ def conv_gather_backward(
         shift: Optional[torch.Tensor] = None,
         gate: Optional[torch.Tensor] = None,
         dcontext: Optional[torch.Tensor] = None,
-        level1: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+        level1: Optional[torch.Tensor] = None,
+        stats: Optional[NormStats] = None) -> ConvGatherGrads:
     """Backward of ``out = y * resize(gate)`` with ``gate`` made from
     ``conv_gather(y)``: the gradients of ``y`` (both terms) and of the
-    gather's parameters.
+    gather's parameters; with ``stats``, of ``x`` through the batch norm
+    ``y = scale * x + shift`` too, and of the norm's weight and bias.
 
     The gather is recomputed from ``x`` (with the same batch statistics).
     Without ``gate`` and ``dcontext`` the gate is ``sigmoid(context)``
@@ -427,14 +541,18 @@ def conv_gather_backward(
         level1 (Tensor, optional): :func:`conv_gather`'s ``level1`` for the
             same ``x``, parameters and affine: the first convolution is not
             run again. Needs ``gate`` and ``dcontext``.
+        stats (NormStats, optional): The statistics of the batch norm that
+            made ``y`` (``scale`` is its weight times ``invstd``, ``shift``
+            its bias minus ``mean * scale``).
 
     Returns:
-        tuple[Tensor]: ``dy`` (N, C, H, W), ``dweight`` (L, C, 9),
-        ``dgamma`` and ``dbeta`` (L, C).
+        ConvGatherGrads: The gradients.
     """
     if (gate is None) != (dcontext is None):
         raise ValueError('conv_gather_backward takes gate and dcontext '
                          'together, or neither')
-    out = _conv_gather(x, params, scale, shift, grad, gate, dcontext,
-                       ('dx', 'dweight', 'dgamma', 'dbeta'), level1)
-    return out['dx'], out['dweight'], out['dgamma'], out['dbeta']
+    want = ('dx', 'dweight', 'dgamma', 'dbeta') + (
+        ('norm_dweight', 'norm_dbias') if stats is not None else ())
+    out = _conv_gather(x, params, scale, shift, grad, gate, dcontext, want,
+                       level1, stats=stats)
+    return ConvGatherGrads(*[out[k] for k in ConvGatherGrads._fields])

@@ -222,7 +222,7 @@ class ConvGather(nn.Module):
                 not cpu_kernels.hooked(self.convs):
             params = self.native_params(x)
             if params is not None:
-                return self.native_forward(x, params)
+                return self.native_forward(x, params).context
         if x.device.type != 'cpu' or x.shape[0] < 2 or \
                 x.numel() <= self.cpu_chunk or torch.compiler.is_compiling():
             return self.convs(x)
@@ -307,34 +307,41 @@ class ConvGather(nn.Module):
             torch.tensor(relu, dtype=torch.int32))
         return params if cpu_kernels.usable(x, *params[:6]) else None
 
-    def native_forward(self,
-                       x: torch.Tensor,
-                       params: cpu_kernels.ConvGatherParams,
-                       scale: Optional[torch.Tensor] = None,
-                       shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The gather of ``scale[c] * x + shift[c]`` (or of ``x``) on the
-        native kernel, updating the norms' running statistics as their
-        forward would.
+    def native_forward(
+            self,
+            x: torch.Tensor,
+            params: cpu_kernels.ConvGatherParams,
+            scale: Optional[torch.Tensor] = None,
+            shift: Optional[torch.Tensor] = None,
+            norm: Optional[cpu_kernels.FusedNorm] = None
+    ) -> cpu_kernels.ConvGatherResult:
+        """The gather of ``scale[c] * x + shift[c]``, of ``norm(x)`` in
+        training, or of ``x``, on the native kernel, updating the levels'
+        running statistics as their forward would.
 
         Args:
             x (Tensor): (N, C, H, W).
             params (ConvGatherParams): From :meth:`native_params`.
             scale (Tensor, optional): Per-channel scale, (C, ).
             shift (Tensor, optional): Per-channel shift, (C, ).
+            norm (FusedNorm, optional): The batch norm before the gather,
+                with the batch's statistics (whose running statistics the
+                caller updates from the result).
 
         Returns:
-            Tensor: The context, (N, C, ceil(H/e), ceil(W/e)).
+            ConvGatherResult: ``context`` is the context, (N, C,
+            ceil(H/e), ceil(W/e)); with ``norm``, ``norm_mean`` and
+            ``norm_var`` are its batch statistics.
         """
-        context, mean, var, _, _ = cpu_kernels.conv_gather(
-            x, params, scale, shift)
+        result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm)
         n, _, h, w = x.shape
         for level, (m, train) in enumerate(
                 zip(self.convs, params.train.tolist())):
             h, w = -(-h // 2), -(-w // 2)
             if train:
-                update_running_stats(m.norm, mean[level], var[level],
-                                     n * h * w)
-        return context
+                update_running_stats(m.norm, result.mean[level],
+                                     result.var[level], n * h * w)
+        return result
 
     def extra_repr(self) -> str:
         s = f'extent={self.extent!r}'

@@ -16,11 +16,13 @@ second path written out by hand on the native kernels of
 gate gradient and input gradient are one memory pass each; GE-theta's and
 GE-theta-plus's whole gather runs in one kernel, forward and backward.
 Given a plain ``BatchNorm2d`` (in both modes) this path keeps the norm's
-input and makes GE's input on the fly inside the kernels, never
-materialised; without autograd (:func:`native_inference`) it does not
-materialise the norm's output either.
+input and makes GE's input on the fly inside the kernels; for GE-theta and
+GE-theta-plus the gather's kernel also runs the norm itself, forward (its
+batch statistics from the same pass) and backward, so the norm's output is
+never materialised (:func:`native_norm_gate`); without autograd
+(:func:`native_inference`) no variant materialises it.
 """
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,9 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
 from .batch_norm import (batch_norm_backward, batch_norm_forward,
-                         eval_affine, is_plain_batch_norm, uses_batch_stats)
+                         batch_stats_state, check_batch_size, eval_affine,
+                         is_plain_batch_norm, running_stats_state,
+                         uses_batch_stats)
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL
 
@@ -119,21 +123,27 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     The norm's output ``y = norm(inp)`` is never materialised: the gather
     and the excite make it on the fly from ``inp`` (so a block with GE
     makes no more full-resolution passes than one without: the gather's
-    read replaces the norm's write).
+    read replaces the norm's write). For GE-theta(-plus) the gather's
+    kernel also runs a norm in training mode (:func:`native_norm_excite`).
 
     Args:
         layer (nn.Module): The GE layer.
         norm (nn.Module | None): The norm feeding it: None, or a plain batch
-            norm that uses its running statistics.
+            norm.
         plan (str | ConvGatherParams | None): :func:`native_plan`'s answer.
         inp (Tensor): The norm's input (GE's input without a norm).
         identity (Tensor | None): The shortcut.
 
     Returns:
         Tensor | None: ``y * resize(gate) (+ identity)``, or None when the
-        kernels do not apply (no plan, or a norm in training mode).
+        kernels do not apply (no plan, or GE-theta-minus after a norm in
+        training mode).
     """
-    if plan is None or (norm is not None and uses_batch_stats(norm)):
+    if plan is None:
+        return None
+    if plan != POOL:
+        return native_norm_excite(layer, norm, plan, inp, identity)[0]
+    if norm is not None and uses_batch_stats(norm):
         return None
     scale, shift = (None, None) if norm is None else eval_affine(norm)
     return cpu_kernels.excite(inp, native_gate(layer, plan, inp, scale,
@@ -162,8 +172,51 @@ def native_gate(layer: nn.Module, plan: NativePlan, inp: torch.Tensor,
     if plan == POOL:
         return cpu_kernels.pool_gather(inp, layer.extent, scale,
                                        shift).sigmoid_()
-    context = layer.gather.native_forward(inp, plan, scale, shift)
+    context = layer.gather.native_forward(inp, plan, scale, shift).context
     return layer.excite.gate(context).float().contiguous()
+
+
+def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
+                       plan: cpu_kernels.ConvGatherParams,
+                       inp: torch.Tensor, identity: Optional[torch.Tensor]
+                       ) -> Tuple[torch.Tensor, Optional[Dict[str, object]]]:
+    """GE-theta's or GE-theta-plus's output for ``y = norm(inp)`` (or
+    ``inp``), with ``y`` never materialised.
+
+    A norm with batch statistics runs inside the gather's kernel, which
+    computes them in its pass over ``inp``; a norm with running statistics
+    is a per-channel affine the kernels apply on the fly; the excite makes
+    ``y`` on the fly too.
+
+    Args:
+        layer (nn.Module): The GE layer.
+        norm (nn.Module | None): The plain batch norm feeding it, if any.
+        plan (ConvGatherParams): :func:`native_plan`'s answer.
+        inp (Tensor): (N, C, H, W).
+        identity (Tensor | None): The shortcut.
+
+    Returns:
+        tuple: ``y * resize(gate) (+ identity)`` and the norm's state (as
+        :func:`batch_norm_forward`'s; None without a norm). The running
+        statistics are updated as the modules' forward would.
+    """
+    fused = state = scale = shift = None
+    count = 0
+    if norm is not None:
+        if uses_batch_stats(norm):
+            count = check_batch_size(inp.shape)
+            fused = cpu_kernels.FusedNorm(norm.weight, norm.bias, norm.eps)
+        else:
+            state = running_stats_state(norm)
+            scale, shift = state['scale'], state['shift']
+    result = layer.gather.native_forward(inp, plan, scale, shift, fused)
+    if fused is not None:
+        state = batch_stats_state(norm, result.norm_mean, result.norm_var,
+                                  count)
+        scale, shift = state['scale'], state['shift']
+    gate = layer.excite.gate(result.context).float().contiguous()
+    return cpu_kernels.excite(inp, gate, identity, scale=scale,
+                              shift=shift), state
 
 
 class GEFunction(torch.autograd.Function):
@@ -190,14 +243,23 @@ class GEFunction(torch.autograd.Function):
             x = inp if norm is None else norm(inp)
             out = resize_multiply(x, layer.excite.gate(layer.gather(x)),
                                   identity)
-        else:
-            x, ctx.norm_state = (inp, None) if norm is None else \
-                batch_norm_forward(norm, inp)
-            scale, shift = ctx.affine = (None, None) if norm is None else \
-                (ctx.norm_state['scale'], ctx.norm_state['shift'])
+        elif plan == POOL and norm is not None:
+            # GE-theta-minus: the norm's output is made once, gated in place
+            x, ctx.norm_state = batch_norm_forward(norm, inp)
+            scale, shift = ctx.affine = (ctx.norm_state['scale'],
+                                         ctx.norm_state['shift'])
             out = native_excite(x, native_gate(layer, plan, inp, scale,
-                                               shift),
-                                identity, own=norm is not None)
+                                               shift), identity, own=True)
+        elif plan == POOL:
+            ctx.norm_state, ctx.affine = None, (None, None)
+            out = native_excite(inp, native_gate(layer, plan, inp, None,
+                                                 None), identity, own=False)
+        else:
+            # GE-theta(-plus): the norm's output is never materialised
+            out, ctx.norm_state = native_norm_excite(layer, norm, plan, inp,
+                                                     identity)
+            ctx.affine = (None, None) if norm is None else \
+                (ctx.norm_state['scale'], ctx.norm_state['shift'])
         # the parameters' identities as given: under checkpointing the
         # saved tensors unpack as other objects
         ctx.param_ids = [id(p) for p in params]
@@ -252,10 +314,12 @@ class GEFunction(torch.autograd.Function):
         through the norm's backward. ``y`` is made on the fly from ``inp``
         (a per-channel affine) inside the kernels. GE-theta-minus:
         ``d context = dg * g * (1 - g)`` and the pool's backward, on
-        :func:`cpu_kernels.input_grad`. GE-theta and GE-theta-plus:
-        :func:`cpu_kernels.conv_gather_backward` recomputes the gather and
-        runs it backwards; GE-theta-plus's MLP runs in between, on autograd
-        (it is small: at the context's resolution).
+        :func:`cpu_kernels.input_grad`, then ATen's batch norm backward.
+        GE-theta and GE-theta-plus: :func:`cpu_kernels.conv_gather_backward`
+        recomputes the gather, runs it backwards and runs the norm's
+        backward; GE-theta-plus's MLP runs in between
+        (:meth:`Excite.gate_backward`: it is small, at the context's
+        resolution), after a first kernel call for the gate's gradient.
 
         Args:
             ctx: The autograd context.
@@ -280,8 +344,10 @@ class GEFunction(torch.autograd.Function):
             gate = dcontext = level1 = None
             mlp = layer.excite.mlp
             if mlp is not None:
-                context, _, _, grad_gate, level1 = cpu_kernels.conv_gather(
-                    inp, plan, scale, shift, grad, keep_level1=True)
+                first = cpu_kernels.conv_gather(inp, plan, scale, shift,
+                                                grad, keep_level1=True)
+                context, grad_gate, level1 = (first.context,
+                                              first.grad_gate, first.level1)
                 weights = [p for p in layer.excite.parameters()
                            if p.requires_grad]
                 gate, dcontext, *grads = layer.excite.gate_backward(
@@ -289,17 +355,26 @@ class GEFunction(torch.autograd.Function):
                 by_param.update(zip(map(id, weights), grads))
                 gate, dcontext = (t.float().contiguous()
                                   for t in (gate, dcontext))
-            grad_x, dweight, dgamma, dbeta = \
-                cpu_kernels.conv_gather_backward(inp, plan, grad, scale,
-                                                 shift, gate, dcontext,
-                                                 level1)
+            state = ctx.norm_state
+            stats = None if norm is None else cpu_kernels.NormStats(
+                state['mean'], state['invstd'], state['train'])
+            grads = cpu_kernels.conv_gather_backward(
+                inp, plan, grad, scale, shift, gate, dcontext, level1, stats)
+            grad_x = grads.dx
             for level, m in enumerate(layer.gather.convs):
-                by_param[id(m.conv.weight)] = dweight[level].view_as(
+                by_param[id(m.conv.weight)] = grads.dweight[level].view_as(
                     m.conv.weight)
                 if m.norm.weight is not None:
-                    by_param[id(m.norm.weight)] = dgamma[level]
+                    by_param[id(m.norm.weight)] = grads.dgamma[level]
                 if m.norm.bias is not None:
-                    by_param[id(m.norm.bias)] = dbeta[level]
+                    by_param[id(m.norm.bias)] = grads.dbeta[level]
+            if norm is not None:
+                # the kernel ran the norm's backward too
+                for p, g in ((norm.weight, grads.norm_dweight),
+                             (norm.bias, grads.norm_dbias)):
+                    if p is not None and p.requires_grad:
+                        by_param[id(p)] = g
+                norm = None
         grad_inp = grad_x
         if norm is not None:
             weight, bias = norm.weight, norm.bias
