@@ -19,7 +19,7 @@ Given a plain ``BatchNorm2d`` (in both modes) this path keeps the norm's
 input and makes GE's input on the fly inside the kernels; for GE-theta and
 GE-theta-plus the gather's kernel also runs the norm itself, forward (its
 batch statistics from the same pass) and backward, so the norm's output is
-never materialised (:func:`native_norm_gate`); without autograd
+never materialised (:func:`native_norm_excite`); without autograd
 (:func:`native_inference`) no variant materialises it.
 """
 from typing import Dict, List, Optional, Tuple, Union
