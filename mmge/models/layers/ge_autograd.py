@@ -146,34 +146,27 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     if norm is not None and uses_batch_stats(norm):
         return None
     scale, shift = (None, None) if norm is None else eval_affine(norm)
-    return cpu_kernels.excite(inp, native_gate(layer, plan, inp, scale,
-                                               shift), identity,
-                              scale=scale, shift=shift)
+    return cpu_kernels.excite(inp, pool_gate(layer, inp, scale, shift),
+                              identity, scale=scale, shift=shift)
 
 
-def native_gate(layer: nn.Module, plan: NativePlan, inp: torch.Tensor,
-                scale: Optional[torch.Tensor],
-                shift: Optional[torch.Tensor]) -> torch.Tensor:
-    """The gate of ``y = scale[c] * inp + shift[c]`` (or ``inp``) on the
-    kernels.
+def pool_gate(layer: nn.Module, inp: torch.Tensor,
+              scale: Optional[torch.Tensor],
+              shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """GE-theta-minus's gate of ``y = scale[c] * inp + shift[c]`` (or
+    ``inp``) on the pool kernel.
 
     Args:
         layer (nn.Module): The GE layer.
-        plan (str | ConvGatherParams): :func:`native_plan`'s answer.
         inp (Tensor): (N, C, H, W).
         scale (Tensor, optional): Per-channel scale.
         shift (Tensor, optional): Per-channel shift.
 
     Returns:
-        Tensor: ``sigmoid(f(gather(y)))``, contiguous float32 for the
-        kernels (autocast may run the MLP in bfloat16; the product with
-        float32 features is float32 anyway).
+        Tensor: ``sigmoid(pool(y))``.
     """
-    if plan == POOL:
-        return cpu_kernels.pool_gather(inp, layer.extent, scale,
-                                       shift).sigmoid_()
-    context = layer.gather.native_forward(inp, plan, scale, shift).context
-    return layer.excite.gate(context).float().contiguous()
+    return cpu_kernels.pool_gather(inp, layer.extent, scale,
+                                   shift).sigmoid_()
 
 
 def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
@@ -214,6 +207,7 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         state = batch_stats_state(norm, result.norm_mean, result.norm_var,
                                   count)
         scale, shift = state['scale'], state['shift']
+    # contiguous float32 for the kernel: autocast may run the MLP in bfloat16
     gate = layer.excite.gate(result.context).float().contiguous()
     return cpu_kernels.excite(inp, gate, identity, scale=scale,
                               shift=shift), state
@@ -243,17 +237,14 @@ class GEFunction(torch.autograd.Function):
             x = inp if norm is None else norm(inp)
             out = resize_multiply(x, layer.excite.gate(layer.gather(x)),
                                   identity)
-        elif plan == POOL and norm is not None:
-            # GE-theta-minus: the norm's output is made once, gated in place
-            x, ctx.norm_state = batch_norm_forward(norm, inp)
-            scale, shift = ctx.affine = (ctx.norm_state['scale'],
-                                         ctx.norm_state['shift'])
-            out = native_excite(x, native_gate(layer, plan, inp, scale,
-                                               shift), identity, own=True)
         elif plan == POOL:
-            ctx.norm_state, ctx.affine = None, (None, None)
-            out = native_excite(inp, native_gate(layer, plan, inp, None,
-                                                 None), identity, own=False)
+            # GE-theta-minus: the norm's output is made once, gated in place
+            x, ctx.norm_state = (inp, None) if norm is None else \
+                batch_norm_forward(norm, inp)
+            scale, shift = ctx.affine = (None, None) if norm is None else \
+                (ctx.norm_state['scale'], ctx.norm_state['shift'])
+            out = native_excite(x, pool_gate(layer, inp, scale, shift),
+                                identity, own=norm is not None)
         else:
             # GE-theta(-plus): the norm's output is never materialised
             out, ctx.norm_state = native_norm_excite(layer, norm, plan, inp,
@@ -334,7 +325,7 @@ class GEFunction(torch.autograd.Function):
         scale, shift = ctx.affine
         by_param: Dict[int, torch.Tensor] = {}
         if plan == POOL:
-            gate = native_gate(layer, plan, inp, scale, shift)
+            gate = pool_gate(layer, inp, scale, shift)
             grad_gate = cpu_kernels.gate_grad(grad, inp, gate.shape[-2:],
                                               scale, shift)
             grad_pool = grad_gate.mul_(gate).mul_(1 - gate)
