@@ -93,6 +93,33 @@ def test_gate_grad_excite_and_input_grad_are_the_resize(size, gate, affine):
     close(inplace, x * up + identity)
 
 
+@pytest.mark.parametrize('size,gate', (((56, 56), (7, 7)), ((13, 9), (5, 4)),
+                                       ((7, 7), (1, 1)), ((12, 5), (3, 1))))
+def test_excite_applies_the_blocks_relu(size, gate):
+    """relu=True gives torch.relu of the result, in place too; a NaN stays
+    NaN, as ATen's ReLU keeps it (gate widths 1 take a loop of their
+    own)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    x[0, 0, 0, 0] = float('nan')
+    identity = torch.randn_like(x)
+    g = torch.rand(2, 3, *gate, dtype=torch.float64)
+    scale, shift = _affine(3, 3)
+    y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    up = F.interpolate(g.float(), size=size, mode='nearest').double()
+    before = y * up + identity
+    assert (before < 0).any()
+    f = [t.float() for t in (x, g, identity, scale, shift)]
+    for out in (None, f[0].clone()):
+        got = cpu_kernels.excite(out if out is not None else f[0], f[1],
+                                 f[2], out=out, scale=f[3], shift=f[4],
+                                 relu=True)
+        assert out is None or got.data_ptr() == out.data_ptr()
+        assert torch.isnan(got[0, 0, 0, 0])
+        torch.testing.assert_close(got.double(), before.relu(),
+                                   equal_nan=True, **TOL)
+
+
 @pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('extent', (2, 4, 8))
 def test_input_grad_adds_the_pools_backward(size, extent):
@@ -695,7 +722,7 @@ def test_ge_resnet_trains_on_the_native_path(variant, kernel, monkeypatch):
 
 
 def _formula_forward(layer):
-    def forward(x, identity=None, norm=None):
+    def forward(x, identity=None, norm=None, relu=False):
         if norm is not None:
             x = norm(x)
         if layer.variant == 'theta_minus':
@@ -707,6 +734,7 @@ def _formula_forward(layer):
                 context = layer.excite.mlp(context)
         out = x * F.interpolate(
             context.sigmoid(), size=x.shape[-2:], mode='nearest')
-        return out if identity is None else out + identity
+        out = out if identity is None else out + identity
+        return out.relu() if relu else out
 
     return forward

@@ -21,8 +21,9 @@ VARIANTS = ('theta_minus', 'theta', 'theta_plus')
 SIZES = ((13, 9), (16, 16), (56, 56), (1, 31), (29, 2), (25, 42))
 
 
-def formula(layer, x, identity=None, norm=None):
-    """SPEC.md's GE, written as it reads, with plain autograd."""
+def formula(layer, x, identity=None, norm=None, relu=False):
+    """SPEC.md's GE, written as it reads, with plain autograd (then the
+    block's ReLU, with ``relu``)."""
     if norm is not None:
         x = norm(x)
     gather = layer.gather
@@ -30,7 +31,8 @@ def formula(layer, x, identity=None, norm=None):
     if layer.excite.mlp is not None:
         ctx = layer.excite.mlp(ctx)
     y = x * F.interpolate(ctx, size=x.shape[-2:], mode='nearest').sigmoid()
-    return y if identity is None else y + identity
+    y = y if identity is None else y + identity
+    return y.relu() if relu else y
 
 
 @pytest.mark.parametrize('dtype', (torch.float32, torch.float64))
@@ -118,6 +120,44 @@ def test_values_and_gradients_equal_the_formula(variant, extent, size):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_memory_saving_mode_equals_the_formula(variant, extent, size):
     _check_against_formula(variant, extent, size, memory_efficient=True)
+
+
+@pytest.mark.parametrize('dtype,train', ((torch.float32, False),
+                                         (torch.float32, True),
+                                         (torch.float64, False),
+                                         (torch.float64, True)))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_relu_is_the_blocks_activation_after_ge(variant, dtype, train):
+    """``relu=True``: the formula's result through a ReLU, on the native
+    kernels (float32) and the ATen path (float64), without autograd (eval)
+    and with it (training: gradients of input, shortcut and parameters)."""
+    torch.manual_seed(0)
+    layer = GatherExcite(6, variant=variant, extent=4,
+                         reduction=2).to(dtype).train(train)
+    norm = nn.BatchNorm2d(6).to(dtype).train(train)
+    for bn in [norm] + [m for m in layer.modules()
+                        if isinstance(m, nn.BatchNorm2d)]:
+        bn.running_var.uniform_(0.5, 2)
+    ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+    x = torch.randn(2, 6, 13, 16, dtype=dtype, requires_grad=train)
+    identity = torch.randn_like(x, requires_grad=train)
+    tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else \
+        dict(rtol=1e-10, atol=1e-12)
+    results = []
+    for m, n, fn in ((layer, norm, layer), (ref_layer, ref_norm, None)):
+        with torch.set_grad_enabled(train):
+            out = fn(x, identity, norm=n, relu=True) if fn is not None \
+                else formula(m, x, identity, n, relu=True)
+        assert (out == 0).any() and (out >= 0).all()
+        if train:
+            wrt = [x, identity, *m.parameters(), *n.parameters()]
+            grads = torch.autograd.grad(out, wrt, torch.randn_like(
+                out, generator=torch.Generator().manual_seed(1)))
+        else:
+            grads = ()
+        results.append([out, *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def _saved_storages(fn):

@@ -4,7 +4,8 @@ import torch
 from mmdet.models.backbones import ResNet
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmge.models import GatherExcite, GEBasicBlock, GEResNet, SqueezeExcite
+from mmge.models import (GatherExcite, GEBasicBlock, GEBottleneck,
+                         GEResNet, SqueezeExcite)
 
 
 def ge_layers(model, cls=GatherExcite):
@@ -52,6 +53,42 @@ def test_basic_block_layer_sits_after_norm2_before_add():
     with torch.no_grad():
         expect = torch.relu(block.gather_excite(block.norm2(conv2_out)) + x)
     torch.testing.assert_close(y, expect)
+
+
+@pytest.mark.parametrize('depth', (18, 50))
+def test_blocks_last_relu_runs_in_ge_pass_unless_a_hook_would_see(
+        depth, monkeypatch):
+    """Each block's last ReLU runs in GE's excite pass (its module is
+    called once fewer per block); a hook on it, or on the GE layer (which
+    then sees its output before the activation), brings the call back. The
+    outputs are the same bit for bit."""
+    torch.manual_seed(0)
+    model = GEResNet(depth, base_channels=8,
+                     ge_cfg=dict(variant='theta', extent=4)).eval()
+    blocks = [m for m in model.modules()
+              if isinstance(m, (GEBasicBlock, GEBottleneck))]
+    calls = []
+    forward = torch.nn.ReLU.forward
+    monkeypatch.setattr(torch.nn.ReLU, 'forward',
+                        lambda self, x: calls.append(self) or forward(self, x))
+    x = torch.randn(2, 3, 64, 64)
+
+    def run():
+        calls.clear()
+        with torch.no_grad():
+            return model(x), len(calls)
+
+    fused, n_fused = run()
+    handles = [b.relu.register_forward_hook(lambda *a: None) for b in blocks]
+    hooked, n_hooked = run()
+    assert n_hooked == n_fused + len(blocks)
+    assert all(torch.equal(a, b) for a, b in zip(fused, hooked))
+    for h in handles:
+        h.remove()
+    handle = ge_layers(blocks[1])[0].register_forward_hook(lambda *a: None)
+    assert run()[1] == n_fused + 1
+    handle.remove()
+    assert run()[1] == n_fused
 
 
 def test_bottleneck_layer_sits_after_conv3():

@@ -42,6 +42,23 @@ def test_layer_sits_on_the_branch_before_add_and_concat():
     torch.testing.assert_close(y, expect)
 
 
+def test_units_relu_runs_in_ge_pass_with_the_same_result():
+    """The unit's ReLU after GE runs in GE's last pass; a hook on it puts
+    the module call back, with the same outputs bit for bit."""
+    torch.manual_seed(0)
+    model = GEShuffleNetV1(groups=3, widen_factor=0.5,
+                           ge_cfg=dict(variant='theta', extent=2)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    with torch.no_grad():
+        fused = model(x)
+        for u in (u for layer in model.layers for u in layer):
+            u.act.register_forward_hook(lambda *a: seen.append(1))
+        hooked = model(x)
+    assert len(seen) >= 16
+    assert all(torch.equal(a, b) for a, b in zip(fused, hooked))
+
+
 def test_plain_unit_output_unchanged_without_layer():
     torch.manual_seed(0)
     plain = ShuffleNetV1(groups=3)

@@ -147,11 +147,15 @@ struct conv_gather_args {
   /* the gather's input is y = scale[c] * x + shift[c] (x without scale);
    * x: (N, C, H, W) */
   const float *x, *scale, *shift;
-  /* level l = 1 .. L at index l - 1: kernels (L, C, 9); batch norm weight,
-   * bias, running mean and 1 / sqrt(running_var + eps) (L, C); eps (L);
-   * train (L): the level normalises with the batch's statistics (else with
-   * the running ones); relu (L): the level ends with a ReLU */
-  const float *weight, *gamma, *beta, *rmean, *rinvstd, *eps;
+  /* level l = 1 .. L at index l - 1, read where the modules keep them:
+   * weight[l - 1], the convolution's kernels (C, 9); gamma, beta, the batch
+   * norm's weight and bias (C each; NULL: 1 and 0); rmean, rvar, its
+   * running mean and variance (C each; NULL where the level trains); eps;
+   * train: the level normalises with the batch's statistics (else with
+   * the running ones); relu: the level ends with a ReLU */
+  const float *const *weight, *const *gamma, *const *beta, *const *rmean,
+      *const *rvar;
+  const double *eps;
   const int *train, *relu;
   int levels;
   int64_t N, C, H, W;
@@ -338,13 +342,14 @@ INLINE void store_small(float *dst, const float *src, int64_t N, int64_t C,
         dst[(n * C + c0 + k) * m + t] = src[(n * m + t) * LANES + k];
 }
 
-/* a (L, C) or (L, C, 9) parameter's values for one block: lanes past the
- * block's channels get `fill` */
+/* a (C, ) or (C, 9) parameter's values for one block: lanes past the
+ * block's channels, and all lanes without src, get `fill` */
 INLINE void lanes_of(vf *dst, const float *src, int64_t c0,
                      int active, int64_t width, float fill) {
   for (int64_t t = 0; t < width; ++t) {
     dst[t] = splat(fill);
-    for (int k = 0; k < active; ++k) dst[t][k] = src[(c0 + k) * width + t];
+    if (src)
+      for (int k = 0; k < active; ++k) dst[t][k] = src[(c0 + k) * width + t];
   }
 }
 
@@ -432,12 +437,17 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     vf bsc[MAX_LEVELS + 1], bsh[MAX_LEVELS + 1];
     vd dK[MAX_LEVELS + 1][9];
     for (int64_t l = 1; l <= L; ++l) {
-      const int64_t o = (l - 1) * C;
-      lanes_of(K[l], a->weight + o * 9, c0, active, 9, 0.f);
-      lanes_of(&gamma[l], a->gamma + o, c0, active, 1, 1.f);
-      lanes_of(&beta[l], a->beta + o, c0, active, 1, 0.f);
-      lanes_of(&mean[l], a->rmean + o, c0, active, 1, 0.f);
-      lanes_of(&invstd[l], a->rinvstd + o, c0, active, 1, 1.f);
+      lanes_of(K[l], a->weight[l - 1], c0, active, 9, 0.f);
+      lanes_of(&gamma[l], a->gamma[l - 1], c0, active, 1, 1.f);
+      lanes_of(&beta[l], a->beta[l - 1], c0, active, 1, 0.f);
+      /* the running statistics (placeholders where the level trains),
+       * invstd in float as ATen's batch norm computes it */
+      lanes_of(&mean[l], a->rmean[l - 1], c0, active, 1, 0.f);
+      invstd[l] = splat(1.f);
+      if (a->rvar[l - 1])
+        for (int k = 0; k < active; ++k)
+          invstd[l][k] =
+              1.f / sqrtf(a->rvar[l - 1][c0 + k] + (float)a->eps[l - 1]);
       for (int t = 0; t < 9; ++t) dK[l][t] = (vd){0};
     }
 
@@ -702,12 +712,13 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
  * 1 when the scratch memory could not be allocated, 2 for more than
  * MAX_LEVELS levels, 3 for level1_in with an output that needs the input's
  * gate gradient, 4 for a fused norm used wrongly (norm_batch with scale or
- * with a backward output, norm_invstd without dx). */
+ * with a backward output, norm_invstd without dx), 5 for a level without
+ * its kernels or, when it does not train, its running statistics. */
 int ge_conv_gather(const float *x, const float *scale, const float *shift,
-                   const float *weight, const float *gamma,
-                   const float *beta, const float *rmean,
-                   const float *rinvstd, const float *eps, const int *train,
-                   const int *relu, int levels, int64_t N, int64_t C,
+                   const float *const *weight, const float *const *gamma,
+                   const float *const *beta, const float *const *rmean,
+                   const float *const *rvar, const double *eps,
+                   const int *train, const int *relu, int levels, int64_t N, int64_t C,
                    int64_t H, int64_t W, const int64_t *row_index,
                    const int64_t *col_index, const float *grad,
                    const float *gate, const float *dcontext,
@@ -728,9 +739,11 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
     return 4;
   if (norm_invstd && (!dx || !norm_mean_in || !norm_dgamma || !norm_dbeta))
     return 4;
+  for (int l = 0; l < levels; ++l)
+    if (!weight[l] || (!train[l] && (!rmean[l] || !rvar[l]))) return 5;
   struct conv_gather_args a = {
       .x = x, .scale = scale, .shift = shift, .weight = weight, .gamma = gamma,
-      .beta = beta, .rmean = rmean, .rinvstd = rinvstd, .eps = eps,
+      .beta = beta, .rmean = rmean, .rvar = rvar, .eps = eps,
       .train = train, .relu = relu, .levels = levels, .N = N, .C = C, .H = H,
       .W = W, .row_index = row_index, .col_index = col_index, .grad = grad,
       .gate = gate, .dcontext = dcontext, .level1_in = level1_in,

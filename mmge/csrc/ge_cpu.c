@@ -233,8 +233,9 @@ int ge_input_grad(const float *grad, const float *gate, const float *pool_grad,
 /* ------------------------------------------------------------------------ */
 /* excite: out = y * resize(gate) (+ identity), y = scale[c] * x + shift[c]
  * (scale NULL: y = x), gate (h, w) resized to (H, W) with the nearest
- * indices. out may be x itself (each element is read before it is
- * written). */
+ * indices; with relu, then max(out, 0) (the block's activation, NaN kept as
+ * ATen's ReLU keeps it) in the same pass. out may be x itself (each element
+ * is read before it is written). */
 
 /* o = (sc * x + sh) * g (+ id), n elements; o may be x */
 static void scale_add(float *o, const float *x, float sc, float sh, float g,
@@ -246,11 +247,17 @@ static void scale_add(float *o, const float *x, float sc, float sh, float g,
     for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b;
 }
 
+/* o = max(o, 0) for n elements, while they are in the L1 cache */
+static void relu_inplace(float *o, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) o[k] = o[k] < 0.f ? 0.f : o[k];
+}
+
 struct excite_args {
   const float *x, *scale, *shift, *gate, *identity;
   const int64_t *row_index, *col_index;
   float *out;
   int64_t channels, H, W, h, w;
+  int relu;
 };
 
 static void excite_planes(const void *args_, int64_t first, int64_t last,
@@ -278,6 +285,7 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
         while (end < H && a->row_index[end] == gate_i) ++end;
         scale_add(o, xr, sc, sh, gate_row[0], id ? id + p * W : NULL,
                   (end - p) * W);
+        if (a->relu) relu_inplace(o, (end - p) * W);
         p = end - 1;
         continue;
       }
@@ -289,6 +297,7 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
         for (int64_t q = 0; q < W; ++q)
           o[q] = (sc * xr[q] + sh) * gate_row[q];
       }
+      if (a->relu) relu_inplace(o, W);
     }
   }
 }
@@ -297,8 +306,8 @@ int ge_excite(const float *x, const float *scale, const float *shift,
               const float *gate, const float *identity,
               const int64_t *row_index, const int64_t *col_index, float *out,
               int64_t planes, int64_t channels, int64_t H, int64_t W,
-              int64_t h, int64_t w, int threads) {
+              int64_t h, int64_t w, int relu, int threads) {
   struct excite_args a = {x, scale, shift, gate, identity, row_index,
-                          col_index, out, channels, H, W, h, w};
+                          col_index, out, channels, H, W, h, w, relu};
   return for_planes(excite_planes, &a, planes, H * W, W, threads);
 }

@@ -12,7 +12,8 @@ from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
 from ..layers.gather import Size2d, to_size2d
-from ..layers.gather_excite import GatherExcite, needs_feat_size
+from ..layers.gather_excite import (GatherExcite, fusable_relu,
+                                     needs_feat_size)
 
 
 def fused_ge(block: nn.Module, names: List[str]) -> Optional[GatherExcite]:
@@ -75,6 +76,7 @@ class GEBasicBlock(BasicBlock):
         ge = fused_ge(self, self.after_conv2_plugin_names)
         if 'before_block' in self._modules:  # GEResNet's before_last_block
             x = self.before_block(x)
+        relu = ge is not None and fusable_relu(self.relu, ge)
 
         def _inner_forward(x):
             identity = x
@@ -82,7 +84,8 @@ class GEBasicBlock(BasicBlock):
             if self.downsample is not None:
                 identity = self.downsample(x)
             if ge is not None:
-                return ge(self.conv2(out), identity, norm=self.norm2)
+                return ge(self.conv2(out), identity, norm=self.norm2,
+                          relu=relu)
             out = self.norm2(self.conv2(out))
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             return out + identity
@@ -91,7 +94,7 @@ class GEBasicBlock(BasicBlock):
             out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
         else:
             out = _inner_forward(x)
-        return self.relu(out)
+        return out if relu else self.relu(out)
 
 
 class GEBottleneck(Bottleneck):
@@ -111,6 +114,7 @@ class GEBottleneck(Bottleneck):
             if self.with_plugins else None
         if ge is None:
             return super().forward(x)
+        relu = fusable_relu(self.relu, ge)
 
         def _inner_forward(x):
             identity = x
@@ -120,13 +124,13 @@ class GEBottleneck(Bottleneck):
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             if self.downsample is not None:
                 identity = self.downsample(x)
-            return ge(self.conv3(out), identity, norm=self.norm3)
+            return ge(self.conv3(out), identity, norm=self.norm3, relu=relu)
 
         if self.with_cp and x.requires_grad:
             out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
         else:
             out = _inner_forward(x)
-        return self.relu(out)
+        return out if relu else self.relu(out)
 
 
 @MODELS.register_module()

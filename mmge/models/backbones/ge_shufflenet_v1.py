@@ -12,7 +12,8 @@ from mmpretrain.models.utils import channel_shuffle
 
 from ..init_report import report_layer_loading
 from ..layers.gather import to_size2d
-from ..layers.gather_excite import GatherExcite, needs_feat_size
+from ..layers.gather_excite import (GatherExcite, fusable_relu,
+                                     needs_feat_size)
 
 
 class GEShuffleUnit(ShuffleUnit):
@@ -51,12 +52,16 @@ class GEShuffleUnit(ShuffleUnit):
             if isinstance(ge, GatherExcite) and expand.with_norm and \
                     not expand.with_activation and \
                     expand.order == ('conv', 'norm', 'act'):
-                # GE adds the shortcut and may recompute the norm's output
+                # GE adds the shortcut, may recompute the norm's output and
+                # applies a plain ReLU in its last pass
                 out = expand.conv(out)
+                relu = fusable_relu(self.act, ge)
+                out = ge(out, None if self.combine == 'concat' else x,
+                         norm=expand.norm, relu=relu)
+                out = out if relu else self.act(out)
                 if self.combine == 'concat':
-                    return self._concat(
-                        self.avgpool(x), self.act(ge(out, norm=expand.norm)))
-                return self.act(ge(out, x, norm=expand.norm))
+                    return self._concat(self.avgpool(x), out)
+                return out
             out = expand(out)
             if ge is not None:
                 out = ge(out)

@@ -65,7 +65,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_pool_forward.argtypes = [_PTR] * 4 + [_I64] * 5 + [ctypes.c_int]
     lib.ge_gate_grad.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
-    lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_int]
+    lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_int] * 2
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int]
@@ -97,9 +97,13 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
     """
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    return available() and all(
-        t is None or (t.device.type == 'cpu' and t.dtype == torch.float32
-                      and t.is_contiguous()) for t in tensors)
+    if not available():
+        return False
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dtype is torch.float32
+                                  and t.is_contiguous()):
+            return False
+    return True
 
 
 def hooked(*modules: torch.nn.Module) -> bool:
@@ -116,8 +120,14 @@ def hooked(*modules: torch.nn.Module) -> bool:
     if torch_module._global_forward_hooks or \
             torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks
-               for module in modules for m in module.modules())
+    # a plain walk: ``Module.modules()`` costs several times more, per call
+    stack = list(modules)
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 #: smallest H * W on which :func:`worthwhile` sends one-pass work (the
@@ -156,6 +166,10 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f'mmge native kernel {name}: a fused norm computes '
                          f'its statistics only in a forward call without '
                          f'scale and shift, and its backward needs dx')
+    if status == 5:
+        raise ValueError(f'mmge native kernel {name}: a level lacks its '
+                         f'kernels, or its running statistics where it does '
+                         f'not train')
     if status:
         raise MemoryError(f'mmge native kernel {name}: out of memory for '
                           f'its scratch buffers')
@@ -211,10 +225,11 @@ def excite(x: torch.Tensor,
            identity: Optional[torch.Tensor] = None,
            out: Optional[torch.Tensor] = None,
            scale: Optional[torch.Tensor] = None,
-           shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+           shift: Optional[torch.Tensor] = None,
+           relu: bool = False) -> torch.Tensor:
     """``y * F.interpolate(gate, size=x.shape[-2:], mode='nearest')``, plus
     ``identity`` when given, with ``y = scale[c] * x + shift[c]`` (or
-    ``x``).
+    ``x``); then a ReLU when asked, in the same pass.
 
     Args:
         x (Tensor): Features, (N, C, H, W).
@@ -225,6 +240,8 @@ def excite(x: torch.Tensor,
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ); given with
             ``scale``.
+        relu (bool): Apply ``torch.relu`` to the result (a residual block's
+            activation after the shortcut). Defaults to False.
 
     Returns:
         Tensor: ``out``, (N, C, H, W).
@@ -237,7 +254,7 @@ def excite(x: torch.Tensor,
     _check(_library().ge_excite(
         _ptr(x), _ptr(scale), _ptr(shift), _ptr(gate), _ptr(identity),
         _ptr(rows), _ptr(cols), _ptr(out), n * c, c, height, width, h, w,
-        torch.get_num_threads()), 'ge_excite')
+        int(relu), torch.get_num_threads()), 'ge_excite')
     return out
 
 
@@ -309,29 +326,41 @@ MAX_LEVELS = 16
 class ConvGatherParams(NamedTuple):
     """What :func:`conv_gather` needs of a parametric gather of ``L`` levels
     on ``C`` channels (level ``l``: depthwise 3x3 convolution of stride 2 and
-    padding 1, batch norm, ReLU), as contiguous float32 CPU tensors.
+    padding 1, batch norm, ReLU): the modules' own tensors, one per level
+    (contiguous float32 CPU tensors, read where they are, not copied).
 
     Attributes:
-        weight (Tensor): Convolution kernels, (L, C, 9).
-        gamma (Tensor): Batch norm weights (ones without affine), (L, C).
-        beta (Tensor): Batch norm biases (zeros without affine), (L, C).
-        running_mean (Tensor): The running means the levels that do not
-            train use, (L, C).
-        running_invstd (Tensor): Their ``1 / sqrt(running_var + eps)``,
-            (L, C).
-        eps (Tensor): Each level's eps, (L, ).
-        train (Tensor): int32 (L, ): 1 where a level normalises with the
-            batch's statistics.
-        relu (Tensor): int32 (L, ): 1 where a level ends with a ReLU.
+        weight (tuple[Tensor]): Convolution kernels, ``C * 9`` values each.
+        gamma (tuple[Tensor | None]): Batch norm weights (None: ones).
+        beta (tuple[Tensor | None]): Batch norm biases (None: zeros).
+        running_mean (tuple[Tensor | None]): The running means, (C, ); None
+            where the level trains.
+        running_var (tuple[Tensor | None]): The running variances, (C, );
+            None where the level trains.
+        eps (tuple[float]): Each level's eps.
+        train (tuple[bool]): True where a level normalises with the batch's
+            statistics.
+        relu (tuple[bool]): True where a level ends with a ReLU.
     """
-    weight: torch.Tensor
-    gamma: torch.Tensor
-    beta: torch.Tensor
-    running_mean: torch.Tensor
-    running_invstd: torch.Tensor
-    eps: torch.Tensor
-    train: torch.Tensor
-    relu: torch.Tensor
+    weight: Tuple[torch.Tensor, ...]
+    gamma: Tuple[Optional[torch.Tensor], ...]
+    beta: Tuple[Optional[torch.Tensor], ...]
+    running_mean: Tuple[Optional[torch.Tensor], ...]
+    running_var: Tuple[Optional[torch.Tensor], ...]
+    eps: Tuple[float, ...]
+    train: Tuple[bool, ...]
+    relu: Tuple[bool, ...]
+
+    @property
+    def tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
+        """tuple[Tensor | None]: Every tensor, for :func:`usable`."""
+        return (self.weight + self.gamma + self.beta + self.running_mean +
+                self.running_var)
+
+
+def _pointers(tensors):
+    """A C array of the tensors' addresses (NULL for None)."""
+    return (_PTR * len(tensors))(*[_ptr(t) for t in tensors])
 
 
 def conv_gather_size(height: int, width: int,
@@ -385,9 +414,9 @@ class ConvGatherResult(NamedTuple):
     Attributes:
         context (Tensor): (N, C, h, w), ``(h, w)`` from
             :func:`conv_gather_size`.
-        mean (Tensor): The batch mean of the levels that train, (L, C)
-            (other rows undefined).
-        var (Tensor): Their biased batch variance, (L, C).
+        mean (Tensor | None): When a level trains, the batch mean of the
+            levels that do, (L, C) (other rows undefined).
+        var (Tensor | None): Their biased batch variance, (L, C).
         grad_gate (Tensor | None): With ``grad``, (N, C, h, w): the nearest
             resize's adjoint of ``grad * y``.
         level1 (Tensor | None): With ``keep_level1``, the first level's
@@ -429,7 +458,7 @@ class ConvGatherGrads(NamedTuple):
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
                  level1=None, norm=None, stats=None):
     n, c, height, width = x.shape
-    levels = params.weight.shape[0]
+    levels = len(params.weight)
     h, w = conv_gather_size(height, width, levels)
     h1, w1 = conv_gather_size(height, width, 1)
     blocks = -(-c // 8)  # LANES in ge_conv_gather.c
@@ -461,8 +490,12 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
         mean, invstd = _vector(stats.mean, c), _vector(stats.invstd, c)
         train = int(stats.train)
     _check(_library().ge_conv_gather(
-        _ptr(x), _ptr(scale), _ptr(shift), *map(_ptr, params), levels, n,
-        c, height, width, _ptr(rows), _ptr(cols),
+        _ptr(x), _ptr(scale), _ptr(shift),
+        *[_pointers(t) for t in params[:5]],
+        (ctypes.c_double * levels)(*params.eps),
+        (ctypes.c_int * levels)(*params.train),
+        (ctypes.c_int * levels)(*params.relu), levels, n, c, height, width,
+        _ptr(rows), _ptr(cols),
         _ptr(grad), _ptr(gate), _ptr(dcontext), _ptr(level1),
         *[_ptr(out[k]) for k in ('level1', 'context', 'mean', 'var',
                                  'grad_gate', 'dx', 'dweight', 'dgamma',
@@ -500,7 +533,7 @@ def conv_gather(x: torch.Tensor,
     Returns:
         ConvGatherResult: The context and statistics.
     """
-    want = ('context', 'mean', 'var') + (
+    want = ('context', ) + (('mean', 'var') if any(params.train) else ()) + (
         ('grad_gate', ) if grad is not None else ()) + (
             ('level1', ) if keep_level1 else ()) + (
                 ('norm_mean', 'norm_var') if norm is not None else ())

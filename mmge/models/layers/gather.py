@@ -255,15 +255,15 @@ class ConvGather(nn.Module):
             x (Tensor): The gather's input, (N, C, H, W).
 
         Returns:
-            ConvGatherParams | None: The parameters, copied (the running
-            statistics as they are now).
+            ConvGatherParams | None: The modules' tensors (the kernel reads
+            them where they are, as ATen's ops would).
         """
         levels = len(self.convs)
         if self.extent == GLOBAL or x.dim() != 4 or \
                 levels > cpu_kernels.MAX_LEVELS:
             return None
         n, c, h, w = x.shape
-        weights, gammas, betas, means, invstds = [], [], [], [], []
+        weights, gammas, betas, means, variances = [], [], [], [], []
         eps, train, relu = [], [], []
         for m in self.convs:
             conv, norm = m.conv, m.norm if m.with_norm else None
@@ -284,28 +284,18 @@ class ConvGather(nn.Module):
             batch = uses_batch_stats(norm)
             if batch and n * h * w < 2:
                 return None  # the module raises ValueError: let it
-            weights.append(conv.weight.detach().reshape(c, 9))
-            gammas.append(x.new_ones(c) if norm.weight is None
-                          else norm.weight.detach())
-            betas.append(x.new_zeros(c) if norm.bias is None
-                         else norm.bias.detach())
-            if batch:
-                means.append(x.new_zeros(c))
-                invstds.append(x.new_zeros(c))
-            else:
-                means.append(norm.running_mean.detach())
-                invstds.append((norm.running_var.detach() +
-                                norm.eps).rsqrt())
-            eps.append(norm.eps)
-            train.append(int(batch))
-            relu.append(int(m.with_activation))
+            weights.append(conv.weight)
+            gammas.append(norm.weight)
+            betas.append(norm.bias)
+            means.append(None if batch else norm.running_mean)
+            variances.append(None if batch else norm.running_var)
+            eps.append(float(norm.eps))
+            train.append(batch)
+            relu.append(m.with_activation)
         params = cpu_kernels.ConvGatherParams(
-            *[torch.stack(t) for t in (weights, gammas, betas, means,
-                                       invstds)],
-            torch.tensor(eps, dtype=torch.float32),
-            torch.tensor(train, dtype=torch.int32),
-            torch.tensor(relu, dtype=torch.int32))
-        return params if cpu_kernels.usable(x, *params[:6]) else None
+            tuple(weights), tuple(gammas), tuple(betas), tuple(means),
+            tuple(variances), tuple(eps), tuple(train), tuple(relu))
+        return params if cpu_kernels.usable(x, *params.tensors) else None
 
     def native_forward(
             self,
@@ -335,8 +325,7 @@ class ConvGather(nn.Module):
         """
         result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm)
         n, _, h, w = x.shape
-        for level, (m, train) in enumerate(
-                zip(self.convs, params.train.tolist())):
+        for level, (m, train) in enumerate(zip(self.convs, params.train)):
             h, w = -(-h // 2), -(-w // 2)
             if train:
                 update_running_stats(m.norm, result.mean[level],

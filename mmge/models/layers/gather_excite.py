@@ -37,6 +37,23 @@ def needs_feat_size(cfg: dict) -> bool:
             and 'feat_size' not in cfg)
 
 
+def fusable_relu(act: nn.Module, layer: nn.Module) -> bool:
+    """Whether a block's activation after its GE layer may run in that
+    layer's last pass (``GatherExcite.forward(..., relu=True)``) instead of
+    being called.
+
+    Args:
+        act (nn.Module): The block's activation module.
+        layer (nn.Module): The GE layer.
+
+    Returns:
+        bool: True for a plain ``nn.ReLU`` when no forward hook would see
+        the difference: none on ``act``, none on ``layer`` (a hook on it
+        sees, or replaces, its output before the activation).
+    """
+    return type(act) is nn.ReLU and not cpu_kernels.hooked(act, layer)
+
+
 @MODELS.register_module()
 class GatherExcite(BaseModule):
     """Gather-Excite (Hu et al., NeurIPS 2018) on one feature map.
@@ -135,7 +152,8 @@ class GatherExcite(BaseModule):
     def forward(self,
                 x: torch.Tensor,
                 identity: Optional[torch.Tensor] = None,
-                norm: Optional[nn.Module] = None) -> torch.Tensor:
+                norm: Optional[nn.Module] = None,
+                relu: bool = False) -> torch.Tensor:
         """Gather context and excite ``x`` with it.
 
         Args:
@@ -145,6 +163,10 @@ class GatherExcite(BaseModule):
                 gated features in the same pass.
             norm (nn.Module, optional): The norm layer feeding GE: the
                 features are ``norm(x)``. Required by ``memory_efficient``.
+            relu (bool): Apply a ReLU to the result (the block's activation
+                after the shortcut), in the excite's pass where the native
+                kernels run without autograd, else in place after it.
+                Defaults to False.
 
         Returns:
             Tensor: Gated features (plus ``identity``), same shape as ``x``.
@@ -171,16 +193,18 @@ class GatherExcite(BaseModule):
             if norm is not None:
                 x = norm(x)
             out = self.excite(x, self.gather(x))
-            return out if identity is None else out + identity
+            out = out if identity is None else out + identity
+            return out.relu() if relu else out
         if torch.is_grad_enabled():
             params = tuple(
                 p for m in (self, norm) if m is not None
                 for p in m.parameters() if p.requires_grad)
             if x.requires_grad or params or (identity is not None
                                              and identity.requires_grad):
-                return GEFunction.apply(self, norm, plan, x, identity,
-                                        *params)
-        out = native_inference(self, norm, plan, x, identity)
+                out = GEFunction.apply(self, norm, plan, x, identity,
+                                       *params)
+                return out.relu_() if relu else out
+        out = native_inference(self, norm, plan, x, identity, relu)
         if out is not None:
             return out
         own = norm is not None  # x is then a tensor this call made
@@ -189,8 +213,9 @@ class GatherExcite(BaseModule):
         gate = self.excite.gate(self.gather(x))
         if own and x.dim() == 4 and cpu_kernels.worthwhile(x, gate, identity):
             # nothing else holds x: gate it in place, one pass
-            return cpu_kernels.excite(x, gate, identity, out=x)
-        return resize_multiply(x, gate, identity)
+            return cpu_kernels.excite(x, gate, identity, out=x, relu=relu)
+        out = resize_multiply(x, gate, identity)
+        return out.relu_() if relu else out
 
     def extra_repr(self) -> str:
         s = f'{self.in_channels}, variant={self.variant!r}, ' \

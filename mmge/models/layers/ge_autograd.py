@@ -116,8 +116,8 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
 
 def native_inference(layer: nn.Module, norm: Optional[nn.Module],
                      plan: Optional[NativePlan], inp: torch.Tensor,
-                     identity: Optional[torch.Tensor]
-                     ) -> Optional[torch.Tensor]:
+                     identity: Optional[torch.Tensor],
+                     relu: bool = False) -> Optional[torch.Tensor]:
     """GE without autograd on the native kernels, where they apply.
 
     The norm's output ``y = norm(inp)`` is never materialised: the gather
@@ -133,6 +133,7 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
         plan (str | ConvGatherParams | None): :func:`native_plan`'s answer.
         inp (Tensor): The norm's input (GE's input without a norm).
         identity (Tensor | None): The shortcut.
+        relu (bool): Then a ReLU, in the excite's pass.
 
     Returns:
         Tensor | None: ``y * resize(gate) (+ identity)``, or None when the
@@ -142,12 +143,12 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     if plan is None:
         return None
     if plan != POOL:
-        return native_norm_excite(layer, norm, plan, inp, identity)[0]
+        return native_norm_excite(layer, norm, plan, inp, identity, relu)[0]
     if norm is not None and uses_batch_stats(norm):
         return None
     scale, shift = (None, None) if norm is None else eval_affine(norm)
     return cpu_kernels.excite(inp, pool_gate(layer, inp, scale, shift),
-                              identity, scale=scale, shift=shift)
+                              identity, scale=scale, shift=shift, relu=relu)
 
 
 def pool_gate(layer: nn.Module, inp: torch.Tensor,
@@ -171,7 +172,8 @@ def pool_gate(layer: nn.Module, inp: torch.Tensor,
 
 def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
                        plan: cpu_kernels.ConvGatherParams,
-                       inp: torch.Tensor, identity: Optional[torch.Tensor]
+                       inp: torch.Tensor, identity: Optional[torch.Tensor],
+                       relu: bool = False
                        ) -> Tuple[torch.Tensor, Optional[Dict[str, object]]]:
     """GE-theta's or GE-theta-plus's output for ``y = norm(inp)`` (or
     ``inp``), with ``y`` never materialised.
@@ -187,6 +189,7 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         plan (ConvGatherParams): :func:`native_plan`'s answer.
         inp (Tensor): (N, C, H, W).
         identity (Tensor | None): The shortcut.
+        relu (bool): Then a ReLU, in the excite's pass.
 
     Returns:
         tuple: ``y * resize(gate) (+ identity)`` and the norm's state (as
@@ -209,8 +212,8 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         scale, shift = state['scale'], state['shift']
     # contiguous float32 for the kernel: autocast may run the MLP in bfloat16
     gate = layer.excite.gate(result.context).float().contiguous()
-    return cpu_kernels.excite(inp, gate, identity, scale=scale,
-                              shift=shift), state
+    return cpu_kernels.excite(inp, gate, identity, scale=scale, shift=shift,
+                              relu=relu), state
 
 
 class GEFunction(torch.autograd.Function):
