@@ -408,6 +408,35 @@ def test_conv_gather_backward_from_a_kept_first_level():
                                          level1=level1)
 
 
+def test_small_tensors_channels_last_give_the_same_values():
+    """GE-theta-plus's MLP multiplies rows of channels: the kernels write the
+    context and the gate's gradient channels-last when asked, and read a
+    channels-last gate and context gradient, with the same values bit for
+    bit; the excite reads a gate in either layout."""
+    gather = _conv_gather(11, 4, last_act=True)
+    x, grad = torch.randn(2, 11, 30, 23), torch.randn(2, 11, 30, 23)
+    scale, shift = torch.rand(11), torch.rand(11)
+    params = gather.native_params(x)
+    nchw = cpu_kernels.conv_gather(x, params, scale, shift, grad)
+    nhwc = cpu_kernels.conv_gather(x, params, scale, shift, grad,
+                                   channels_last=True)
+    for t in (nhwc.context, nhwc.grad_gate):
+        assert cpu_kernels.channels_last(t)
+    _bit_equal(nchw, nhwc)
+    gate, dcontext = nchw.context.sigmoid(), nchw.grad_gate * 0.3
+    as_cl = [t.contiguous(memory_format=torch.channels_last)
+             for t in (gate, dcontext)]
+    _bit_equal(
+        cpu_kernels.conv_gather_backward(x, params, grad, scale, shift, gate,
+                                         dcontext),
+        cpu_kernels.conv_gather_backward(x, params, grad, scale, shift,
+                                         *as_cl))
+    assert torch.equal(cpu_kernels.excite(x, gate, grad),
+                       cpu_kernels.excite(x, as_cl[0], grad))
+    odd = gate.transpose(2, 3).contiguous().transpose(2, 3)  # neither
+    assert torch.equal(cpu_kernels.excite(x, gate), cpu_kernels.excite(x, odd))
+
+
 def _fused_norm(channels, affine=True):
     torch.manual_seed(2)
     norm = nn.BatchNorm2d(channels, affine=affine).double()

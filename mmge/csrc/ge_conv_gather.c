@@ -165,6 +165,10 @@ struct conv_gather_args {
    * and dcontext (N, C, hL, wL), or NULL: then gate = sigmoid(context) and
    * dcontext = grad_gate * gate * (1 - gate) (GE-theta) */
   const float *grad, *gate, *dcontext;
+  /* the (N, C, hL, wL) tensors (gate, dcontext, context, grad_gate) are
+   * channels-last in memory, (N, hL, wL, C), when small_cl: the layout of
+   * the rows GE-theta-plus's MLP multiplies */
+  int small_cl;
   /* level 1's convolution output, in the kernel's own layout (blocks of
    * LANES channels, (N, h1, w1, LANES) each): saved by a first call
    * (level1_out) for a second (level1_in), which then skips reading the
@@ -324,22 +328,28 @@ INLINE void store_row(float *dst, const float *src, int64_t plane_stride,
   }
 }
 
-/* small (N, C, h, w) tensors to and from a block's channels-last buffer */
+/* small (N, C, h, w) tensors (m = h * w cells; channels-last in memory,
+ * (N, h, w, C), when cl) to and from a block's channels-last buffer */
+INLINE int64_t small_at(int64_t n, int64_t C, int64_t c, int64_t m,
+                        int64_t t, int cl) {
+  return cl ? (n * m + t) * C + c : (n * C + c) * m + t;
+}
+
 INLINE void load_small(float *dst, const float *src, int64_t N, int64_t C,
-                       int64_t c0, int64_t m, int active) {
+                       int64_t c0, int64_t m, int active, int cl) {
   memset(dst, 0, sizeof(float) * N * m * LANES);
   for (int64_t n = 0; n < N; ++n)
-    for (int k = 0; k < active; ++k)
-      for (int64_t t = 0; t < m; ++t)
-        dst[(n * m + t) * LANES + k] = src[(n * C + c0 + k) * m + t];
+    for (int64_t t = 0; t < m; ++t)
+      for (int k = 0; k < active; ++k)
+        dst[(n * m + t) * LANES + k] = src[small_at(n, C, c0 + k, m, t, cl)];
 }
 
 INLINE void store_small(float *dst, const float *src, int64_t N, int64_t C,
-                        int64_t c0, int64_t m, int active) {
+                        int64_t c0, int64_t m, int active, int cl) {
   for (int64_t n = 0; n < N; ++n)
-    for (int k = 0; k < active; ++k)
-      for (int64_t t = 0; t < m; ++t)
-        dst[(n * C + c0 + k) * m + t] = src[(n * m + t) * LANES + k];
+    for (int64_t t = 0; t < m; ++t)
+      for (int k = 0; k < active; ++k)
+        dst[small_at(n, C, c0 + k, m, t, cl)] = src[(n * m + t) * LANES + k];
 }
 
 /* a (C, ) or (C, 9) parameter's values for one block: lanes past the
@@ -353,6 +363,62 @@ INLINE void lanes_of(vf *dst, const float *src, int64_t c0,
   }
 }
 
+/* P's interior (a padded map, H x W positions) <- y = A[k] * x + B[k] for
+ * the block's `active` channels (planes src + k * plane_stride of H * W
+ * contiguous values; the other lanes as in load_row). The planes are read
+ * as flat arrays, eight positions per 8x8 transpose whatever W is: row by
+ * row, the cells past each row's last multiple of eight take a scalar load
+ * per channel, which is every cell of ResNet's 7x7 and 14x14 maps but 8
+ * (load_input reads rows of a multiple of eight cells row by row).
+ * With sums, the sums of y and y^2 of each lane are added to sums[0] and
+ * sums[1]. */
+INLINE void load_plane(float *P, const float *src, int64_t plane_stride,
+                       int64_t H, int64_t W, int active, vf A, vf B,
+                       vd *sums) {
+  const float *s[LANES];
+  for (int k = 0; k < LANES; ++k)
+    s[k] = src + (k < active ? k : 0) * plane_stride;
+  const int64_t HW = H * W, stride = (W + 2) * LANES;
+  float *row = P + stride + LANES; /* the current row's first cell */
+  int64_t q = 0;                   /* the next position's column */
+  vf s1 = splat(0.f), s2 = splat(0.f);
+  int64_t t = 0;
+#define PUT(value)                          \
+  do {                                      \
+    const vf v_ = (value);                  \
+    V(row + q * LANES) = v_;                \
+    if (sums) {                             \
+      s1 += v_;                             \
+      s2 += v_ * v_;                        \
+    }                                       \
+    if (++q == W) {                         \
+      q = 0;                                \
+      row += stride;                        \
+    }                                       \
+  } while (0)
+  for (; t + LANES <= HW; t += LANES) {
+    vf r[LANES];
+    for (int k = 0; k < LANES; ++k) memcpy(&r[k], s[k] + t, sizeof(vf));
+    transpose8(r);
+    for (int j = 0; j < LANES; ++j) PUT(r[j] * A + B);
+    if (sums && (t + LANES) % CHUNK == 0) {
+      sums[0] += widen(s1);
+      sums[1] += widen(s2);
+      s1 = s2 = splat(0.f);
+    }
+  }
+  for (; t < HW; ++t) {
+    const vf v = {s[0][t], s[1][t], s[2][t], s[3][t],
+                  s[4][t], s[5][t], s[6][t], s[7][t]};
+    PUT(v * A + B);
+  }
+#undef PUT
+  if (sums) {
+    sums[0] += widen(s1);
+    sums[1] += widen(s2);
+  }
+}
+
 /* The padded full-resolution map of y = A * x + B for one block and
  * sample; with G, also the gate's gradient of the sample:
  * gg += resize^T(grad * y); with sums, the sums of y and y^2 of each lane
@@ -363,23 +429,30 @@ INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
   const int64_t H = a->H, W = a->W, HW = H * W;
   const int64_t stride = (W + 2) * LANES, wL = a->w[a->levels];
   const float *x = a->x + (n * a->C + c0) * HW;
-  vf one, zero;
-  lane_affine(NULL, NULL, active, &one, &zero);
   zero_border(P, H, W);
-  for (int64_t p = 0; p < H; ++p) {
-    float *row = P + (p + 1) * stride + LANES;
-    load_row(row, x + p * W, HW, W, active, A, B);
-    if (sums) {
-      vf s = splat(0.f), s2 = splat(0.f);
+  if (W % LANES) {
+    load_plane(P, x, HW, H, W, active, A, B, sums);
+  } else {
+    /* rows of whole transposes: row by row is faster */
+    for (int64_t p = 0; p < H; ++p) {
+      float *row = P + (p + 1) * stride + LANES;
+      load_row(row, x + p * W, HW, W, active, A, B);
+      if (!sums) continue;
+      vf s1 = splat(0.f), s2 = splat(0.f);
       for (int64_t q = 0; q < W; ++q) {
         const vf v = V(row + q * LANES);
-        s += v;
+        s1 += v;
         s2 += v * v;
       }
-      sums[0] += widen(s);
+      sums[0] += widen(s1);
       sums[1] += widen(s2);
     }
-    if (!G) continue;
+  }
+  if (!G) return;
+  vf one, zero;
+  lane_affine(NULL, NULL, active, &one, &zero);
+  for (int64_t p = 0; p < H; ++p) {
+    const float *row = P + (p + 1) * stride + LANES;
     load_row(G, a->grad + (n * a->C + c0) * HW + p * W, HW, W, active, one,
              zero);
     float *o = gg + (n * a->h[a->levels] + a->row_index[p]) * wL * LANES;
@@ -562,14 +635,14 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
         }
       }
     }
-    if (a->context) store_small(a->context, ctx, N, C, c0, mL, active);
-    if (a->grad_gate) store_small(a->grad_gate, gg, N, C, c0, mL, active);
+    if (a->context) store_small(a->context, ctx, N, C, c0, mL, active, a->small_cl);
+    if (a->grad_gate) store_small(a->grad_gate, gg, N, C, c0, mL, active, a->small_cl);
     if (!backward) continue;
 
     /* the gate and the context's gradient */
     if (a->gate) {
-      load_small(gate, a->gate, N, C, c0, mL, active);
-      load_small(dctx, a->dcontext, N, C, c0, mL, active);
+      load_small(gate, a->gate, N, C, c0, mL, active, a->small_cl);
+      load_small(dctx, a->dcontext, N, C, c0, mL, active, a->small_cl);
     } else {
       for (int64_t t = 0; t < N * mL; ++t) {
         const vf g = sigmoid(V(ctx + t * LANES));
@@ -729,7 +802,8 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *norm_beta, double norm_eps, int norm_batch,
                    const float *norm_mean_in, const float *norm_invstd,
                    int norm_train, float *norm_mean, float *norm_var,
-                   float *norm_dgamma, float *norm_dbeta, int threads) {
+                   float *norm_dgamma, float *norm_dbeta, int small_cl,
+                   int threads) {
   if (levels < 1 || levels > MAX_LEVELS) return 2;
   /* the gate's gradient needs the input: a call that gets level 1 from a
    * previous one must have its context's gradient */
@@ -753,7 +827,7 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,
       .norm_eps = norm_eps, .norm_batch = norm_batch, .norm_train = norm_train,
       .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
-      .norm_dbeta = norm_dbeta};
+      .norm_dbeta = norm_dbeta, .small_cl = small_cl};
   plan(&a);
   return for_planes(conv_gather_blocks, &a, (C + LANES - 1) / LANES,
                     N * H * W * LANES, a.scratch, threads);

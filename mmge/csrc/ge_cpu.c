@@ -48,6 +48,21 @@ static void pool_planes(const void *args_, int64_t first, int64_t last,
   for (int64_t plane = first; plane < last; ++plane) {
     const float *x = a->x + plane * H * W;
     float *out = a->out + plane * h * w;
+    if (h == 1 && w == 1) {
+      /* one window holds the plane (H, W <= e: ResNet's 7x7 maps at extent
+       * 8): one flat sum, eight running sums wide */
+      const int64_t n = H * W;
+      float part[8] = {0.f}, sum = 0.f;
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8)
+        for (int t = 0; t < 8; ++t) part[t] += x[k + t];
+      for (; k < n; ++k) sum += x[k];
+      for (int t = 0; t < 8; ++t) sum += part[t];
+      float sc, sh;
+      plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+      out[0] = sum / (float)n * sc + sh;
+      continue;
+    }
     memset(cols, 0, sizeof(float) * h * W);
     for (int64_t p = 0, i = 0, r = 0; p < H; ++p, r = r + 1 == e ? (++i, 0)
                                                                 : r + 1) {
@@ -237,19 +252,45 @@ int ge_input_grad(const float *grad, const float *gate, const float *pool_grad,
  * ATen's ReLU keeps it) in the same pass. out may be x itself (each element
  * is read before it is written). */
 
-/* o = (sc * x + sh) * g (+ id), n elements; o may be x */
-static void scale_add(float *o, const float *x, float sc, float sh, float g,
-                      const float *id, int64_t n) {
-  const float a = sc * g, b = sh * g;
-  if (id)
-    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b + id[k];
-  else
-    for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b;
-}
+/* max(v, 0), NaN kept as ATen's ReLU keeps it */
+static inline float relu_of(float v) { return v < 0.f ? 0.f : v; }
 
-/* o = max(o, 0) for n elements, while they are in the L1 cache */
-static void relu_inplace(float *o, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) o[k] = o[k] < 0.f ? 0.f : o[k];
+/* o[k] = (sc * x[k] + sh) * g[k] (+ id[k]) for n elements (g[0] for all
+ * without per_cell), then the ReLU with relu; o may be x. One loop per case, each vectorised: a
+ * separate ReLU pass over o would reload values just stored and stall on
+ * store forwarding where the vector loop's tail stored single floats. */
+static void excite_run(float *o, const float *x, float sc, float sh,
+                       const float *g, int per_cell, const float *id,
+                       int64_t n, int relu) {
+#define RUN(GATE)                                                         \
+  do {                                                                    \
+    if (id && relu)                                                       \
+      for (int64_t k = 0; k < n; ++k)                                     \
+        o[k] = relu_of((sc * x[k] + sh) * (GATE) + id[k]);                \
+    else if (id)                                                          \
+      for (int64_t k = 0; k < n; ++k)                                     \
+        o[k] = (sc * x[k] + sh) * (GATE) + id[k];                         \
+    else if (relu)                                                        \
+      for (int64_t k = 0; k < n; ++k)                                     \
+        o[k] = relu_of((sc * x[k] + sh) * (GATE));                        \
+    else                                                                  \
+      for (int64_t k = 0; k < n; ++k) o[k] = (sc * x[k] + sh) * (GATE);   \
+  } while (0)
+  if (per_cell) {
+    RUN(g[k]);
+  } else {
+    /* one gate value: x * (sc * g) + sh * g */
+    const float a = sc * g[0], b = sh * g[0];
+    if (id && relu)
+      for (int64_t k = 0; k < n; ++k) o[k] = relu_of(x[k] * a + b + id[k]);
+    else if (id)
+      for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b + id[k];
+    else if (relu)
+      for (int64_t k = 0; k < n; ++k) o[k] = relu_of(x[k] * a + b);
+    else
+      for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b;
+  }
+#undef RUN
 }
 
 struct excite_args {
@@ -257,17 +298,21 @@ struct excite_args {
   const int64_t *row_index, *col_index;
   float *out;
   int64_t channels, H, W, h, w;
+  /* the gate's strides (N, C, h, w): any layout, channels-last included */
+  int64_t gate_stride[4];
   int relu;
 };
 
 static void excite_planes(const void *args_, int64_t first, int64_t last,
                           float *gate_row) {
   const struct excite_args *a = (const struct excite_args *)args_;
-  const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
+  const int64_t H = a->H, W = a->W, w = a->w;
   for (int64_t plane = first; plane < last; ++plane) {
     const float *x = a->x + plane * H * W;
     const float *id = a->identity ? a->identity + plane * H * W : NULL;
-    const float *gate = a->gate + plane * h * w;
+    const int64_t *gs = a->gate_stride;
+    const float *gate = a->gate + plane / a->channels * gs[0] +
+                        plane % a->channels * gs[1];
     float *out = a->out + plane * H * W;
     float sc, sh;
     plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
@@ -275,29 +320,21 @@ static void excite_planes(const void *args_, int64_t first, int64_t last,
     for (int64_t p = 0; p < H; ++p) {
       if (a->row_index[p] != gate_i) {
         gate_i = a->row_index[p];
-        widen_gate_row(gate + gate_i * w, a->col_index, gate_row, W);
+        const float *g = gate + gate_i * gs[2];
+        for (int64_t q = 0; q < W; ++q)
+          gate_row[q] = g[a->col_index[q] * gs[3]];
       }
-      const float *xr = x + p * W;
-      float *o = out + p * W;
       if (w == 1) {
         /* one gate value for rows p .. end - 1: one flat loop */
         int64_t end = p + 1;
         while (end < H && a->row_index[end] == gate_i) ++end;
-        scale_add(o, xr, sc, sh, gate_row[0], id ? id + p * W : NULL,
-                  (end - p) * W);
-        if (a->relu) relu_inplace(o, (end - p) * W);
+        excite_run(out + p * W, x + p * W, sc, sh, gate_row, 0,
+                   id ? id + p * W : NULL, (end - p) * W, a->relu);
         p = end - 1;
         continue;
       }
-      if (id) {
-        const float *ir = id + p * W;
-        for (int64_t q = 0; q < W; ++q)
-          o[q] = (sc * xr[q] + sh) * gate_row[q] + ir[q];
-      } else {
-        for (int64_t q = 0; q < W; ++q)
-          o[q] = (sc * xr[q] + sh) * gate_row[q];
-      }
-      if (a->relu) relu_inplace(o, W);
+      excite_run(out + p * W, x + p * W, sc, sh, gate_row, 1,
+                 id ? id + p * W : NULL, W, a->relu);
     }
   }
 }
@@ -306,8 +343,12 @@ int ge_excite(const float *x, const float *scale, const float *shift,
               const float *gate, const float *identity,
               const int64_t *row_index, const int64_t *col_index, float *out,
               int64_t planes, int64_t channels, int64_t H, int64_t W,
-              int64_t h, int64_t w, int relu, int threads) {
+              int64_t h, int64_t w, const int64_t *gate_stride, int relu,
+              int threads) {
   struct excite_args a = {x, scale, shift, gate, identity, row_index,
-                          col_index, out, channels, H, W, h, w, relu};
+                          col_index, out, channels, H, W, h, w,
+                          {gate_stride[0], gate_stride[1], gate_stride[2],
+                           gate_stride[3]},
+                          relu};
   return for_planes(excite_planes, &a, planes, H * W, W, threads);
 }

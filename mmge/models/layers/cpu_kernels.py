@@ -39,7 +39,8 @@ from torch.nn.modules import module as torch_module
 from .excite import nearest_index
 
 __all__ = [
-    'available', 'usable', 'hooked', 'pool_gather', 'excite', 'gate_grad',
+    'available', 'usable', 'hooked', 'channels_last', 'pool_gather',
+    'excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'NormStats',
     'ConvGatherResult', 'ConvGatherGrads', 'conv_gather',
     'conv_gather_backward'
@@ -65,10 +66,11 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_pool_forward.argtypes = [_PTR] * 4 + [_I64] * 5 + [ctypes.c_int]
     lib.ge_gate_grad.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
-    lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_int] * 2
+    lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [_PTR] + \
+        [ctypes.c_int] * 2
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
-        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int]
+        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int] * 2
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_conv_gather):
         fn.restype = ctypes.c_int
@@ -185,6 +187,24 @@ def _vector(t: Optional[torch.Tensor],
     return t.detach().float().expand(channels).contiguous()
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is channels-last in memory and not also
+    contiguous (maps of one cell are both).
+
+    Args:
+        t (Tensor): (N, C, H, W).
+
+    Returns:
+        bool: True for ``(N, H, W, C)`` memory.
+    """
+    return not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def _layout(channels_last_: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last_ else torch.contiguous_format
+
+
 def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
             channels: int) -> Tuple[Optional[torch.Tensor], ...]:
     if scale is None:
@@ -233,7 +253,8 @@ def excite(x: torch.Tensor,
 
     Args:
         x (Tensor): Features, (N, C, H, W).
-        gate (Tensor): Gate, (N, C, h, w), h <= H, w <= W.
+        gate (Tensor): Gate, (N, C, h, w), h <= H, w <= W, float32, in any
+            layout (channels-last is read as it is).
         identity (Tensor, optional): Tensor of ``x``'s shape to add.
         out (Tensor, optional): Where to write: a new tensor by default;
             may be ``x`` itself.
@@ -251,10 +272,13 @@ def excite(x: torch.Tensor,
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = torch.empty_like(x) if out is None else out
+    if not (gate.is_contiguous() or channels_last(gate)):
+        gate = gate.contiguous()
     _check(_library().ge_excite(
         _ptr(x), _ptr(scale), _ptr(shift), _ptr(gate), _ptr(identity),
         _ptr(rows), _ptr(cols), _ptr(out), n * c, c, height, width, h, w,
-        int(relu), torch.get_num_threads()), 'ge_excite')
+        (ctypes.c_int64 * 4)(*gate.stride()), int(relu),
+        torch.get_num_threads()), 'ge_excite')
     return out
 
 
@@ -413,12 +437,12 @@ class ConvGatherResult(NamedTuple):
 
     Attributes:
         context (Tensor): (N, C, h, w), ``(h, w)`` from
-            :func:`conv_gather_size`.
+            :func:`conv_gather_size` (channels-last in memory when asked).
         mean (Tensor | None): When a level trains, the batch mean of the
             levels that do, (L, C) (other rows undefined).
         var (Tensor | None): Their biased batch variance, (L, C).
-        grad_gate (Tensor | None): With ``grad``, (N, C, h, w): the nearest
-            resize's adjoint of ``grad * y``.
+        grad_gate (Tensor | None): With ``grad``, (N, C, h, w), in the
+            context's layout: the nearest resize's adjoint of ``grad * y``.
         level1 (Tensor | None): With ``keep_level1``, the first level's
             convolution output (the kernel's own layout).
         norm_mean (Tensor | None): With ``norm``, its batch mean, (C, ).
@@ -456,7 +480,7 @@ class ConvGatherGrads(NamedTuple):
 
 
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
-                 level1=None, norm=None, stats=None):
+                 level1=None, norm=None, stats=None, small_cl=False):
     n, c, height, width = x.shape
     levels = len(params.weight)
     h, w = conv_gather_size(height, width, levels)
@@ -481,6 +505,12 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
     }
     out = {k: x.new_empty(v) if k in outputs else None
            for k, v in out.items()}
+    layout = _layout(small_cl)
+    for k in ('context', 'grad_gate'):
+        if out[k] is not None:
+            out[k] = out[k].contiguous(memory_format=layout)
+    gate, dcontext = (None if t is None else t.contiguous(
+        memory_format=layout) for t in (gate, dcontext))
     gamma = beta = mean = invstd = None
     eps, train = 0.0, 0
     if norm is not None:
@@ -504,7 +534,7 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
         _ptr(mean), _ptr(invstd), train,
         *[_ptr(out[k]) for k in ('norm_mean', 'norm_var', 'norm_dweight',
                                  'norm_dbias')],
-        torch.get_num_threads()), 'ge_conv_gather')
+        int(small_cl), torch.get_num_threads()), 'ge_conv_gather')
     return out
 
 
@@ -514,7 +544,8 @@ def conv_gather(x: torch.Tensor,
                 shift: Optional[torch.Tensor] = None,
                 grad: Optional[torch.Tensor] = None,
                 keep_level1: bool = False,
-                norm: Optional[FusedNorm] = None) -> ConvGatherResult:
+                norm: Optional[FusedNorm] = None,
+                channels_last: bool = False) -> ConvGatherResult:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
     of ``y = norm(x)`` with the batch's statistics, or of ``x``.
 
@@ -529,6 +560,9 @@ def conv_gather(x: torch.Tensor,
             output, for :func:`conv_gather_backward`'s ``level1``.
         norm (FusedNorm, optional): The batch norm that makes ``y`` in
             training; not with ``scale``, ``grad`` or ``keep_level1``.
+        channels_last (bool): Return the context and the gate's gradient
+            channels-last in memory (the rows GE-theta-plus's MLP
+            multiplies). Defaults to False.
 
     Returns:
         ConvGatherResult: The context and statistics.
@@ -538,7 +572,7 @@ def conv_gather(x: torch.Tensor,
             ('level1', ) if keep_level1 else ()) + (
                 ('norm_mean', 'norm_var') if norm is not None else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want,
-                       norm=norm)
+                       norm=norm, small_cl=channels_last)
     return ConvGatherResult(*[out[k] for k in ConvGatherResult._fields])
 
 
@@ -568,9 +602,11 @@ def conv_gather_backward(
         grad (Tensor): Gradient of the output, (N, C, H, W).
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ).
-        gate (Tensor, optional): The gate, (N, C, h, w).
+        gate (Tensor, optional): The gate, (N, C, h, w); read
+            channels-last when it is (:func:`channels_last`), else
+            contiguous.
         dcontext (Tensor, optional): Gradient of the context,
-            (N, C, h, w); given with ``gate``.
+            (N, C, h, w), read in ``gate``'s layout; given with ``gate``.
         level1 (Tensor, optional): :func:`conv_gather`'s ``level1`` for the
             same ``x``, parameters and affine: the first convolution is not
             run again. Needs ``gate`` and ``dcontext``.
@@ -587,5 +623,6 @@ def conv_gather_backward(
     want = ('dx', 'dweight', 'dgamma', 'dbeta') + (
         ('norm_dweight', 'norm_dbias') if stats is not None else ())
     out = _conv_gather(x, params, scale, shift, grad, gate, dcontext, want,
-                       level1, stats=stats)
+                       level1, stats=stats,
+                       small_cl=gate is not None and channels_last(gate))
     return ConvGatherGrads(*[out[k] for k in ConvGatherGrads._fields])

@@ -205,6 +205,15 @@ def resize_multiply_grad(grad: torch.Tensor, x: torch.Tensor,
         prod, [height, width], [n, c, h, w], None, None)
 
 
+def _as_context(t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """``t``, a channels-last (N, C, h, w) view, in ``context``'s layout:
+    as it is for a channels-last context, else contiguous."""
+    if not context.is_contiguous() and context.is_contiguous(
+            memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
 class Excite(nn.Module):
     """Gate ``x`` with the sigmoid of the (optionally transformed) context.
 
@@ -310,7 +319,9 @@ class Excite(nn.Module):
         d_context = d_hidden @ first.weight.flatten(1)
 
         def nchw(t):
-            return t.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+            # in the context's layout (a channels-last context: no copy)
+            return _as_context(t.view(n, h, w, -1).permute(0, 3, 1, 2),
+                               context)
 
         return (nchw(gate), nchw(d_context),
                 *[by_param[id(p)] for p in params])
@@ -324,6 +335,7 @@ class Excite(nn.Module):
                 context.dim() != 4 or not self._plain_mlp():
             return self.mlp(context)
         n, c, h, w = context.shape
+        # rows of channels: a view of a channels-last context, else a copy
         t = F.linear(context.permute(0, 2, 3, 1).reshape(-1, c),
                      first.conv.weight.flatten(1), first.conv.bias)
         if first.with_activation:
@@ -331,7 +343,7 @@ class Excite(nn.Module):
         t = F.linear(t, second.conv.weight.flatten(1), second.conv.bias)
         if second.with_activation:
             t = second.activate(t)
-        return t.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return _as_context(t.view(n, h, w, -1).permute(0, 3, 1, 2), context)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Excite.

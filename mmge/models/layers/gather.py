@@ -303,8 +303,8 @@ class ConvGather(nn.Module):
             params: cpu_kernels.ConvGatherParams,
             scale: Optional[torch.Tensor] = None,
             shift: Optional[torch.Tensor] = None,
-            norm: Optional[cpu_kernels.FusedNorm] = None
-    ) -> cpu_kernels.ConvGatherResult:
+            norm: Optional[cpu_kernels.FusedNorm] = None,
+            channels_last: bool = False) -> cpu_kernels.ConvGatherResult:
         """The gather of ``scale[c] * x + shift[c]``, of ``norm(x)`` in
         training, or of ``x``, on the native kernel, updating the levels'
         running statistics as their forward would.
@@ -317,13 +317,15 @@ class ConvGather(nn.Module):
             norm (FusedNorm, optional): The batch norm before the gather,
                 with the batch's statistics (whose running statistics the
                 caller updates from the result).
+            channels_last (bool): The context channels-last in memory.
 
         Returns:
             ConvGatherResult: ``context`` is the context, (N, C,
             ceil(H/e), ceil(W/e)); with ``norm``, ``norm_mean`` and
             ``norm_var`` are its batch statistics.
         """
-        result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm)
+        result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm,
+                                         channels_last=channels_last)
         n, _, h, w = x.shape
         for level, (m, train) in enumerate(zip(self.convs, params.train)):
             h, w = -(-h // 2), -(-w // 2)

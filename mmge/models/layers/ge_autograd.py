@@ -205,13 +205,16 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         else:
             state = running_stats_state(norm)
             scale, shift = state['scale'], state['shift']
-    result = layer.gather.native_forward(inp, plan, scale, shift, fused)
+    # GE-theta-plus: the context channels-last, rows for the MLP as they are
+    result = layer.gather.native_forward(
+        inp, plan, scale, shift, fused,
+        channels_last=layer.excite.mlp is not None)
     if fused is not None:
         state = batch_stats_state(norm, result.norm_mean, result.norm_var,
                                   count)
         scale, shift = state['scale'], state['shift']
-    # contiguous float32 for the kernel: autocast may run the MLP in bfloat16
-    gate = layer.excite.gate(result.context).float().contiguous()
+    # float32 for the kernel: autocast may run the MLP in bfloat16
+    gate = layer.excite.gate(result.context).float()
     return cpu_kernels.excite(inp, gate, identity, scale=scale, shift=shift,
                               relu=relu), state
 
@@ -339,7 +342,8 @@ class GEFunction(torch.autograd.Function):
             mlp = layer.excite.mlp
             if mlp is not None:
                 first = cpu_kernels.conv_gather(inp, plan, scale, shift,
-                                                grad, keep_level1=True)
+                                                grad, keep_level1=True,
+                                                channels_last=True)
                 context, grad_gate, level1 = (first.context,
                                               first.grad_gate, first.level1)
                 weights = [p for p in layer.excite.parameters()
@@ -347,8 +351,7 @@ class GEFunction(torch.autograd.Function):
                 gate, dcontext, *grads = layer.excite.gate_backward(
                     context, grad_gate)
                 by_param.update(zip(map(id, weights), grads))
-                gate, dcontext = (t.float().contiguous()
-                                  for t in (gate, dcontext))
+                gate, dcontext = gate.float(), dcontext.float()
             state = ctx.norm_state
             stats = None if norm is None else cpu_kernels.NormStats(
                 state['mean'], state['invstd'], state['train'])
