@@ -69,3 +69,28 @@ def test_kernel_benchmark_refuses_a_bad_map():
          '16x'], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
     assert 'CHANNELSxSIZE' in out.stderr and "'16x'" in out.stderr
+
+
+def test_block_benchmark_prints_every_map_and_variant():
+    out = subprocess.run([
+        sys.executable, 'tools/benchmark/block_benchmark.py', '--batch', '2',
+        '--repeats', '1', '--size', '64', '--maps', '16x20:2', '24x9:1',
+        '--variants', 'theta', 'theta_minus'
+    ], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.split('|')[1:-1]]
+            for line in out.stdout.splitlines()
+            if line.startswith('| ') and not line.startswith('| ---')]
+    maps, totals = rows[1:3], rows[4:]
+    assert [r[:2] for r in maps] == [['16 x 20x20', '2'], ['24 x 9x9', '1']]
+    assert all(len(r) == 5 for r in maps)
+    assert [r[0] for r in totals] == ['theta', 'theta_minus']
+    assert all(_ratio(r[2]) > 0 for r in totals)
+
+
+def test_block_benchmark_refuses_a_bad_map():
+    out = subprocess.run(
+        [sys.executable, 'tools/benchmark/block_benchmark.py', '--maps',
+         '16x20'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert 'CHANNELSxSIZE:BLOCKS' in out.stderr and "'16x20'" in out.stderr

@@ -121,6 +121,31 @@ def test_excite_applies_the_blocks_relu(size, gate):
 
 
 @pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('extent', (2, 8))
+@pytest.mark.parametrize('affine,relu', ((False, False), (True, True)))
+def test_pool_excite_is_the_pool_then_the_excite(size, extent, affine, relu):
+    """GE-theta-minus's one-pass inference kernel: the formula's values,
+    with the shortcut and without."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    identity = torch.randn_like(x)
+    scale, shift = _affine(3, 4) if affine else (None, None)
+    y = x if not affine else \
+        x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    gate = F.avg_pool2d(y, 2 * extent - 1, extent, extent - 1,
+                        count_include_pad=False).sigmoid()
+    up = F.interpolate(gate.float(), size=size, mode='nearest').double()
+    f = {k: None if v is None else v.float()
+         for k, v in dict(x=x, identity=identity, scale=scale,
+                          shift=shift).items()}
+    for ident in (None, f['identity']):
+        expect = y * up + (0 if ident is None else identity)
+        got = cpu_kernels.pool_excite(f['x'], extent, ident, f['scale'],
+                                      f['shift'], relu)
+        close(got, expect.relu() if relu else expect)
+
+
+@pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('extent', (2, 4, 8))
 def test_input_grad_adds_the_pools_backward(size, extent):
     torch.manual_seed(0)
@@ -274,12 +299,14 @@ def test_native_path_keeps_only_the_norms_input(variant):
 def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
         variant, size, monkeypatch):
     """Without grad, GE on the kernels makes the norm's output on the fly
-    (excite with the norm's affine): the formula's values in float64, and
-    the caller's input and shortcut stay as they were."""
+    (excite with the norm's affine; GE-theta-minus pools and excites each
+    plane in one kernel): the formula's values in float64, and the caller's
+    input and shortcut stay as they were."""
     layer, norm = _theta_pair(variant, 2, False)
     inp, identity = torch.randn(2, 11, *size), torch.randn(2, 11, *size)
     kept = inp.clone(), identity.clone()
-    calls = count_calls(monkeypatch, 'excite')
+    calls = count_calls(
+        monkeypatch, 'pool_excite' if variant == 'theta_minus' else 'excite')
     with torch.no_grad():
         out = layer(inp, identity, norm=norm)
         ref = _formula_forward(copy.deepcopy(layer).double())(

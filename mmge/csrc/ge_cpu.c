@@ -12,6 +12,7 @@
  * in window p / e, and also in window p / e + 1 unless p is a multiple of e
  * (the same for columns): every kernel below uses that, not a window loop.
  */
+#include <math.h>
 #include <string.h>
 
 #include "ge_parallel.h"
@@ -40,58 +41,61 @@ struct pool_args {
   int64_t channels, H, W, e, h, w;
 };
 
+/* out (h, w) <- the pool of sc * x + sh for one plane x (H, W); cols:
+ * scratch for the column sums of every window's rows, (h, W) */
+static void pool_plane(const float *x, float *out, float *cols, int64_t H,
+                       int64_t W, int64_t e, int64_t h, int64_t w, float sc,
+                       float sh) {
+  if (h == 1 && w == 1) {
+    /* one window holds the plane (H, W <= e: ResNet's 7x7 maps at extent
+     * 8): one flat sum, eight running sums wide */
+    const int64_t n = H * W;
+    float part[8] = {0.f}, sum = 0.f;
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+      for (int t = 0; t < 8; ++t) part[t] += x[k + t];
+    for (; k < n; ++k) sum += x[k];
+    for (int t = 0; t < 8; ++t) sum += part[t];
+    out[0] = sum / (float)n * sc + sh;
+    return;
+  }
+  memset(cols, 0, sizeof(float) * h * W);
+  for (int64_t p = 0, i = 0, r = 0; p < H; ++p, r = r + 1 == e ? (++i, 0)
+                                                              : r + 1) {
+    /* row p = i * e + r */
+    const float *row = x + p * W;
+    float *acc = cols + i * W;
+    for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
+    if (r && i + 1 < h) {
+      acc += W;
+      for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
+    }
+  }
+  for (int64_t i = 0; i < h; ++i) {
+    const float *acc = cols + i * W;
+    float *o = out + i * w;
+    for (int64_t j = 0; j < w; ++j) o[j] = 0.f;
+    for (int64_t j = 0; j < w; ++j) {
+      int64_t q0 = j * e, q1 = min64(q0 + e, W);
+      float rest = 0.f;
+      for (int64_t q = q0 + 1; q < q1; ++q) rest += acc[q];
+      o[j] += acc[q0] + rest;
+      if (j + 1 < w) o[j + 1] += rest;
+    }
+    float ch = window_count(i, e, H);
+    for (int64_t j = 0; j < w; ++j)
+      o[j] = o[j] / (ch * window_count(j, e, W)) * sc + sh;
+  }
+}
+
 static void pool_planes(const void *args_, int64_t first, int64_t last,
                         float *cols) {
   const struct pool_args *a = (const struct pool_args *)args_;
-  const int64_t H = a->H, W = a->W, e = a->e, h = a->h, w = a->w;
-  /* cols: column sums of every window's rows, (h, W) */
   for (int64_t plane = first; plane < last; ++plane) {
-    const float *x = a->x + plane * H * W;
-    float *out = a->out + plane * h * w;
-    if (h == 1 && w == 1) {
-      /* one window holds the plane (H, W <= e: ResNet's 7x7 maps at extent
-       * 8): one flat sum, eight running sums wide */
-      const int64_t n = H * W;
-      float part[8] = {0.f}, sum = 0.f;
-      int64_t k = 0;
-      for (; k + 8 <= n; k += 8)
-        for (int t = 0; t < 8; ++t) part[t] += x[k + t];
-      for (; k < n; ++k) sum += x[k];
-      for (int t = 0; t < 8; ++t) sum += part[t];
-      float sc, sh;
-      plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
-      out[0] = sum / (float)n * sc + sh;
-      continue;
-    }
-    memset(cols, 0, sizeof(float) * h * W);
-    for (int64_t p = 0, i = 0, r = 0; p < H; ++p, r = r + 1 == e ? (++i, 0)
-                                                                : r + 1) {
-      /* row p = i * e + r */
-      const float *row = x + p * W;
-      float *acc = cols + i * W;
-      for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
-      if (r && i + 1 < h) {
-        acc += W;
-        for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
-      }
-    }
-    for (int64_t i = 0; i < h; ++i) {
-      const float *acc = cols + i * W;
-      float *o = out + i * w;
-      for (int64_t j = 0; j < w; ++j) o[j] = 0.f;
-      for (int64_t j = 0; j < w; ++j) {
-        int64_t q0 = j * e, q1 = min64(q0 + e, W);
-        float rest = 0.f;
-        for (int64_t q = q0 + 1; q < q1; ++q) rest += acc[q];
-        o[j] += acc[q0] + rest;
-        if (j + 1 < w) o[j + 1] += rest;
-      }
-      float ch = window_count(i, e, H);
-      float sc, sh;
-      plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
-      for (int64_t j = 0; j < w; ++j)
-        o[j] = o[j] / (ch * window_count(j, e, W)) * sc + sh;
-    }
+    float sc, sh;
+    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+    pool_plane(a->x + plane * a->H * a->W, a->out + plane * a->h * a->w,
+               cols, a->H, a->W, a->e, a->h, a->w, sc, sh);
   }
 }
 
@@ -256,39 +260,28 @@ int ge_input_grad(const float *grad, const float *gate, const float *pool_grad,
 static inline float relu_of(float v) { return v < 0.f ? 0.f : v; }
 
 /* o[k] = (sc * x[k] + sh) * g[k] (+ id[k]) for n elements (g[0] for all
- * without per_cell), then the ReLU with relu; o may be x. One loop per case, each vectorised: a
- * separate ReLU pass over o would reload values just stored and stall on
- * store forwarding where the vector loop's tail stored single floats. */
+ * without per_cell), then the ReLU with relu; o may be x. One vectorised
+ * loop per case: a separate ReLU pass would reload values just stored and
+ * stall on store forwarding where the loop's tail stored single floats. */
 static void excite_run(float *o, const float *x, float sc, float sh,
                        const float *g, int per_cell, const float *id,
                        int64_t n, int relu) {
-#define RUN(GATE)                                                         \
-  do {                                                                    \
-    if (id && relu)                                                       \
-      for (int64_t k = 0; k < n; ++k)                                     \
-        o[k] = relu_of((sc * x[k] + sh) * (GATE) + id[k]);                \
-    else if (id)                                                          \
-      for (int64_t k = 0; k < n; ++k)                                     \
-        o[k] = (sc * x[k] + sh) * (GATE) + id[k];                         \
-    else if (relu)                                                        \
-      for (int64_t k = 0; k < n; ++k)                                     \
-        o[k] = relu_of((sc * x[k] + sh) * (GATE));                        \
-    else                                                                  \
-      for (int64_t k = 0; k < n; ++k) o[k] = (sc * x[k] + sh) * (GATE);   \
+#define RUN(EXPR)                                                       \
+  do {                                                                  \
+    if (id && relu)                                                     \
+      for (int64_t k = 0; k < n; ++k) o[k] = relu_of((EXPR) + id[k]);   \
+    else if (id)                                                        \
+      for (int64_t k = 0; k < n; ++k) o[k] = (EXPR) + id[k];            \
+    else if (relu)                                                      \
+      for (int64_t k = 0; k < n; ++k) o[k] = relu_of(EXPR);             \
+    else                                                                \
+      for (int64_t k = 0; k < n; ++k) o[k] = (EXPR);                    \
   } while (0)
   if (per_cell) {
-    RUN(g[k]);
+    RUN((sc * x[k] + sh) * g[k]);
   } else {
-    /* one gate value: x * (sc * g) + sh * g */
-    const float a = sc * g[0], b = sh * g[0];
-    if (id && relu)
-      for (int64_t k = 0; k < n; ++k) o[k] = relu_of(x[k] * a + b + id[k]);
-    else if (id)
-      for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b + id[k];
-    else if (relu)
-      for (int64_t k = 0; k < n; ++k) o[k] = relu_of(x[k] * a + b);
-    else
-      for (int64_t k = 0; k < n; ++k) o[k] = x[k] * a + b;
+    const float a = sc * g[0], b = sh * g[0]; /* one gate value */
+    RUN(x[k] * a + b);
   }
 #undef RUN
 }
@@ -303,39 +296,48 @@ struct excite_args {
   int relu;
 };
 
+/* out <- the excite of one plane x (H, W) with its gate (h rows, w columns
+ * at strides gate_h, gate_w), y = sc * x + sh, plus id, then the ReLU;
+ * gate_row: scratch for one gate row widened to W */
+static void excite_plane(const float *x, const float *id, const float *gate,
+                         int64_t gate_h, int64_t gate_w, float *out,
+                         const int64_t *row_index, const int64_t *col_index,
+                         int64_t H, int64_t W, int64_t w, float sc, float sh,
+                         int relu, float *gate_row) {
+  int64_t gate_i = -1;
+  for (int64_t p = 0; p < H; ++p) {
+    if (row_index[p] != gate_i) {
+      gate_i = row_index[p];
+      const float *g = gate + gate_i * gate_h;
+      for (int64_t q = 0; q < W; ++q) gate_row[q] = g[col_index[q] * gate_w];
+    }
+    if (w == 1) {
+      /* one gate value for rows p .. end - 1: one flat loop */
+      int64_t end = p + 1;
+      while (end < H && row_index[end] == gate_i) ++end;
+      excite_run(out + p * W, x + p * W, sc, sh, gate_row, 0,
+                 id ? id + p * W : NULL, (end - p) * W, relu);
+      p = end - 1;
+      continue;
+    }
+    excite_run(out + p * W, x + p * W, sc, sh, gate_row, 1,
+               id ? id + p * W : NULL, W, relu);
+  }
+}
+
 static void excite_planes(const void *args_, int64_t first, int64_t last,
                           float *gate_row) {
   const struct excite_args *a = (const struct excite_args *)args_;
-  const int64_t H = a->H, W = a->W, w = a->w;
+  const int64_t H = a->H, W = a->W, *gs = a->gate_stride;
   for (int64_t plane = first; plane < last; ++plane) {
-    const float *x = a->x + plane * H * W;
-    const float *id = a->identity ? a->identity + plane * H * W : NULL;
-    const int64_t *gs = a->gate_stride;
-    const float *gate = a->gate + plane / a->channels * gs[0] +
-                        plane % a->channels * gs[1];
-    float *out = a->out + plane * H * W;
     float sc, sh;
     plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
-    int64_t gate_i = -1;
-    for (int64_t p = 0; p < H; ++p) {
-      if (a->row_index[p] != gate_i) {
-        gate_i = a->row_index[p];
-        const float *g = gate + gate_i * gs[2];
-        for (int64_t q = 0; q < W; ++q)
-          gate_row[q] = g[a->col_index[q] * gs[3]];
-      }
-      if (w == 1) {
-        /* one gate value for rows p .. end - 1: one flat loop */
-        int64_t end = p + 1;
-        while (end < H && a->row_index[end] == gate_i) ++end;
-        excite_run(out + p * W, x + p * W, sc, sh, gate_row, 0,
-                   id ? id + p * W : NULL, (end - p) * W, a->relu);
-        p = end - 1;
-        continue;
-      }
-      excite_run(out + p * W, x + p * W, sc, sh, gate_row, 1,
-                 id ? id + p * W : NULL, W, a->relu);
-    }
+    excite_plane(a->x + plane * H * W,
+                 a->identity ? a->identity + plane * H * W : NULL,
+                 a->gate + plane / a->channels * gs[0] +
+                     plane % a->channels * gs[1],
+                 gs[2], gs[3], a->out + plane * H * W, a->row_index,
+                 a->col_index, H, W, a->w, sc, sh, a->relu, gate_row);
   }
 }
 
@@ -351,4 +353,50 @@ int ge_excite(const float *x, const float *scale, const float *shift,
                            gate_stride[3]},
                           relu};
   return for_planes(excite_planes, &a, planes, H * W, W, threads);
+}
+
+/* ------------------------------------------------------------------------ */
+/* pool_excite: GE-theta-minus without autograd, plane by plane: the gate
+ * sigmoid(pool(y)) of the plane, then its excite (with identity and relu as
+ * ge_excite) while the plane is still in the cache, so that x is read from
+ * memory once, not twice (ge_pool_forward, then ge_excite). out may be x
+ * itself (a plane is pooled before it is written). */
+
+struct pool_excite_args {
+  const float *x, *scale, *shift, *identity;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t channels, H, W, e, h, w;
+  int relu;
+};
+
+static void pool_excite_planes(const void *args_, int64_t first,
+                               int64_t last, float *buf) {
+  const struct pool_excite_args *a = (const struct pool_excite_args *)args_;
+  const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
+  /* buf: the pool's column sums (h, W), the gate (h, w), a gate row (W) */
+  float *cols = buf, *gate = cols + h * W, *gate_row = gate + h * w;
+  for (int64_t plane = first; plane < last; ++plane) {
+    const float *x = a->x + plane * H * W;
+    float sc, sh;
+    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+    pool_plane(x, gate, cols, H, W, a->e, h, w, sc, sh);
+    for (int64_t k = 0; k < h * w; ++k)
+      gate[k] = 1.f / (1.f + expf(-gate[k]));
+    excite_plane(x, a->identity ? a->identity + plane * H * W : NULL, gate,
+                 w, 1, a->out + plane * H * W, a->row_index, a->col_index, H,
+                 W, w, sc, sh, a->relu, gate_row);
+  }
+}
+
+int ge_pool_excite(const float *x, const float *scale, const float *shift,
+                   const float *identity, const int64_t *row_index,
+                   const int64_t *col_index, float *out, int64_t planes,
+                   int64_t channels, int64_t H, int64_t W, int64_t e,
+                   int relu, int threads) {
+  struct pool_excite_args a = {x, scale, shift, identity, row_index,
+                               col_index, out, channels, H, W, e,
+                               (H + e - 1) / e, (W + e - 1) / e, relu};
+  return for_planes(pool_excite_planes, &a, planes, H * W,
+                    a.h * W + a.h * a.w + W, threads);
 }

@@ -3,11 +3,13 @@
     python tools/benchmark/ge_benchmark.py [--batch 4] [--size 224]
         [--repeats 5] [--variants theta theta_minus theta_plus] [--extent 8]
 
-For each model, the median over --repeats alternating rounds of: one
-training step (forward, loss, backward, SGD step), one inference forward
-(eval, no grad), and the bytes of tensors saved for backward (counted once
-per storage with torch.autograd.graph.saved_tensors_hooks, so that figure
-does not depend on the machine's noise). Rows: plain ResNet-50, SE, the GE
+For each model, the median over --repeats rounds of one training step
+(forward, loss, backward, SGD step), then over --repeats rounds of one
+inference forward (eval, no grad), the models alternating within each
+round in an order rotated every round; and the bytes of tensors saved for
+backward (counted once per storage with
+torch.autograd.graph.saved_tensors_hooks, so that figure does not depend
+on the machine's noise). Rows: plain ResNet-50, SE, the GE
 formula as written (resize, sigmoid, multiply), and mmge's GatherExcite, per
 variant (and timm's GatherExcite when timm is importable); mmge's layer
 also in its memory-saving mode. Every figure is also given as a ratio to the
@@ -134,10 +136,18 @@ def main(argv=None):
         train_step(m, x, opts[name])
         infer(m, x)
     times = {n: dict(train=[], infer=[]) for n in models}
-    for _ in range(args.repeats):  # alternate the models within a round
-        for name, m in models.items():
-            times[name]['train'].append(train_step(m, x, opts[name]))
-            times[name]['infer'].append(infer(m, x))
+    names = list(models)
+    # training rounds, then inference rounds (an inference right after a
+    # training step pays for the memory that step freed, unevenly), the
+    # models alternating within a round in an order rotated every round
+    # (so that no model always follows the same one)
+    for step in ('train', 'infer'):
+        for r in range(args.repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                m = models[name]
+                times[name][step].append(
+                    train_step(m, x, opts[name]) if step == 'train' else
+                    infer(m, x))
     from mmge.utils import saved_tensor_bytes
     memory = {n: saved_tensor_bytes(lambda m=m: m.train()(x)[-1])
               for n, m in models.items()}

@@ -9,6 +9,8 @@ several ATen calls on the CPU:
   optionally of ``scale[c] * x + shift[c]`` (a norm layer's output computed on
   the fly from its input);
 - :func:`excite`: ``x * resize(gate) (+ identity)``, in place if asked;
+- :func:`pool_excite`: GE-theta-minus without autograd, the pool and the
+  excite of each plane while it is in the cache;
 - :func:`gate_grad`: the gradient of the gate, the nearest resize's adjoint
   of ``grad * x``;
 - :func:`input_grad`: ``grad * resize(gate)``, plus the average pool's
@@ -40,7 +42,7 @@ from .excite import nearest_index
 
 __all__ = [
     'available', 'usable', 'hooked', 'channels_last', 'pool_gather',
-    'excite', 'gate_grad',
+    'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'NormStats',
     'ConvGatherResult', 'ConvGatherGrads', 'conv_gather',
     'conv_gather_backward'
@@ -71,8 +73,10 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int] * 2
+    lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + \
+        [ctypes.c_int] * 2
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
-               lib.ge_excite, lib.ge_conv_gather):
+               lib.ge_excite, lib.ge_pool_excite, lib.ge_conv_gather):
         fn.restype = ctypes.c_int
     return lib
 
@@ -279,6 +283,40 @@ def excite(x: torch.Tensor,
         _ptr(rows), _ptr(cols), _ptr(out), n * c, c, height, width, h, w,
         (ctypes.c_int64 * 4)(*gate.stride()), int(relu),
         torch.get_num_threads()), 'ge_excite')
+    return out
+
+
+def pool_excite(x: torch.Tensor,
+                extent: int,
+                identity: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None,
+                relu: bool = False) -> torch.Tensor:
+    """GE-theta-minus without autograd in one memory pass:
+    ``excite(x, sigmoid(pool_gather(x, extent, scale, shift)), identity,
+    scale=scale, shift=shift, relu=relu)``, plane by plane, each plane's
+    gate made while the plane is in the cache.
+
+    Args:
+        x (Tensor): (N, C, H, W), :func:`usable`.
+        extent (int): Extent ratio ``e`` >= 2.
+        identity (Tensor, optional): Tensor of ``x``'s shape to add.
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ).
+        relu (bool): Apply ``torch.relu`` to the result. Defaults to False.
+
+    Returns:
+        Tensor: A new (N, C, H, W) tensor.
+    """
+    n, c, height, width = x.shape
+    scale, shift = _affine(scale, shift, c)
+    h, w = -(-height // extent), -(-width // extent)
+    rows, cols = nearest_index(height, h), nearest_index(width, w)
+    out = torch.empty_like(x)
+    _check(_library().ge_pool_excite(
+        _ptr(x), _ptr(scale), _ptr(shift), _ptr(identity), _ptr(rows),
+        _ptr(cols), _ptr(out), n * c, c, height, width, extent, int(relu),
+        torch.get_num_threads()), 'ge_pool_excite')
     return out
 
 

@@ -147,8 +147,8 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     if norm is not None and uses_batch_stats(norm):
         return None
     scale, shift = (None, None) if norm is None else eval_affine(norm)
-    return cpu_kernels.excite(inp, pool_gate(layer, inp, scale, shift),
-                              identity, scale=scale, shift=shift, relu=relu)
+    return cpu_kernels.pool_excite(inp, layer.extent, identity, scale, shift,
+                                   relu)
 
 
 def pool_gate(layer: nn.Module, inp: torch.Tensor,
