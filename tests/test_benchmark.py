@@ -3,6 +3,8 @@ import os.path as osp
 import subprocess
 import sys
 
+import pytest
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
@@ -63,12 +65,15 @@ def test_kernel_benchmark_prints_every_map():
                for r in rows)
 
 
-def test_kernel_benchmark_refuses_a_bad_map():
+@pytest.mark.parametrize('script,value,form', (
+    ('kernel_benchmark.py', '16x', 'CHANNELSxSIZE'),
+    ('block_benchmark.py', '16x20', 'CHANNELSxSIZE:BLOCKS')))
+def test_benchmarks_refuse_a_bad_map(script, value, form):
     out = subprocess.run(
-        [sys.executable, 'tools/benchmark/kernel_benchmark.py', '--maps',
-         '16x'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, f'tools/benchmark/{script}', '--maps', value],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
-    assert 'CHANNELSxSIZE' in out.stderr and "'16x'" in out.stderr
+    assert form in out.stderr and repr(value) in out.stderr
 
 
 def test_block_benchmark_prints_every_map_and_variant():
@@ -87,10 +92,3 @@ def test_block_benchmark_prints_every_map_and_variant():
     assert [r[0] for r in totals] == ['theta', 'theta_minus']
     assert all(_ratio(r[2]) > 0 for r in totals)
 
-
-def test_block_benchmark_refuses_a_bad_map():
-    out = subprocess.run(
-        [sys.executable, 'tools/benchmark/block_benchmark.py', '--maps',
-         '16x20'], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 2
-    assert 'CHANNELSxSIZE:BLOCKS' in out.stderr and "'16x20'" in out.stderr
