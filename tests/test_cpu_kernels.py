@@ -435,6 +435,28 @@ def test_conv_gather_backward_from_a_kept_first_level():
                                          level1=level1)
 
 
+@pytest.mark.parametrize('affine', (True, False))
+def test_norm_affine_is_the_eval_batch_norm(affine):
+    """invstd, scale and shift of a batch norm with running statistics, as
+    one kernel call: y = scale * x + shift is the module's output."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(5, affine=affine, eps=1e-3).eval()
+    norm.running_mean.uniform_(-2, 2)
+    norm.running_var.uniform_(0.5, 2)
+    if affine:
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.uniform_(norm.bias, -0.5, 0.5)
+    invstd, scale, shift = cpu_kernels.norm_affine(
+        norm.running_mean, norm.running_var, norm.weight, norm.bias,
+        norm.eps)
+    expect = (norm.running_var.double() + 1e-3).rsqrt()
+    close(invstd, expect)
+    x = torch.randn(2, 5, 3, 4)
+    with torch.no_grad():
+        close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1),
+              norm.double()(x.double()))
+
+
 def test_small_tensors_channels_last_give_the_same_values():
     """GE-theta-plus's MLP multiplies rows of channels: the kernels write the
     context and the gate's gradient channels-last when asked, and read a

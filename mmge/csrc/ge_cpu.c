@@ -400,3 +400,22 @@ int ge_pool_excite(const float *x, const float *scale, const float *shift,
   return for_planes(pool_excite_planes, &a, planes, H * W,
                     a.h * W + a.h * a.w + W, threads);
 }
+
+/* ------------------------------------------------------------------------ */
+/* norm_affine: a batch norm with running statistics as the per-channel
+ * affine the kernels apply, out (3, C): invstd = 1 / sqrt(var + eps) (in
+ * float, as ATen's batch norm), scale = weight * invstd, shift = bias -
+ * mean * scale (weight NULL: 1, bias NULL: 0). One call instead of half a
+ * dozen small ATen ops, each of which costs tens of microseconds right
+ * after a block's convolutions have evicted the caches. */
+int ge_norm_affine(const float *weight, const float *bias, const float *mean,
+                   const float *var, double eps, int64_t C, float *out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float invstd = 1.f / sqrtf(var[c] + (float)eps);
+    const float scale = weight ? weight[c] * invstd : invstd;
+    out[c] = invstd;
+    out[C + c] = scale;
+    out[2 * C + c] = (bias ? bias[c] : 0.f) - mean[c] * scale;
+  }
+  return 0;
+}

@@ -41,7 +41,8 @@ from torch.nn.modules import module as torch_module
 from .excite import nearest_index
 
 __all__ = [
-    'available', 'usable', 'hooked', 'channels_last', 'pool_gather',
+    'available', 'usable', 'hooked', 'channels_last', 'norm_affine',
+    'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'NormStats',
     'ConvGatherResult', 'ConvGatherGrads', 'conv_gather',
@@ -75,8 +76,10 @@ def _library() -> Optional[ctypes.CDLL]:
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int] * 2
     lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + \
         [ctypes.c_int] * 2
+    lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
-               lib.ge_excite, lib.ge_pool_excite, lib.ge_conv_gather):
+               lib.ge_excite, lib.ge_pool_excite, lib.ge_conv_gather,
+               lib.ge_norm_affine):
         fn.restype = ctypes.c_int
     return lib
 
@@ -188,6 +191,9 @@ def _vector(t: Optional[torch.Tensor],
     broadcasts a single value)."""
     if t is None:
         return None
+    if t.dtype is torch.float32 and t.dim() == 1 and \
+            t.shape[0] == channels and t.is_contiguous():
+        return t  # as it is: each ATen op costs, even a view
     return t.detach().float().expand(channels).contiguous()
 
 
@@ -214,6 +220,31 @@ def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
     if scale is None:
         return None, None
     return _vector(scale, channels), _vector(shift, channels)
+
+
+def norm_affine(mean: torch.Tensor, var: torch.Tensor,
+                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch norm with running statistics as a per-channel affine.
+
+    Args:
+        mean (Tensor): Running mean, (C, ), :func:`usable`.
+        var (Tensor): Running variance, (C, ).
+        weight (Tensor, optional): The norm's weight (None: ones).
+        bias (Tensor, optional): Its bias (None: zeros).
+        eps (float): Its eps.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: ``invstd = 1 / sqrt(var + eps)``,
+        ``scale = weight * invstd`` and ``shift = bias - mean * scale``,
+        (C, ) each, computed in float32 as ATen's batch norm does.
+    """
+    c = mean.shape[0]
+    out = mean.new_empty(3, c)
+    _check(_library().ge_norm_affine(
+        _ptr(weight), _ptr(bias), _ptr(mean), _ptr(var), float(eps), c,
+        _ptr(out)), 'ge_norm_affine')
+    return out.unbind(0)
 
 
 def pool_gather(x: torch.Tensor,
