@@ -26,6 +26,13 @@ static void plane_affine(const float *scale, const float *shift,
   *sh = scale ? shift[plane % channels] : 0.f;
 }
 
+/* dst[q] = src[col_index[q] * stride]: one gate row (its cells `stride`
+ * floats apart) nearest-resized to width W */
+static void widen_gate_row(const float *src, const int64_t *col_index,
+                           int64_t stride, float *dst, int64_t W) {
+  for (int64_t q = 0; q < W; ++q) dst[q] = src[col_index[q] * stride];
+}
+
 /* Cells of window i of a length-n axis (kernel 2e-1, stride e, pad e-1). */
 static float window_count(int64_t i, int64_t e, int64_t n) {
   return (float)(min64(n - 1, i * e + e - 1) - max64(0, i * e - e + 1) + 1);
@@ -217,7 +224,7 @@ static void input_grad_planes(const void *args_, int64_t first, int64_t last,
     for (int64_t p = 0; p < H; ++p) {
       if (a->row_index[p] != gate_i) {
         gate_i = a->row_index[p];
-        widen_gate_row(gate + gate_i * w, a->col_index, gate_row, W);
+        widen_gate_row(gate + gate_i * w, a->col_index, 1, gate_row, W);
       }
       const float *gr = g + p * W;
       float *o = out + p * W;
@@ -308,8 +315,7 @@ static void excite_plane(const float *x, const float *id, const float *gate,
   for (int64_t p = 0; p < H; ++p) {
     if (row_index[p] != gate_i) {
       gate_i = row_index[p];
-      const float *g = gate + gate_i * gate_h;
-      for (int64_t q = 0; q < W; ++q) gate_row[q] = g[col_index[q] * gate_w];
+      widen_gate_row(gate + gate_i * gate_h, col_index, gate_w, gate_row, W);
     }
     if (w == 1) {
       /* one gate value for rows p .. end - 1: one flat loop */

@@ -1,6 +1,5 @@
 /*
- * What the C files of GE's CPU kernels share: the OpenMP dispatcher and
- * the nearest resize of a gate row.
+ * What the C files of GE's CPU kernels share: the OpenMP dispatcher.
  * Included by ge_cpu.c and ge_conv_gather.c, which build into one library.
  */
 #ifndef MMGE_GE_PARALLEL_H
@@ -46,11 +45,5 @@ static inline int for_planes(plane_fn fn, const void *args, int64_t planes,
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-/* dst[q] = src[col_index[q]]: one gate row nearest-resized to width W */
-static inline void widen_gate_row(const float *src, const int64_t *col_index,
-                                  float *dst, int64_t W) {
-  for (int64_t q = 0; q < W; ++q) dst[q] = src[col_index[q]];
-}
 
 #endif /* MMGE_GE_PARALLEL_H */

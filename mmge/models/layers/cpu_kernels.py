@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch.nn.modules import module as torch_module
 
-from .excite import nearest_index
+from .excite import channels_last, nearest_index
 
 __all__ = [
     'available', 'usable', 'hooked', 'channels_last', 'norm_affine',
@@ -195,24 +195,6 @@ def _vector(t: Optional[torch.Tensor],
             t.shape[0] == channels and t.is_contiguous():
         return t  # as it is: each ATen op costs, even a view
     return t.detach().float().expand(channels).contiguous()
-
-
-def channels_last(t: torch.Tensor) -> bool:
-    """Whether a 4-d tensor is channels-last in memory and not also
-    contiguous (maps of one cell are both).
-
-    Args:
-        t (Tensor): (N, C, H, W).
-
-    Returns:
-        bool: True for ``(N, H, W, C)`` memory.
-    """
-    return not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def _layout(channels_last_: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last_ else torch.contiguous_format
 
 
 def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
@@ -574,7 +556,7 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
     }
     out = {k: x.new_empty(v) if k in outputs else None
            for k, v in out.items()}
-    layout = _layout(small_cl)
+    layout = torch.channels_last if small_cl else torch.contiguous_format
     for k in ('context', 'grad_gate'):
         if out[k] is not None:
             out[k] = out[k].contiguous(memory_format=layout)

@@ -205,13 +205,24 @@ def resize_multiply_grad(grad: torch.Tensor, x: torch.Tensor,
         prod, [height, width], [n, c, h, w], None, None)
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is channels-last in memory and not also
+    contiguous (maps of one cell are both).
+
+    Args:
+        t (Tensor): (N, C, H, W).
+
+    Returns:
+        bool: True for ``(N, H, W, C)`` memory.
+    """
+    return not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
 def _as_context(t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """``t``, a channels-last (N, C, h, w) view, in ``context``'s layout:
     as it is for a channels-last context, else contiguous."""
-    if not context.is_contiguous() and context.is_contiguous(
-            memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
+    return t if channels_last(context) else t.contiguous()
 
 
 class Excite(nn.Module):
