@@ -33,7 +33,17 @@ have() { (cd / && "$PY" -c "$1") >/dev/null 2>&1; }
 #    pkg_resources mmcv's setup.py and mmengine import (tools/constraints.txt).
 if ! have 'import torch, torchvision, pkg_resources, numpy, sys; from torchvision.ops import nms; sys.exit(numpy.__version__ >= "2" or not torch.__version__.startswith("2.13."))'; then
   log "installing torch and torchvision (large download, about 2 minutes)"
-  "${PIP[@]}" install -q "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0" "numpy>=1.24,<2" \
+  # PyPI's torch brings about 5 GB of CUDA libraries; say so up front when the disk that
+  # holds the venv (or pip's temporary directory) has less free, rather than leave only
+  # pip's "No space left on device" halfway through.
+  for dir in "$VENV" "${TMPDIR:-/tmp}"; do
+    free_kb=$(df -Pk "$dir" 2>/dev/null | awk 'NR==2 {print $4}')
+    if [ -n "$free_kb" ] && [ "$free_kb" -lt $((6 * 1024 * 1024)) ]; then
+      log "WARNING: only $((free_kb / 1024)) MiB free on the disk holding $dir;" \
+          "torch + torchvision need about 6 GiB there (set TMPDIR or MMGE_VENV elsewhere)"
+    fi
+  done
+  "${PIP[@]}" install -q --no-cache-dir "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0" "numpy>=1.24,<2" \
     "setuptools>=77.0.3,<81" wheel
 fi
 
