@@ -40,8 +40,10 @@ install_requires = [
 # installs and GE takes its ATen path (tests/test_cpu_kernels.py fails then).
 ge_cpu = Extension(
     'mmge._ge_cpu',
-    sources=['mmge/csrc/ge_cpu.c', 'mmge/csrc/ge_conv_gather.c'],
-    depends=['mmge/csrc/ge_parallel.h'],
+    sources=['mmge/csrc/ge_cpu.c', 'mmge/csrc/ge_conv_gather.c',
+             'mmge/csrc/ge_mlp.c'],
+    depends=['mmge/csrc/ge_parallel.h', 'mmge/csrc/ge_simd.h',
+             'mmge/csrc/ge_excite.h'],
     extra_compile_args=['-O3', '-fopenmp', '-Wno-psabi'],
     extra_link_args=['-fopenmp'],
     optional=True)

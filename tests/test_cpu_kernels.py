@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mmge.models import GatherExcite, GEResNet
 from mmge.models.layers import cpu_kernels
-from mmge.models.layers.excite import resize_multiply
+from mmge.models.layers.excite import Excite, resize_multiply
 from mmge.models.layers.gather import ConvGather
 
 SIZES = ((13, 9), (16, 16), (1, 31), (29, 2), (7, 7), (56, 56), (25, 42),
@@ -187,11 +187,12 @@ def test_kernels_split_over_threads_give_the_same_values():
 
 
 def count_calls(monkeypatch, name):
-    """Wrap ``cpu_kernels.<name>`` to record its calls; returns the list."""
+    """Wrap ``cpu_kernels.<name>`` to record its calls; returns the list
+    (each call's keyword arguments)."""
     calls, kernel = [], getattr(cpu_kernels, name)
 
     def spy(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs)
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, name, spy)
@@ -299,19 +300,26 @@ def test_native_path_keeps_only_the_norms_input(variant):
 def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
         variant, size, monkeypatch):
     """Without grad, GE on the kernels makes the norm's output on the fly
-    (excite with the norm's affine; GE-theta-minus pools and excites each
-    plane in one kernel): the formula's values in float64, and the caller's
-    input and shortcut stay as they were."""
+    (excite with the norm's affine) in one kernel call: GE-theta-minus pools
+    and excites each plane, GE-theta(-plus)'s gather kernel also runs the
+    gate (the MLP included) and the excite. The formula's values in
+    float64, and the caller's input and shortcut stay as they were."""
     layer, norm = _theta_pair(variant, 2, False)
     inp, identity = torch.randn(2, 11, *size), torch.randn(2, 11, *size)
     kept = inp.clone(), identity.clone()
     calls = count_calls(
-        monkeypatch, 'pool_excite' if variant == 'theta_minus' else 'excite')
+        monkeypatch,
+        'pool_excite' if variant == 'theta_minus' else 'conv_gather')
+    excites = count_calls(monkeypatch, 'excite')
     with torch.no_grad():
         out = layer(inp, identity, norm=norm)
         ref = _formula_forward(copy.deepcopy(layer).double())(
             inp.double(), identity.double(), copy.deepcopy(norm).double())
-    assert calls, 'the native inference was not taken'
+    assert len(calls) == 1, 'the native inference was not taken'
+    if variant != 'theta_minus':
+        excite = calls[0]['excite']
+        assert excite is not None and not excites
+        assert (excite.mlp is not None) == (variant == 'theta_plus')
     close(out, ref)
     assert torch.equal(inp, kept[0]) and torch.equal(identity, kept[1])
 
@@ -719,6 +727,101 @@ def test_native_theta_refuses_one_value_per_channel_untouched():
     for state, kept in zip((layer.state_dict(), norm.state_dict()), before):
         for name, value in state.items():
             assert torch.equal(value, kept[name]), name
+
+
+@pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7)))
+@pytest.mark.parametrize('mlp', (False, True))
+@pytest.mark.parametrize('train', (False, True))
+def test_conv_gather_excites_what_it_gathers(size, mlp, train):
+    """With an Excitation the gather's kernel also makes the gate (through
+    GE-theta-plus's MLP, with or without its ReLU) and writes
+    ``y * resize(gate) + identity`` and the ReLU: the float64 modules'
+    values, for y made by a batch norm with its running statistics (eval)
+    or the batch's (training, which also returns them), 11 channels (a
+    partial block) and 20 (hidden width 1 after reduction 16)."""
+    for channels in (11, 20):
+        torch.manual_seed(channels)
+        gather = _conv_gather(channels, 8, last_act=mlp)
+        excite = Excite(channels, 16 if mlp else None)
+        norm = _fused_norm(channels).float().train(train)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        x, identity = torch.randn(2, channels, *size), torch.randn(
+            2, channels, *size)
+        params = gather.native_params(x)
+        ref_norm = copy.deepcopy(norm).double()
+        fused = cpu_kernels.FusedNorm(
+            norm.weight, norm.bias, norm.eps,
+            *((None, None) if train else (norm.running_mean,
+                                          norm.running_var)))
+        for relu_between in ((False, True) if mlp else (False, )):
+            if mlp:
+                excite.mlp[0].activate = nn.ReLU() if relu_between else None
+                excite.mlp[0].with_activation = relu_between
+            first, second = excite.mlp or (None, None)
+            spec = cpu_kernels.Excitation(
+                identity, True, None if not mlp else cpu_kernels.MLPParams(
+                    first.conv.weight, first.conv.bias, second.conv.weight,
+                    second.conv.bias, relu_between))
+            with torch.no_grad():
+                got = cpu_kernels.conv_gather(x, params, norm=fused,
+                                              excite=spec)
+                y = ref_norm(x.double())
+                context = copy.deepcopy(gather).double()(y)
+                gate = copy.deepcopy(excite).double().gate(context)
+            expect = (y * F.interpolate(gate, size=size, mode='nearest') +
+                      identity.double()).relu()
+            assert got.context is None
+            close(got.out, expect)
+            if train:
+                close(got.norm_mean, x.double().mean((0, 2, 3)))
+            else:
+                assert got.norm_mean is None
+
+
+def test_conv_gather_excite_only_in_a_forward_call():
+    """The excite of the gather's kernel belongs to a forward call: with the
+    gradient of the output, or keeping the first level, it is refused; a
+    norm with running statistics is not given with scale and shift."""
+    gather = _conv_gather(8, 4)
+    x = torch.randn(2, 8, 16, 16)
+    params = gather.native_params(x)
+    spec = cpu_kernels.Excitation()
+    with pytest.raises(ValueError, match='only in a forward call'):
+        cpu_kernels.conv_gather(x, params, grad=torch.randn_like(x),
+                                excite=spec)
+    with pytest.raises(ValueError, match='only in a forward call'):
+        cpu_kernels.conv_gather(x, params, keep_level1=True, excite=spec)
+    running = cpu_kernels.FusedNorm(None, None, 1e-5, torch.zeros(8),
+                                    torch.ones(8))
+    with pytest.raises(ValueError, match='fused norm'):
+        cpu_kernels.conv_gather(x, params, torch.ones(8), torch.zeros(8),
+                                norm=running)
+
+
+@pytest.mark.parametrize('case', ('autocast', 'gelu'))
+def test_theta_plus_mlp_the_kernel_does_not_run(case, monkeypatch):
+    """GE-theta-plus's MLP runs in the gather's kernel only in its plain
+    layout and without autocast; otherwise its modules run between the
+    gather's call and the excite's, with their values."""
+    torch.manual_seed(0)
+    act = dict(type='GELU') if case == 'gelu' else dict(type='ReLU')
+    layer = GatherExcite(16, 'theta_plus', 4).eval()
+    if case == 'gelu':
+        layer.excite = Excite(16, 4, act_cfg=act)
+    x, identity = torch.randn(2, 16, 20, 20), torch.randn(2, 16, 20, 20)
+    calls = count_calls(monkeypatch, 'conv_gather')
+    excites = count_calls(monkeypatch, 'excite')
+    with torch.no_grad(), torch.autocast('cpu', enabled=case == 'autocast'):
+        out = layer(x, identity)
+    assert len(calls) == 1 and calls[0]['excite'] is None
+    assert len(excites) == 1
+    with torch.no_grad():
+        context = layer.gather.convs(x)
+        gate = F.interpolate(layer.excite.mlp(context).sigmoid(),
+                             size=(20, 20), mode='nearest')
+    tol = dict(atol=2e-2, rtol=2e-2) if case == 'autocast' else {}
+    torch.testing.assert_close(out, x * gate + identity, **tol)
 
 
 def test_conv_gather_split_over_threads_gives_the_same_values():

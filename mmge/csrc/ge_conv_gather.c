@@ -23,64 +23,11 @@
 #include <math.h>
 #include <string.h>
 
+#include "ge_excite.h"
 #include "ge_parallel.h"
+#include "ge_simd.h"
 
 #define MAX_LEVELS 16
-#define LANES 8
-
-/* The kernel is compiled three times, for AVX-512 (x86-64-v4), AVX2
- * (x86-64-v3) and baseline x86-64, and the loader picks the best the CPU
- * runs: one build serves every machine, and the vector code runs 2-3x
- * faster on the wider units. Its helpers are inlined into each copy. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(MMGE_NO_CLONES)
-#define CLONED \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONED
-#endif
-#define INLINE static inline __attribute__((always_inline))
-
-/* LANES channels of one position; the scratch keeps them 32-byte aligned */
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef double vd __attribute__((vector_size(LANES * sizeof(double))));
-typedef int vi __attribute__((vector_size(LANES * sizeof(int))));
-
-#define V(p) (*(vf *)(p))
-
-INLINE vf splat(float v) { return (vf){0} + v; }
-
-/* v where keep > 0, else 0 */
-INLINE vf where_positive(vf keep, vf v) {
-  return (vf)((vi)v & (keep > splat(0.f)));
-}
-
-INLINE vd widen(vf v) { return __builtin_convertvector(v, vd); }
-
-/* 1 / (1 + exp(-v)) lane by lane: exp by range reduction to
- * r in [-ln2 / 2, ln2 / 2] and Cephes' expf polynomial (about 1 ulp), so
- * that the gate costs a few vector operations, not a libm call per value */
-INLINE vf sigmoid(vf v) {
-  const vf lo = splat(-87.f), hi = splat(88.f);
-  vf x = -v;
-  vi m = x > lo;
-  x = (vf)(((vi)x & m) | ((vi)lo & ~m));
-  m = x < hi;
-  x = (vf)(((vi)x & m) | ((vi)hi & ~m));
-  /* n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer */
-  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf e = p * r * r + r + 1.f;
-  /* times 2^n: n added to the exponent bits */
-  const vi bits = ((vi)e) + (__builtin_convertvector(n, vi) << 23);
-  return 1.f / (1.f + (vf)bits);
-}
 
 /* Sums in float over runs of CHUNK positions, added up in double: exact
  * enough, and few double operations */
@@ -194,6 +141,17 @@ struct conv_gather_args {
   double norm_eps;
   int norm_batch, norm_train;
   float *norm_mean, *norm_var, *norm_dgamma, *norm_dbeta;
+  /* the norm with running statistics, fused (forward, optional):
+   * y = norm_gamma * (x - norm_rmean) / sqrt(norm_rvar + norm_eps) +
+   * norm_beta, its scale and shift computed per block (not with scale or
+   * norm_batch) */
+  const float *norm_rmean, *norm_rvar;
+  /* the excite in the same call (forward only; see ge_excite_spec) and
+   * the buffers the blocks fill for it: the context (GE-theta: its
+   * sigmoid) channels-last, (N * hL * wL, C), and y's scale and shift
+   * (2, C) */
+  const struct ge_excite_spec *excite;
+  float *ctx_rows, *affine;
   /* map sizes per level (level 0: the input) and scratch offsets */
   int64_t h[MAX_LEVELS + 1], w[MAX_LEVELS + 1];
   int64_t off_z[MAX_LEVELS + 1], off_dz[MAX_LEVELS + 1];
@@ -529,6 +487,16 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     lane_affine(a->scale ? a->scale + c0 : NULL,
                 a->scale ? a->shift + c0 : NULL, active, &A, &B);
     lane_affine(NULL, NULL, active, &one, &zero);
+    if (a->norm_rvar) {
+      /* invstd in float, as ATen's batch norm computes it */
+      for (int k = 0; k < active; ++k) {
+        const int64_t c = c0 + k;
+        const float invstd =
+            1.f / sqrtf(a->norm_rvar[c] + (float)a->norm_eps);
+        A[k] = a->norm_gamma ? a->norm_gamma[c] * invstd : invstd;
+        B[k] = (a->norm_beta ? a->norm_beta[c] : 0.f) - a->norm_rmean[c] * A[k];
+      }
+    }
 
     /* level 1's convolution, sample by sample, and the gate's gradient */
     const int64_t m1 = N * a->h[1] * a->w[1] * LANES;
@@ -565,6 +533,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       }
       level1_affine(z1, K[1], s, beta_n - __builtin_convertvector(d, vf) * s,
                     N, H, W, a->h[1], a->w[1]);
+      /* y = A * x + B for the excite: B = beta - mean * s */
+      A = s;
+      for (int k = 0; k < LANES; ++k)
+        B[k] = k < active ? beta_n[k] - a->norm_mean[c0 + k] * s[k] : 0.f;
     } else {
       for (int64_t n = 0; n < N; ++n) {
         load_input(a, P, n, c0, active, A, B, need_gg ? G : NULL, gg, NULL);
@@ -637,6 +609,19 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     }
     if (a->context) store_small(a->context, ctx, N, C, c0, mL, active, a->small_cl);
     if (a->grad_gate) store_small(a->grad_gate, gg, N, C, c0, mL, active, a->small_cl);
+    if (a->excite) {
+      /* the caller excites after every block: GE-theta-plus's MLP mixes
+       * channels, and one pass over whole tensors streams faster than a
+       * block's planes (N runs of LANES planes) */
+      if (!a->excite->mlp_w1)
+        for (int64_t t = 0; t < N * mL; ++t)
+          V(ctx + t * LANES) = sigmoid(V(ctx + t * LANES));
+      store_small(a->ctx_rows, ctx, N, C, c0, mL, active, 1);
+      for (int k = 0; k < active; ++k) {
+        a->affine[c0 + k] = A[k];
+        a->affine[C + c0 + k] = B[k];
+      }
+    }
     if (!backward) continue;
 
     /* the gate and the context's gradient */
@@ -781,12 +766,15 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
   }
 }
 
-/* The gather (and with dx its backward) of the channels of x. Returns 0,
- * 1 when the scratch memory could not be allocated, 2 for more than
- * MAX_LEVELS levels, 3 for level1_in with an output that needs the input's
- * gate gradient, 4 for a fused norm used wrongly (norm_batch with scale or
- * with a backward output, norm_invstd without dx), 5 for a level without
- * its kernels or, when it does not train, its running statistics. */
+/* The gather (and with dx its backward) of the channels of x; with
+ * excite, the excite of its output too. Returns 0, 1 when memory could not
+ * be allocated, 2 for more than MAX_LEVELS levels, 3 for level1_in with an
+ * output that needs the input's gate gradient, 4 for a fused norm used
+ * wrongly (norm_batch with scale or with a backward output, norm_invstd
+ * without dx, norm_rvar with scale or norm_batch or without norm_rmean),
+ * 5 for a level without its kernels or, when it does not train, its
+ * running statistics, 6 for an excite with a backward input or output or
+ * without out. */
 int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *const *weight, const float *const *gamma,
                    const float *const *beta, const float *const *rmean,
@@ -802,7 +790,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *norm_beta, double norm_eps, int norm_batch,
                    const float *norm_mean_in, const float *norm_invstd,
                    int norm_train, float *norm_mean, float *norm_var,
-                   float *norm_dgamma, float *norm_dbeta, int small_cl,
+                   float *norm_dgamma, float *norm_dbeta,
+                   const float *norm_rmean, const float *norm_rvar,
+                   const struct ge_excite_spec *excite, int small_cl,
                    int threads) {
   if (levels < 1 || levels > MAX_LEVELS) return 2;
   /* the gate's gradient needs the input: a call that gets level 1 from a
@@ -813,8 +803,11 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
     return 4;
   if (norm_invstd && (!dx || !norm_mean_in || !norm_dgamma || !norm_dbeta))
     return 4;
+  if (norm_rvar && (scale || norm_batch || !norm_rmean)) return 4;
   for (int l = 0; l < levels; ++l)
     if (!weight[l] || (!train[l] && (!rmean[l] || !rvar[l]))) return 5;
+  if (excite && (grad || dx || level1_in || level1_out || !excite->out))
+    return 6;
   struct conv_gather_args a = {
       .x = x, .scale = scale, .shift = shift, .weight = weight, .gamma = gamma,
       .beta = beta, .rmean = rmean, .rvar = rvar, .eps = eps,
@@ -827,8 +820,36 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,
       .norm_eps = norm_eps, .norm_batch = norm_batch, .norm_train = norm_train,
       .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
-      .norm_dbeta = norm_dbeta, .small_cl = small_cl};
+      .norm_dbeta = norm_dbeta, .norm_rmean = norm_rmean,
+      .norm_rvar = norm_rvar, .excite = excite, .small_cl = small_cl};
   plan(&a);
-  return for_planes(conv_gather_blocks, &a, (C + LANES - 1) / LANES,
-                    N * H * W * LANES, a.scratch, threads);
+  const int64_t blocks = (C + LANES - 1) / LANES, plane = N * H * W * LANES;
+  if (!excite)
+    return for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
+                      threads);
+  /* every block's context (GE-theta: its gate), then GE-theta-plus's
+   * MLP's gate from all channels, then the excite */
+  const int64_t hL = a.h[levels], wL = a.w[levels], rows = N * hL * wL;
+  float *buffers =
+      (float *)malloc(sizeof(float) * (size_t)(2 * rows * C + 2 * C));
+  if (!buffers) return 1;
+  a.ctx_rows = buffers;
+  a.affine = buffers + rows * C;
+  float *gate_rows = excite->mlp_w1 ? a.affine + 2 * C : a.ctx_rows;
+  int status = for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
+                          threads);
+  if (!status && excite->mlp_w1)
+    status = ge_mlp_gate(a.ctx_rows, rows, C, excite->mlp_hidden,
+                         excite->mlp_w1, excite->mlp_b1, excite->mlp_w2,
+                         excite->mlp_b2, excite->mlp_relu, gate_rows,
+                         threads);
+  if (!status) {
+    /* the gate (N, C, hL, wL) lies channels-last in its rows */
+    const int64_t strides[4] = {hL * wL * C, 1, wL * C, C};
+    status = ge_excite(x, a.affine, a.affine + C, gate_rows, excite->identity,
+                       row_index, col_index, excite->out, N * C, C, H, W, hL,
+                       wL, strides, excite->relu, threads);
+  }
+  free(buffers);
+  return status;
 }

@@ -15,6 +15,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "ge_excite.h"
 #include "ge_parallel.h"
 
 /* sc, sh <- scale[c], shift[c] of the plane's channel c (1, 0 without

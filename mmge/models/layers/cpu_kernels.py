@@ -44,7 +44,8 @@ __all__ = [
     'available', 'usable', 'hooked', 'channels_last', 'norm_affine',
     'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
-    'input_grad', 'ConvGatherParams', 'FusedNorm', 'NormStats',
+    'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
+    'Excitation', 'NormStats',
     'ConvGatherResult', 'ConvGatherGrads', 'conv_gather',
     'conv_gather_backward'
 ]
@@ -73,7 +74,7 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_int] * 2
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
-        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 4 + [ctypes.c_int] * 2
+        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 2
     lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + \
         [ctypes.c_int] * 2
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
@@ -179,6 +180,9 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f'mmge native kernel {name}: a level lacks its '
                          f'kernels, or its running statistics where it does '
                          f'not train')
+    if status == 6:
+        raise ValueError(f'mmge native kernel {name}: the excite runs only '
+                         f'in a forward call')
     if status:
         raise MemoryError(f'mmge native kernel {name}: out of memory for '
                           f'its scratch buffers')
@@ -454,18 +458,68 @@ def conv_gather_size(height: int, width: int,
 
 
 class FusedNorm(NamedTuple):
-    """A batch norm ``y = norm(x)`` in training, run by :func:`conv_gather`
-    with the gather: it computes the batch's statistics in the same pass
-    over ``x``, and ``y`` is never materialised.
+    """A batch norm ``y = norm(x)`` run by :func:`conv_gather` with the
+    gather, ``y`` never materialised. In training (no running statistics
+    given) it computes the batch's statistics in the same pass over ``x``;
+    with running statistics it is the per-channel affine they make.
 
     Attributes:
         weight (Tensor | None): The norm's weight, (C, ).
         bias (Tensor | None): Its bias, (C, ).
         eps (float): Its eps.
+        running_mean (Tensor | None): Its running mean, (C, ), to normalise
+            with it instead of the batch's. Defaults to None.
+        running_var (Tensor | None): Its running variance, (C, ); given
+            with ``running_mean``. Defaults to None.
     """
     weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     eps: float
+    running_mean: Optional[torch.Tensor] = None
+    running_var: Optional[torch.Tensor] = None
+
+
+class MLPParams(NamedTuple):
+    """GE-theta-plus's excite MLP as :func:`conv_gather` runs it: two 1x1
+    convolutions with bias and an optional ReLU between them, their
+    tensors read where the modules keep them (:func:`usable` ones).
+
+    Attributes:
+        weight1 (Tensor): The first convolution's weight, (hidden, C, 1, 1).
+        bias1 (Tensor | None): Its bias, (hidden, ).
+        weight2 (Tensor): The second's weight, (C, hidden, 1, 1).
+        bias2 (Tensor | None): Its bias, (C, ).
+        relu (bool): A ReLU between them.
+    """
+    weight1: torch.Tensor
+    bias1: Optional[torch.Tensor]
+    weight2: torch.Tensor
+    bias2: Optional[torch.Tensor]
+    relu: bool
+
+
+class Excitation(NamedTuple):
+    """The excite :func:`conv_gather` runs after the gather, in the same
+    call: ``y * resize(gate) (+ identity)``, then a ReLU when asked, the
+    gate being ``sigmoid(context)`` or, with ``mlp``, ``sigmoid(mlp(
+    context))``.
+
+    Attributes:
+        identity (Tensor | None): The block's shortcut, (N, C, H, W).
+        relu (bool): The block's ReLU after it.
+        mlp (MLPParams | None): GE-theta-plus's MLP.
+    """
+    identity: Optional[torch.Tensor] = None
+    relu: bool = False
+    mlp: Optional[MLPParams] = None
+
+
+class _ExciteSpec(ctypes.Structure):
+    """``struct ge_excite_spec`` of ``mmge/csrc/ge_excite.h``."""
+    _fields_ = [('identity', _PTR), ('out', _PTR), ('mlp_w1', _PTR),
+                ('mlp_b1', _PTR), ('mlp_w2', _PTR), ('mlp_b2', _PTR),
+                ('mlp_hidden', _I64), ('mlp_relu', ctypes.c_int),
+                ('relu', ctypes.c_int)]
 
 
 class NormStats(NamedTuple):
@@ -496,17 +550,21 @@ class ConvGatherResult(NamedTuple):
             context's layout: the nearest resize's adjoint of ``grad * y``.
         level1 (Tensor | None): With ``keep_level1``, the first level's
             convolution output (the kernel's own layout).
-        norm_mean (Tensor | None): With ``norm``, its batch mean, (C, ).
-        norm_var (Tensor | None): With ``norm``, its biased batch
-            variance, (C, ).
+        norm_mean (Tensor | None): With a training ``norm``, its batch
+            mean, (C, ).
+        norm_var (Tensor | None): With a training ``norm``, its biased
+            batch variance, (C, ).
+        out (Tensor | None): With ``excite``, the excite's output,
+            (N, C, H, W) (the context is then not returned).
     """
-    context: torch.Tensor
+    context: Optional[torch.Tensor]
     mean: torch.Tensor
     var: torch.Tensor
     grad_gate: Optional[torch.Tensor]
     level1: Optional[torch.Tensor]
     norm_mean: Optional[torch.Tensor]
     norm_var: Optional[torch.Tensor]
+    out: Optional[torch.Tensor] = None
 
 
 class ConvGatherGrads(NamedTuple):
@@ -530,8 +588,21 @@ class ConvGatherGrads(NamedTuple):
     norm_dbias: Optional[torch.Tensor]
 
 
+def _excite_spec(excite: Optional[Excitation],
+                 out: Optional[torch.Tensor]) -> Optional[_ExciteSpec]:
+    if excite is None:
+        return None
+    mlp = excite.mlp
+    weights = (None, ) * 4 if mlp is None else mlp[:4]
+    return _ExciteSpec(_ptr(excite.identity), _ptr(out),
+                       *[_ptr(t) for t in weights],
+                       0 if mlp is None else mlp.weight1.shape[0],
+                       int(mlp is not None and mlp.relu), int(excite.relu))
+
+
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
-                 level1=None, norm=None, stats=None, small_cl=False):
+                 level1=None, norm=None, stats=None, small_cl=False,
+                 excite=None):
     n, c, height, width = x.shape
     levels = len(params.weight)
     h, w = conv_gather_size(height, width, levels)
@@ -553,6 +624,7 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
         'norm_var': (c, ),
         'norm_dweight': (c, ),
         'norm_dbias': (c, ),
+        'out': (n, c, height, width),
     }
     out = {k: x.new_empty(v) if k in outputs else None
            for k, v in out.items()}
@@ -562,11 +634,14 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
             out[k] = out[k].contiguous(memory_format=layout)
     gate, dcontext = (None if t is None else t.contiguous(
         memory_format=layout) for t in (gate, dcontext))
-    gamma = beta = mean = invstd = None
+    gamma = beta = mean = invstd = rmean = rvar = None
     eps, train = 0.0, 0
     if norm is not None:
         gamma, beta, eps = _vector(norm.weight, c), _vector(norm.bias,
                                                             c), norm.eps
+        rmean, rvar = _vector(norm.running_mean, c), _vector(
+            norm.running_var, c)
+    spec = _excite_spec(excite, out['out'])
     if stats is not None:
         mean, invstd = _vector(stats.mean, c), _vector(stats.invstd, c)
         train = int(stats.train)
@@ -581,10 +656,12 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
         *[_ptr(out[k]) for k in ('level1', 'context', 'mean', 'var',
                                  'grad_gate', 'dx', 'dweight', 'dgamma',
                                  'dbeta')],
-        _ptr(gamma), _ptr(beta), float(eps), int(norm is not None),
-        _ptr(mean), _ptr(invstd), train,
+        _ptr(gamma), _ptr(beta), float(eps),
+        int(norm is not None and rvar is None), _ptr(mean), _ptr(invstd),
+        train,
         *[_ptr(out[k]) for k in ('norm_mean', 'norm_var', 'norm_dweight',
                                  'norm_dbias')],
+        _ptr(rmean), _ptr(rvar), None if spec is None else ctypes.byref(spec),
         int(small_cl), torch.get_num_threads()), 'ge_conv_gather')
     return out
 
@@ -596,9 +673,10 @@ def conv_gather(x: torch.Tensor,
                 grad: Optional[torch.Tensor] = None,
                 keep_level1: bool = False,
                 norm: Optional[FusedNorm] = None,
-                channels_last: bool = False) -> ConvGatherResult:
+                channels_last: bool = False,
+                excite: Optional[Excitation] = None) -> ConvGatherResult:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
-    of ``y = norm(x)`` with the batch's statistics, or of ``x``.
+    of ``y = norm(x)``, or of ``x``; with ``excite``, its excite too.
 
     Args:
         x (Tensor): (N, C, H, W), :func:`usable`.
@@ -609,21 +687,31 @@ def conv_gather(x: torch.Tensor,
             (N, C, H, W): also return the gate's gradient.
         keep_level1 (bool): Also return the first level's convolution
             output, for :func:`conv_gather_backward`'s ``level1``.
-        norm (FusedNorm, optional): The batch norm that makes ``y`` in
-            training; not with ``scale``, ``grad`` or ``keep_level1``.
+        norm (FusedNorm, optional): The batch norm that makes ``y``; not
+            with ``scale``; in training (without running statistics) not
+            with ``grad`` or ``keep_level1`` either.
         channels_last (bool): Return the context and the gate's gradient
             channels-last in memory (the rows GE-theta-plus's MLP
             multiplies). Defaults to False.
+        excite (Excitation, optional): Excite ``y`` with the gathered
+            context in the same call, and return the result as ``out``
+            instead of the context: for GE-theta each block of channels is
+            gated right after it is gathered, while its planes are in the
+            cache; for GE-theta-plus after the MLP. Not with ``grad`` or
+            ``keep_level1``.
 
     Returns:
-        ConvGatherResult: The context and statistics.
+        ConvGatherResult: The context (or the excite's output) and
+        statistics.
     """
-    want = ('context', ) + (('mean', 'var') if any(params.train) else ()) + (
-        ('grad_gate', ) if grad is not None else ()) + (
-            ('level1', ) if keep_level1 else ()) + (
-                ('norm_mean', 'norm_var') if norm is not None else ())
+    batch_norm = norm is not None and norm.running_var is None
+    want = (('out', ) if excite is not None else ('context', )) + (
+        ('mean', 'var') if any(params.train) else ()) + (
+            ('grad_gate', ) if grad is not None else ()) + (
+                ('level1', ) if keep_level1 else ()) + (
+                    ('norm_mean', 'norm_var') if batch_norm else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want,
-                       norm=norm, small_cl=channels_last)
+                       norm=norm, small_cl=channels_last, excite=excite)
     return ConvGatherResult(*[out[k] for k in ConvGatherResult._fields])
 
 

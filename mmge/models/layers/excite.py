@@ -272,7 +272,7 @@ class Excite(nn.Module):
             context = self._mlp(context)
         return context.sigmoid()
 
-    def _plain_mlp(self) -> bool:
+    def plain_mlp(self) -> bool:
         """Whether the MLP has the layout this class builds: two 1x1
         ``nn.Conv2d`` with bias, no norm, a ReLU or nothing after the
         first and nothing after the second."""
@@ -302,7 +302,7 @@ class Excite(nn.Module):
             is not); else autograd runs :meth:`gate`.
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.mlp is None or not self._plain_mlp() or context.dim() != 4:
+        if self.mlp is None or not self.plain_mlp() or context.dim() != 4:
             with torch.enable_grad():
                 leaf = context.detach().requires_grad_(True)
                 gate = self.gate(leaf)
@@ -343,7 +343,7 @@ class Excite(nn.Module):
         (a convolution dispatch costs more than the small product)."""
         first, second = self.mlp
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
-                context.dim() != 4 or not self._plain_mlp():
+                context.dim() != 4 or not self.plain_mlp():
             return self.mlp(context)
         n, c, h, w = context.shape
         # rows of channels: a view of a channels-last context, else a copy

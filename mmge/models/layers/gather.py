@@ -304,28 +304,34 @@ class ConvGather(nn.Module):
             scale: Optional[torch.Tensor] = None,
             shift: Optional[torch.Tensor] = None,
             norm: Optional[cpu_kernels.FusedNorm] = None,
-            channels_last: bool = False) -> cpu_kernels.ConvGatherResult:
-        """The gather of ``scale[c] * x + shift[c]``, of ``norm(x)`` in
-        training, or of ``x``, on the native kernel, updating the levels'
-        running statistics as their forward would.
+            channels_last: bool = False,
+            excite: Optional[cpu_kernels.Excitation] = None
+    ) -> cpu_kernels.ConvGatherResult:
+        """The gather of ``scale[c] * x + shift[c]``, of ``norm(x)``, or of
+        ``x``, on the native kernel (with ``excite``, the excite too),
+        updating the levels' running statistics as their forward would.
 
         Args:
             x (Tensor): (N, C, H, W).
             params (ConvGatherParams): From :meth:`native_params`.
             scale (Tensor, optional): Per-channel scale, (C, ).
             shift (Tensor, optional): Per-channel shift, (C, ).
-            norm (FusedNorm, optional): The batch norm before the gather,
-                with the batch's statistics (whose running statistics the
-                caller updates from the result).
+            norm (FusedNorm, optional): The batch norm before the gather
+                (in training the caller updates its running statistics from
+                the result).
             channels_last (bool): The context channels-last in memory.
+            excite (Excitation, optional): The excite to run in the same
+                call (:func:`cpu_kernels.conv_gather`).
 
         Returns:
             ConvGatherResult: ``context`` is the context, (N, C,
-            ceil(H/e), ceil(W/e)); with ``norm``, ``norm_mean`` and
+            ceil(H/e), ceil(W/e)), or with ``excite`` ``out`` the excite's
+            output; with a training ``norm``, ``norm_mean`` and
             ``norm_var`` are its batch statistics.
         """
         result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm,
-                                         channels_last=channels_last)
+                                         channels_last=channels_last,
+                                         excite=excite)
         n, _, h, w = x.shape
         for level, (m, train) in enumerate(zip(self.convs, params.train)):
             h, w = -(-h // 2), -(-w // 2)

@@ -143,7 +143,8 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     if plan is None:
         return None
     if plan != POOL:
-        return native_norm_excite(layer, norm, plan, inp, identity, relu)[0]
+        return native_norm_excite(layer, norm, plan, inp, identity, relu,
+                                  want_state=False)[0]
     if norm is not None and uses_batch_stats(norm):
         return None
     scale, shift = (None, None) if norm is None else eval_affine(norm)
@@ -170,18 +171,43 @@ def pool_gate(layer: nn.Module, inp: torch.Tensor,
                                    shift).sigmoid_()
 
 
+def native_mlp(excite: nn.Module) -> Optional[cpu_kernels.MLPParams]:
+    """GE-theta-plus's MLP as the gather's kernel runs it, where it can.
+
+    Args:
+        excite (nn.Module): The GE layer's :class:`Excite`.
+
+    Returns:
+        MLPParams | None: The MLP's tensors when it has the plain layout
+        (:meth:`Excite.plain_mlp`) on :func:`cpu_kernels.usable` tensors
+        and CPU autocast is off (under autocast the modules run it in
+        bfloat16); else None.
+    """
+    if excite.mlp is None or not excite.plain_mlp() or \
+            torch.is_autocast_enabled('cpu'):
+        return None
+    first, second = excite.mlp
+    params = cpu_kernels.MLPParams(first.conv.weight, first.conv.bias,
+                                   second.conv.weight, second.conv.bias,
+                                   first.with_activation)
+    return params if cpu_kernels.usable(*params[:4]) else None
+
+
 def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
                        plan: cpu_kernels.ConvGatherParams,
                        inp: torch.Tensor, identity: Optional[torch.Tensor],
-                       relu: bool = False
+                       relu: bool = False, want_state: bool = True
                        ) -> Tuple[torch.Tensor, Optional[Dict[str, object]]]:
     """GE-theta's or GE-theta-plus's output for ``y = norm(inp)`` (or
     ``inp``), with ``y`` never materialised.
 
-    A norm with batch statistics runs inside the gather's kernel, which
-    computes them in its pass over ``inp``; a norm with running statistics
-    is a per-channel affine the kernels apply on the fly; the excite makes
-    ``y`` on the fly too.
+    One kernel call (:func:`cpu_kernels.conv_gather` with an
+    :class:`~cpu_kernels.Excitation`) runs the norm, the gather, the gate
+    (GE-theta-plus's MLP included) and the excite: a norm with batch
+    statistics computes them in the gather's pass over ``inp``, one with
+    running statistics is a per-channel affine made on the fly. A
+    GE-theta-plus MLP the kernel does not run (another layout, autocast)
+    runs between the gather's call and the excite's.
 
     Args:
         layer (nn.Module): The GE layer.
@@ -190,33 +216,47 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         inp (Tensor): (N, C, H, W).
         identity (Tensor | None): The shortcut.
         relu (bool): Then a ReLU, in the excite's pass.
+        want_state (bool): Return the norm's state (a backward needs it).
+            Defaults to True.
 
     Returns:
         tuple: ``y * resize(gate) (+ identity)`` and the norm's state (as
-        :func:`batch_norm_forward`'s; None without a norm). The running
-        statistics are updated as the modules' forward would.
+        :func:`batch_norm_forward`'s; None without a norm or without
+        ``want_state``). The running statistics are updated as the
+        modules' forward would.
     """
-    fused = state = scale = shift = None
-    count = 0
-    if norm is not None:
-        if uses_batch_stats(norm):
-            count = check_batch_size(inp.shape)
-            fused = cpu_kernels.FusedNorm(norm.weight, norm.bias, norm.eps)
-        else:
-            state = running_stats_state(norm)
-            scale, shift = state['scale'], state['shift']
-    # GE-theta-plus: the context channels-last, rows for the MLP as they are
-    result = layer.gather.native_forward(
-        inp, plan, scale, shift, fused,
-        channels_last=layer.excite.mlp is not None)
-    if fused is not None:
+    fused = state = None
+    batch = norm is not None and uses_batch_stats(norm)
+    if batch:
+        count = check_batch_size(inp.shape)
+        fused = cpu_kernels.FusedNorm(norm.weight, norm.bias, norm.eps)
+    elif norm is not None:
+        fused = cpu_kernels.FusedNorm(norm.weight, norm.bias, norm.eps,
+                                      norm.running_mean, norm.running_var)
+    mlp = native_mlp(layer.excite)
+    if layer.excite.mlp is None or mlp is not None:
+        result = layer.gather.native_forward(
+            inp, plan, norm=fused,
+            excite=cpu_kernels.Excitation(identity, relu, mlp))
+        out = result.out
+    else:
+        # the context channels-last: the MLP's rows as they are
+        result = layer.gather.native_forward(inp, plan, norm=fused,
+                                             channels_last=True)
+        out = None
+    if batch:
         state = batch_stats_state(norm, result.norm_mean, result.norm_var,
                                   count)
-        scale, shift = state['scale'], state['shift']
-    # float32 for the kernel: autocast may run the MLP in bfloat16
-    gate = layer.excite.gate(result.context).float()
-    return cpu_kernels.excite(inp, gate, identity, scale=scale, shift=shift,
-                              relu=relu), state
+    elif norm is not None and (want_state or out is None):
+        state = running_stats_state(norm)
+    if out is None:
+        # float32 for the kernel: autocast may run the MLP in bfloat16
+        gate = layer.excite.gate(result.context).float()
+        scale, shift = (None, None) if state is None else (state['scale'],
+                                                           state['shift'])
+        out = cpu_kernels.excite(inp, gate, identity, scale=scale,
+                                 shift=shift, relu=relu)
+    return out, state
 
 
 class GEFunction(torch.autograd.Function):

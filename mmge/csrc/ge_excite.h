@@ -1,0 +1,43 @@
+/*
+ * The excite entry points that ge_conv_gather.c calls when it excites what
+ * it gathered in the same call (GE's inference and training forward):
+ * ge_excite (ge_cpu.c) and GE-theta-plus's MLP gate ge_mlp_gate
+ * (ge_mlp.c), and what that call is asked for, struct ge_excite_spec.
+ */
+#ifndef MMGE_GE_EXCITE_H
+#define MMGE_GE_EXCITE_H
+
+#include <stdint.h>
+
+/* The excite that ge_conv_gather runs after the gather, in the same call
+ * (mirrored by cpu_kernels._ExciteSpec): out = y * resize(gate)
+ * (+ identity), then a ReLU with relu, where the gate is sigmoid(context)
+ * (GE-theta) or, with mlp_w1, ge_mlp_gate's (GE-theta-plus, its MLP
+ * mlp_w1 (mlp_hidden, C), mlp_b1, mlp_w2 (C, mlp_hidden), mlp_b2, a ReLU
+ * in between with mlp_relu). identity and out: (N, C, H, W), identity
+ * NULL for none. */
+struct ge_excite_spec {
+  const float *identity;
+  float *out;
+  const float *mlp_w1, *mlp_b1, *mlp_w2, *mlp_b2;
+  int64_t mlp_hidden;
+  int mlp_relu, relu;
+};
+
+/* ge_cpu.c's excite over whole tensors (see there) */
+int ge_excite(const float *x, const float *scale, const float *shift,
+              const float *gate, const float *identity,
+              const int64_t *row_index, const int64_t *col_index, float *out,
+              int64_t planes, int64_t channels, int64_t H, int64_t W,
+              int64_t h, int64_t w, const int64_t *gate_stride, int relu,
+              int threads);
+
+/* ge_mlp.c: GE-theta-plus's gate from its context rows in (R, C):
+ * gate (R, C) = sigmoid(w2 act(w1 r + b1) + b2), w1 (hidden, C), w2
+ * (C, hidden), act a ReLU when relu (else none), biases NULL for none.
+ * Returns 0, or 1 when out of memory. */
+int ge_mlp_gate(const float *in, int64_t R, int64_t C, int64_t hidden,
+                const float *w1, const float *b1, const float *w2,
+                const float *b2, int relu, float *gate, int threads);
+
+#endif /* MMGE_GE_EXCITE_H */
