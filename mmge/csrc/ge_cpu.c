@@ -396,16 +396,36 @@ static void pool_excite_planes(const void *args_, int64_t first,
   }
 }
 
+int ge_norm_affine(const float *weight, const float *bias, const float *mean,
+                   const float *var, double eps, int64_t C, float *out);
+
+/* With norm_var (and no scale), y is the batch norm with running
+ * statistics norm_mean, norm_var, weight norm_weight, bias norm_bias (NULL:
+ * 1, 0) and norm_eps, its scale and shift made here (ge_norm_affine).
+ * Returns 0, or 1 when out of memory. */
 int ge_pool_excite(const float *x, const float *scale, const float *shift,
                    const float *identity, const int64_t *row_index,
                    const int64_t *col_index, float *out, int64_t planes,
                    int64_t channels, int64_t H, int64_t W, int64_t e,
-                   int relu, int threads) {
+                   const float *norm_weight, const float *norm_bias,
+                   const float *norm_mean, const float *norm_var,
+                   double norm_eps, int relu, int threads) {
+  float *affine = NULL;
+  if (norm_var && !scale) {
+    affine = (float *)malloc(sizeof(float) * (size_t)(3 * channels));
+    if (!affine) return 1;
+    ge_norm_affine(norm_weight, norm_bias, norm_mean, norm_var, norm_eps,
+                   channels, affine);
+    scale = affine + channels;
+    shift = affine + 2 * channels;
+  }
   struct pool_excite_args a = {x, scale, shift, identity, row_index,
                                col_index, out, channels, H, W, e,
                                (H + e - 1) / e, (W + e - 1) / e, relu};
-  return for_planes(pool_excite_planes, &a, planes, H * W,
-                    a.h * W + a.h * a.w + W, threads);
+  const int status = for_planes(pool_excite_planes, &a, planes, H * W,
+                                a.h * W + a.h * a.w + W, threads);
+  free(affine);
+  return status;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -163,22 +163,6 @@ def batch_norm_backward(norm: _BatchNorm, state: Dict[str, object],
     return tuple(g if m else None for g, m in zip(grads, mask))
 
 
-def eval_affine(norm: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``scale`` and ``shift`` with ``norm(x) = scale * x + shift`` for a
-    batch norm that normalises with its running statistics.
-
-    Args:
-        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts,
-            for which :func:`uses_batch_stats` is False.
-
-    Returns:
-        tuple[Tensor, Tensor]: Per-channel ``scale`` and ``shift``
-        (detached).
-    """
-    state = running_stats_state(norm)
-    return state['scale'], state['shift']
-
-
 def uses_batch_stats(norm: _BatchNorm) -> bool:
     """Whether ``norm`` normalises with the batch's statistics.
 

@@ -75,8 +75,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 2
-    lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + \
-        [ctypes.c_int] * 2
+    lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + [_PTR] * 4 + \
+        [ctypes.c_double] + [ctypes.c_int] * 2
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_pool_excite, lib.ge_conv_gather,
@@ -308,7 +308,8 @@ def pool_excite(x: torch.Tensor,
                 identity: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None,
                 shift: Optional[torch.Tensor] = None,
-                relu: bool = False) -> torch.Tensor:
+                relu: bool = False,
+                norm: Optional['FusedNorm'] = None) -> torch.Tensor:
     """GE-theta-minus without autograd in one memory pass:
     ``excite(x, sigmoid(pool_gather(x, extent, scale, shift)), identity,
     scale=scale, shift=shift, relu=relu)``, plane by plane, each plane's
@@ -321,18 +322,31 @@ def pool_excite(x: torch.Tensor,
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ).
         relu (bool): Apply ``torch.relu`` to the result. Defaults to False.
+        norm (FusedNorm, optional): Instead of ``scale`` and ``shift``, the
+            batch norm with running statistics that makes ``y``, its
+            affine computed in the kernel (as :func:`norm_affine`).
 
     Returns:
         Tensor: A new (N, C, H, W) tensor.
     """
     n, c, height, width = x.shape
     scale, shift = _affine(scale, shift, c)
+    weight = bias = mean = var = None
+    eps = 0.0
+    if norm is not None:
+        if norm.running_var is None or scale is not None:
+            raise ValueError('pool_excite takes a norm with running '
+                             'statistics, instead of scale and shift')
+        weight, bias, mean, var = (_vector(t, c) for t in (
+            norm.weight, norm.bias, norm.running_mean, norm.running_var))
+        eps = float(norm.eps)
     h, w = -(-height // extent), -(-width // extent)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = torch.empty_like(x)
     _check(_library().ge_pool_excite(
         _ptr(x), _ptr(scale), _ptr(shift), _ptr(identity), _ptr(rows),
-        _ptr(cols), _ptr(out), n * c, c, height, width, extent, int(relu),
+        _ptr(cols), _ptr(out), n * c, c, height, width, extent, _ptr(weight),
+        _ptr(bias), _ptr(mean), _ptr(var), eps, int(relu),
         torch.get_num_threads()), 'ge_pool_excite')
     return out
 

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
 from .batch_norm import (batch_norm_backward, batch_norm_forward,
-                         batch_stats_state, check_batch_size, eval_affine,
+                         batch_stats_state, check_batch_size,
                          is_plain_batch_norm, running_stats_state,
                          uses_batch_stats)
 from .excite import resize_multiply, resize_multiply_grad
@@ -147,9 +147,11 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
                                   want_state=False)[0]
     if norm is not None and uses_batch_stats(norm):
         return None
-    scale, shift = (None, None) if norm is None else eval_affine(norm)
-    return cpu_kernels.pool_excite(inp, layer.extent, identity, scale, shift,
-                                   relu)
+    fused = None if norm is None else cpu_kernels.FusedNorm(
+        norm.weight, norm.bias, norm.eps, norm.running_mean,
+        norm.running_var)
+    return cpu_kernels.pool_excite(inp, layer.extent, identity, relu=relu,
+                                   norm=fused)
 
 
 def pool_gate(layer: nn.Module, inp: torch.Tensor,
