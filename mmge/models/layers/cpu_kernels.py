@@ -134,9 +134,11 @@ def hooked(*modules: torch.nn.Module) -> bool:
     stack = list(modules)
     while stack:
         m = stack.pop()
+        if m is None:  # an empty slot of ``_modules``
+            continue
         if m._forward_hooks or m._forward_pre_hooks:
             return True
-        stack.extend(c for c in m._modules.values() if c is not None)
+        stack += m._modules.values()
     return False
 
 
