@@ -1,4 +1,5 @@
 """The benchmark scripts run and print their tables (no timing asserted)."""
+import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -38,6 +39,21 @@ def test_benchmark_prints_every_row():
     assert 1.0 < _ratio(mmge[6]) <= 1.03
     assert _ratio(mmge[6]) < _ratio(by_name['theta formula'][6])
     assert _ratio(saving[6]) == _ratio(mmge[6])
+
+
+def test_benchmark_ratio_is_the_median_of_each_rounds_ratio():
+    """ge_benchmark's ratios pair each round's time with the plain
+    network's in the same round: a slow round slows both."""
+    spec = importlib.util.spec_from_file_location(
+        'ge_benchmark', osp.join(ROOT, 'tools/benchmark/ge_benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # the machine got twice as slow during round 2, after plain had run:
+    # the medians' ratio would read 2.2 (2.2 / 1.0), the paired one 1.1
+    assert module.paired_ratio([1.1, 2.2, 2.2], [1.0, 1.0, 2.0]) == \
+        pytest.approx(1.1)
+    with pytest.raises(ValueError, match='one time per round'):
+        module.paired_ratio([1.0], [1.0, 2.0])
 
 
 def test_detection_benchmark_prints_every_row():

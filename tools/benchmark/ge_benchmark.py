@@ -13,7 +13,9 @@ on the machine's noise). Rows: plain ResNet-50, SE, the GE
 formula as written (resize, sigmoid, multiply), and mmge's GatherExcite, per
 variant (and timm's GatherExcite when timm is importable); mmge's layer
 also in its memory-saving mode. Every figure is also given as a ratio to the
-plain network.
+plain network: for times, the median over the rounds of each round's ratio
+(the model's time over the plain network's in the same round), which
+cancels the machine's slow drift between rounds.
 A benchmark, not a test: run it on an idle machine.
 """
 import argparse
@@ -94,6 +96,22 @@ def build(ge_cfg):
     return model
 
 
+def paired_ratio(times, base):
+    """The median over rounds of ``times[r] / base[r]``.
+
+    Args:
+        times (list[float]): A model's time in each round.
+        base (list[float]): The plain network's time in the same rounds.
+
+    Returns:
+        float: The median of the per-round ratios.
+    """
+    if len(times) != len(base) or not times:
+        raise ValueError(f'paired_ratio needs one time per round for both, '
+                         f'got {len(times)} and {len(base)}')
+    return statistics.median(t / b for t, b in zip(times, base))
+
+
 def train_step(model, x, opt):
     model.train()
     start = time.perf_counter()
@@ -152,8 +170,6 @@ def main(argv=None):
     memory = {n: saved_tensor_bytes(lambda m=m: m.train()(x)[-1])
               for n, m in models.items()}
     base = times['plain']
-    base_train = statistics.median(base['train'])
-    base_infer = statistics.median(base['infer'])
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
           f'extent {args.extent}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, median of {args.repeats}\n')
@@ -163,9 +179,11 @@ def main(argv=None):
     for name in models:
         tr = statistics.median(times[name]['train'])
         inf = statistics.median(times[name]['infer'])
+        tr_ratio = paired_ratio(times[name]['train'], base['train'])
+        inf_ratio = paired_ratio(times[name]['infer'], base['infer'])
         mb = memory[name] / 2**20
-        print(f'| {name} | {tr:.3f} | {tr / base_train:.2f}x | {inf:.3f} | '
-              f'{inf / base_infer:.2f}x | {mb:.0f} | '
+        print(f'| {name} | {tr:.3f} | {tr_ratio:.2f}x | {inf:.3f} | '
+              f'{inf_ratio:.2f}x | {mb:.0f} | '
               f'{memory[name] / memory["plain"]:.3f}x |')
 
 

@@ -21,9 +21,12 @@ several ATen calls on the CPU:
   at a time, in one pass over the input; the backward also writes the
   excite's direct term. Given the batch norm before the gather
   (:class:`FusedNorm` forward, :class:`NormStats` backward) they run it too:
-  its batch statistics come from the same pass over its input, and its
-  backward from the same pass over the gradient, so the norm's output is
-  never materialised.
+  its batch statistics come from the same pass over its input (or its
+  running statistics make an affine), and its backward from the same pass
+  over the gradient, so the norm's output is never materialised. Given an
+  :class:`Excitation`, :func:`conv_gather` also makes the gate (through
+  GE-theta-plus's MLP, ``mmge/csrc/ge_mlp.c``, given as :class:`MLPParams`)
+  and runs the excite: a GE layer's forward is one call.
 
 They take contiguous float32 CPU tensors (:func:`usable`); everything else
 takes the ATen path, which is also what runs when the library was not built

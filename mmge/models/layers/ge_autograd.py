@@ -14,7 +14,9 @@ With a local extent on contiguous float32 CPU tensors, every variant has a
 second path written out by hand on the native kernels of
 :mod:`.cpu_kernels` (:func:`native_plan` decides): GE-theta-minus's pool,
 gate gradient and input gradient are one memory pass each; GE-theta's and
-GE-theta-plus's whole gather runs in one kernel, forward and backward.
+GE-theta-plus's whole gather runs in one kernel, forward and backward, and
+in the forward the same call makes the gate (the MLP included) and the
+excite.
 Given a plain ``BatchNorm2d`` (in both modes) this path keeps the norm's
 input and makes GE's input on the fly inside the kernels; for GE-theta and
 GE-theta-plus the gather's kernel also runs the norm itself, forward (its
