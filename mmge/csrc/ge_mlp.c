@@ -36,19 +36,30 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
-/* hidden units [first, last) of every row: W1's row j is read once and
- * stays in the cache over the rows */
+/* out[r][j] = act(b[j] + w[j] . in[r]) for units j in [first, last) of
+ * every row r < R: in (R, K), w (units, K), out rows of out_width; act a
+ * ReLU with relu. Unit j's weights are read once and stay in the cache
+ * over the rows. */
+INLINE void dense_units(const float *in, int64_t R, int64_t K,
+                        const float *w, const float *b, int relu,
+                        float *out, int64_t out_width, int64_t first,
+                        int64_t last) {
+  for (int64_t j = first; j < last; ++j) {
+    const float *wj = w + j * K, bj = b ? b[j] : 0.f;
+    for (int64_t r = 0; r < R; ++r) {
+      const float v = bj + dot(in + r * K, wj, K);
+      out[r * out_width + j] = relu && v < 0.f ? 0.f : v;
+    }
+  }
+}
+
+/* hidden units [first, last) of every row */
 CLONED static void mlp_hidden(const void *args_, int64_t first, int64_t last,
                               float *unused) {
   const struct mlp_args *a = (const struct mlp_args *)args_;
   (void)unused;
-  for (int64_t j = first; j < last; ++j) {
-    const float *w = a->w1 + j * a->C, b = a->b1 ? a->b1[j] : 0.f;
-    for (int64_t r = 0; r < a->R; ++r) {
-      const float v = b + dot(a->in + r * a->C, w, a->C);
-      a->hidden_out[r * a->hidden + j] = a->relu && v < 0.f ? 0.f : v;
-    }
-  }
+  dense_units(a->in, a->R, a->C, a->w1, a->b1, a->relu, a->hidden_out,
+              a->hidden, first, last);
 }
 
 /* output channels [first, last) of every row, then their sigmoid */
@@ -56,12 +67,8 @@ CLONED static void mlp_gate(const void *args_, int64_t first, int64_t last,
                             float *unused) {
   const struct mlp_args *a = (const struct mlp_args *)args_;
   (void)unused;
-  for (int64_t c = first; c < last; ++c) {
-    const float *w = a->w2 + c * a->hidden, b = a->b2 ? a->b2[c] : 0.f;
-    for (int64_t r = 0; r < a->R; ++r)
-      a->gate[r * a->C + c] =
-          b + dot(a->hidden_out + r * a->hidden, w, a->hidden);
-  }
+  dense_units(a->hidden_out, a->R, a->hidden, a->w2, a->b2, 0, a->gate,
+              a->C, first, last);
   for (int64_t r = 0; r < a->R; ++r) {
     float *g = a->gate + r * a->C;
     int64_t c = first;
