@@ -141,11 +141,6 @@ struct conv_gather_args {
   double norm_eps;
   int norm_batch, norm_train;
   float *norm_mean, *norm_var, *norm_dgamma, *norm_dbeta;
-  /* the norm with running statistics, fused (forward, optional):
-   * y = norm_gamma * (x - norm_rmean) / sqrt(norm_rvar + norm_eps) +
-   * norm_beta, its scale and shift computed per block (not with scale or
-   * norm_batch) */
-  const float *norm_rmean, *norm_rvar;
   /* the excite in the same call (forward only; see ge_excite_spec) and
    * the buffers the blocks fill for it: the context (GE-theta: its
    * sigmoid) channels-last, (N * hL * wL, C), and y's scale and shift
@@ -487,16 +482,6 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     lane_affine(a->scale ? a->scale + c0 : NULL,
                 a->scale ? a->shift + c0 : NULL, active, &A, &B);
     lane_affine(NULL, NULL, active, &one, &zero);
-    if (a->norm_rvar) {
-      /* invstd in float, as ATen's batch norm computes it */
-      for (int k = 0; k < active; ++k) {
-        const int64_t c = c0 + k;
-        const float invstd =
-            1.f / sqrtf(a->norm_rvar[c] + (float)a->norm_eps);
-        A[k] = a->norm_gamma ? a->norm_gamma[c] * invstd : invstd;
-        B[k] = (a->norm_beta ? a->norm_beta[c] : 0.f) - a->norm_rmean[c] * A[k];
-      }
-    }
 
     /* level 1's convolution, sample by sample, and the gate's gradient */
     const int64_t m1 = N * a->h[1] * a->w[1] * LANES;
@@ -771,7 +756,9 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
  * be allocated, 2 for more than MAX_LEVELS levels, 3 for level1_in with an
  * output that needs the input's gate gradient, 4 for a fused norm used
  * wrongly (norm_batch with scale or with a backward output, norm_invstd
- * without dx, norm_rvar with scale or norm_batch or without norm_rmean),
+ * without dx, norm_rvar with scale or norm_batch or without norm_rmean;
+ * norm_rvar: the norm with running statistics, its scale and shift made
+ * once here by ge_norm_affine and then used as scale and shift),
  * 5 for a level without its kernels or, when it does not train, its
  * running statistics, 6 for an excite with a backward input or output or
  * without out. */
@@ -820,19 +807,33 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,
       .norm_eps = norm_eps, .norm_batch = norm_batch, .norm_train = norm_train,
       .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
-      .norm_dbeta = norm_dbeta, .norm_rmean = norm_rmean,
-      .norm_rvar = norm_rvar, .excite = excite, .small_cl = small_cl};
+      .norm_dbeta = norm_dbeta, .excite = excite, .small_cl = small_cl};
   plan(&a);
+  float *norm_affine = NULL;
+  if (norm_rvar) {
+    norm_affine = (float *)malloc(sizeof(float) * (size_t)(3 * C));
+    if (!norm_affine) return 1;
+    ge_norm_affine(norm_gamma, norm_beta, norm_rmean, norm_rvar, norm_eps, C,
+                   norm_affine);
+    a.scale = norm_affine + C;
+    a.shift = norm_affine + 2 * C;
+  }
   const int64_t blocks = (C + LANES - 1) / LANES, plane = N * H * W * LANES;
-  if (!excite)
-    return for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
-                      threads);
+  if (!excite) {
+    const int status = for_planes(conv_gather_blocks, &a, blocks, plane,
+                                  a.scratch, threads);
+    free(norm_affine);
+    return status;
+  }
   /* every block's context (GE-theta: its gate), then GE-theta-plus's
    * MLP's gate from all channels, then the excite */
   const int64_t hL = a.h[levels], wL = a.w[levels], rows = N * hL * wL;
   float *buffers =
       (float *)malloc(sizeof(float) * (size_t)(2 * rows * C + 2 * C));
-  if (!buffers) return 1;
+  if (!buffers) {
+    free(norm_affine);
+    return 1;
+  }
   a.ctx_rows = buffers;
   a.affine = buffers + rows * C;
   float *gate_rows = excite->mlp_w1 ? a.affine + 2 * C : a.ctx_rows;
@@ -851,5 +852,6 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                        wL, strides, excite->relu, threads);
   }
   free(buffers);
+  free(norm_affine);
   return status;
 }

@@ -396,9 +396,6 @@ static void pool_excite_planes(const void *args_, int64_t first,
   }
 }
 
-int ge_norm_affine(const float *weight, const float *bias, const float *mean,
-                   const float *var, double eps, int64_t C, float *out);
-
 /* With norm_var (and no scale), y is the batch norm with running
  * statistics norm_mean, norm_var, weight norm_weight, bias norm_bias (NULL:
  * 1, 0) and norm_eps, its scale and shift made here (ge_norm_affine).

@@ -1,8 +1,9 @@
 /*
- * The excite entry points that ge_conv_gather.c calls when it excites what
- * it gathered in the same call (GE's inference and training forward):
- * ge_excite (ge_cpu.c) and GE-theta-plus's MLP gate ge_mlp_gate
- * (ge_mlp.c), and what that call is asked for, struct ge_excite_spec.
+ * The entry points that ge_conv_gather.c calls when it excites what it
+ * gathered in the same call (GE's inference and training forward):
+ * ge_excite (ge_cpu.c), GE-theta-plus's MLP gate ge_mlp_gate (ge_mlp.c),
+ * ge_norm_affine (ge_cpu.c) for a norm with running statistics, and what
+ * that call is asked for, struct ge_excite_spec.
  */
 #ifndef MMGE_GE_EXCITE_H
 #define MMGE_GE_EXCITE_H
@@ -39,5 +40,10 @@ int ge_excite(const float *x, const float *scale, const float *shift,
 int ge_mlp_gate(const float *in, int64_t R, int64_t C, int64_t hidden,
                 const float *w1, const float *b1, const float *w2,
                 const float *b2, int relu, float *gate, int threads);
+
+/* ge_cpu.c: a batch norm with running statistics as the per-channel
+ * affine the kernels apply, out (3, C): invstd, scale, shift (see there) */
+int ge_norm_affine(const float *weight, const float *bias, const float *mean,
+                   const float *var, double eps, int64_t C, float *out);
 
 #endif /* MMGE_GE_EXCITE_H */

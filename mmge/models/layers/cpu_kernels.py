@@ -206,6 +206,18 @@ def _vector(t: Optional[torch.Tensor],
     return t.detach().float().expand(channels).contiguous()
 
 
+def _norm_vectors(norm: Optional['FusedNorm'], channels: int) -> tuple:
+    """A fused norm's weight, bias, running mean and variance as the
+    kernels read them (:func:`_vector`; None where absent), and its eps
+    (0.0 without a norm)."""
+    if norm is None:
+        return None, None, None, None, 0.0
+    return (*[_vector(t, channels) for t in (norm.weight, norm.bias,
+                                             norm.running_mean,
+                                             norm.running_var)],
+            float(norm.eps))
+
+
 def _affine(scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
             channels: int) -> Tuple[Optional[torch.Tensor], ...]:
     if scale is None:
@@ -336,15 +348,10 @@ def pool_excite(x: torch.Tensor,
     """
     n, c, height, width = x.shape
     scale, shift = _affine(scale, shift, c)
-    weight = bias = mean = var = None
-    eps = 0.0
-    if norm is not None:
-        if norm.running_var is None or scale is not None:
-            raise ValueError('pool_excite takes a norm with running '
-                             'statistics, instead of scale and shift')
-        weight, bias, mean, var = (_vector(t, c) for t in (
-            norm.weight, norm.bias, norm.running_mean, norm.running_var))
-        eps = float(norm.eps)
+    if norm is not None and (norm.running_var is None or scale is not None):
+        raise ValueError('pool_excite takes a norm with running statistics, '
+                         'instead of scale and shift')
+    weight, bias, mean, var, eps = _norm_vectors(norm, c)
     h, w = -(-height // extent), -(-width // extent)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = torch.empty_like(x)
@@ -653,13 +660,9 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
             out[k] = out[k].contiguous(memory_format=layout)
     gate, dcontext = (None if t is None else t.contiguous(
         memory_format=layout) for t in (gate, dcontext))
-    gamma = beta = mean = invstd = rmean = rvar = None
-    eps, train = 0.0, 0
-    if norm is not None:
-        gamma, beta, eps = _vector(norm.weight, c), _vector(norm.bias,
-                                                            c), norm.eps
-        rmean, rvar = _vector(norm.running_mean, c), _vector(
-            norm.running_var, c)
+    mean = invstd = None
+    train = 0
+    gamma, beta, rmean, rvar, eps = _norm_vectors(norm, c)
     spec = _excite_spec(excite, out['out'])
     if stats is not None:
         mean, invstd = _vector(stats.mean, c), _vector(stats.invstd, c)
