@@ -98,10 +98,10 @@ def test_gate_grad_excite_and_input_grad_are_the_resize(size, gate, affine):
 def test_excite_applies_the_blocks_relu(size, gate):
     """relu=True gives torch.relu of the result, in place too; a NaN stays
     NaN, as ATen's ReLU keeps it (gate widths 1 take a loop of their
-    own)."""
+    own; the last cell of a row is in the vector that ends the row)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
-    x[0, 0, 0, 0] = float('nan')
+    x[0, 0, 0, 0] = x[1, 2, -1, -1] = float('nan')
     identity = torch.randn_like(x)
     g = torch.rand(2, 3, *gate, dtype=torch.float64)
     scale, shift = _affine(3, 3)
@@ -115,7 +115,7 @@ def test_excite_applies_the_blocks_relu(size, gate):
                                  f[2], out=out, scale=f[3], shift=f[4],
                                  relu=True)
         assert out is None or got.data_ptr() == out.data_ptr()
-        assert torch.isnan(got[0, 0, 0, 0])
+        assert torch.isnan(got[0, 0, 0, 0]) and torch.isnan(got[1, 2, -1, -1])
         torch.testing.assert_close(got.double(), before.relu(),
                                    equal_nan=True, **TOL)
 

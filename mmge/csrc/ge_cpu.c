@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "ge_excite.h"
+#include "ge_simd.h"
 #include "ge_parallel.h"
 
 /* sc, sh <- scale[c], shift[c] of the plane's channel c (1, 0 without
@@ -267,30 +268,56 @@ int ge_input_grad(const float *grad, const float *gate, const float *pool_grad,
 /* max(v, 0), NaN kept as ATen's ReLU keeps it */
 static inline float relu_of(float v) { return v < 0.f ? 0.f : v; }
 
+/* the same lane by lane: the lanes below 0 cleared (NaN is not below 0) */
+INLINE vf relu_lanes(vf v) { return (vf)((vi)v & ~(v < splat(0.f))); }
+
 /* o[k] = (sc * x[k] + sh) * g[k] (+ id[k]) for n elements (g[0] for all
- * without per_cell), then the ReLU with relu; o may be x. One vectorised
- * loop per case: a separate ReLU pass would reload values just stored and
- * stall on store forwarding where the loop's tail stored single floats. */
-static void excite_run(float *o, const float *x, float sc, float sh,
+ * without per_cell), then the ReLU with relu; o may be x. Explicit
+ * vectors, so the compiler needs no run-time check of how o, x and id
+ * overlap (it costs more than the work on ResNet's 7x7 and 14x14 rows);
+ * from n = LANES on, the last n % LANES elements are those of one more
+ * vector ending at n, computed before anything is stored (o may be x). */
+INLINE void excite_run(float *o, const float *x, float sc, float sh,
                        const float *g, int per_cell, const float *id,
                        int64_t n, int relu) {
-#define RUN(EXPR)                                                       \
+  const float a = sc * g[0], b = sh * g[0]; /* one gate value */
+  const vf S = splat(per_cell ? sc : a), T = splat(per_cell ? sh : b);
+#define RUN(VEXPR, EXPR)                                                \
   do {                                                                  \
-    if (id && relu)                                                     \
-      for (int64_t k = 0; k < n; ++k) o[k] = relu_of((EXPR) + id[k]);   \
-    else if (id)                                                        \
-      for (int64_t k = 0; k < n; ++k) o[k] = (EXPR) + id[k];            \
-    else if (relu)                                                      \
-      for (int64_t k = 0; k < n; ++k) o[k] = relu_of(EXPR);             \
-    else                                                                \
-      for (int64_t k = 0; k < n; ++k) o[k] = (EXPR);                    \
+    if (n < LANES) {                                                    \
+      for (int64_t k = 0; k < n; ++k) {                                 \
+        float v_ = (EXPR);                                              \
+        if (id) v_ += id[k];                                            \
+        o[k] = relu ? relu_of(v_) : v_;                                 \
+      }                                                                 \
+      break;                                                            \
+    }                                                                   \
+    vf last_ = splat(0.f);                                              \
+    const int64_t tail_ = n % LANES;                                    \
+    if (tail_) {                                                        \
+      const int64_t k = n - LANES;                                      \
+      last_ = (VEXPR);                                                  \
+      if (id) last_ += load(id + k);                                    \
+    }                                                                   \
+    for (int64_t k = 0; k + LANES <= n; k += LANES) {                   \
+      vf v_ = (VEXPR);                                                  \
+      if (id) v_ += load(id + k);                                       \
+      store(o + k, relu ? relu_lanes(v_) : v_);                         \
+    }                                                                   \
+    if (tail_) store(o + n - LANES, relu ? relu_lanes(last_) : last_);  \
   } while (0)
-  if (per_cell) {
-    RUN((sc * x[k] + sh) * g[k]);
-  } else {
-    const float a = sc * g[0], b = sh * g[0]; /* one gate value */
-    RUN(x[k] * a + b);
-  }
+#define CASES(VEXPR, EXPR)                                              \
+  do {                                                                  \
+    if (id && relu) RUN(VEXPR, EXPR);                                   \
+    else if (id) RUN(VEXPR, EXPR);                                      \
+    else if (relu) RUN(VEXPR, EXPR);                                    \
+    else RUN(VEXPR, EXPR);                                              \
+  } while (0)
+  if (per_cell)
+    CASES((S * load(x + k) + T) * load(g + k), (sc * x[k] + sh) * g[k]);
+  else
+    CASES(load(x + k) * S + T, x[k] * a + b);
+#undef CASES
 #undef RUN
 }
 
@@ -304,47 +331,75 @@ struct excite_args {
   int relu;
 };
 
-/* out <- the excite of one plane x (H, W) with its gate (h rows, w columns
- * at strides gate_h, gate_w), y = sc * x + sh, plus id, then the ReLU;
- * gate_row: scratch for one gate row widened to W */
-static void excite_plane(const float *x, const float *id, const float *gate,
-                         int64_t gate_h, int64_t gate_w, float *out,
-                         const int64_t *row_index, const int64_t *col_index,
-                         int64_t H, int64_t W, int64_t w, float sc, float sh,
-                         int relu, float *gate_row) {
-  int64_t gate_i = -1;
-  for (int64_t p = 0; p < H; ++p) {
-    if (row_index[p] != gate_i) {
-      gate_i = row_index[p];
-      widen_gate_row(gate + gate_i * gate_h, col_index, gate_w, gate_row, W);
+/* scratch floats of excite_plane: a widened gate row and its cells'
+ * offsets, for W rounded up to whole vectors */
+static int64_t excite_scratch(int64_t W) {
+  return 3 * ((W + LANES - 1) / LANES * LANES);
+}
+
+/* offsets[q] = col_index[q] * gate_w for W rounded up to whole vectors
+ * (the last column repeated): where a widened gate row reads its cells */
+INLINE void gate_offsets(const int64_t *col_index, int64_t gate_w,
+                         int64_t W, int64_t *offsets) {
+  const int64_t Wv = (W + LANES - 1) / LANES * LANES;
+  for (int64_t q = 0; q < Wv; ++q)
+    offsets[q] = col_index[q < W ? q : W - 1] * gate_w;
+}
+
+/* out <- the excite of one plane x (H, W) with its gate (h rows at stride
+ * gate_h, w columns read at the offsets of gate_offsets), y = sc * x + sh,
+ * plus id, then the ReLU. With one gate column, the rows that share a
+ * gate row run as one flat loop on its value; else each gate row is
+ * widened once, a vector at a time (whole-vector stores, which the row
+ * loops' loads forward from), into gate_row (W rounded up to vectors). */
+INLINE void excite_plane(const float *x, const float *id, const float *gate,
+                         int64_t gate_h, const int64_t *offsets, float *out,
+                         const int64_t *row_index, int64_t H, int64_t W,
+                         int64_t w, float sc, float sh, int relu,
+                         float *gate_row) {
+  for (int64_t p = 0, end; p < H; p = end) {
+    const int64_t gate_i = row_index[p];
+    for (end = p + 1; end < H && row_index[end] == gate_i; ++end) {
     }
+    const float *g = gate + gate_i * gate_h;
     if (w == 1) {
-      /* one gate value for rows p .. end - 1: one flat loop */
-      int64_t end = p + 1;
-      while (end < H && row_index[end] == gate_i) ++end;
-      excite_run(out + p * W, x + p * W, sc, sh, gate_row, 0,
+      excite_run(out + p * W, x + p * W, sc, sh, g, 0,
                  id ? id + p * W : NULL, (end - p) * W, relu);
-      p = end - 1;
       continue;
     }
-    excite_run(out + p * W, x + p * W, sc, sh, gate_row, 1,
-               id ? id + p * W : NULL, W, relu);
+    for (int64_t q = 0; q < W; q += LANES) {
+      const int64_t *t = offsets + q;
+      store(gate_row + q, (vf){g[t[0]], g[t[1]], g[t[2]], g[t[3]], g[t[4]],
+                               g[t[5]], g[t[6]], g[t[7]]});
+    }
+    for (int64_t r = p; r < end; ++r)
+      excite_run(out + r * W, x + r * W, sc, sh, gate_row, 1,
+                 id ? id + r * W : NULL, W, relu);
   }
 }
 
-static void excite_planes(const void *args_, int64_t first, int64_t last,
-                          float *gate_row) {
+CLONED static void excite_planes(const void *args_, int64_t first,
+                                 int64_t last, float *buf) {
   const struct excite_args *a = (const struct excite_args *)args_;
   const int64_t H = a->H, W = a->W, *gs = a->gate_stride;
+  const int64_t Wv = (W + LANES - 1) / LANES * LANES;
+  float *gate_row = buf;
+  int64_t *offsets = (int64_t *)(buf + Wv);
+  gate_offsets(a->col_index, gs[3], W, offsets);
+  /* the plane's sample and channel, counted on (no division per plane) */
+  int64_t n = first / a->channels, c = first % a->channels;
   for (int64_t plane = first; plane < last; ++plane) {
-    float sc, sh;
-    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+    const float sc = a->scale ? a->scale[c] : 1.f;
+    const float sh = a->scale ? a->shift[c] : 0.f;
     excite_plane(a->x + plane * H * W,
                  a->identity ? a->identity + plane * H * W : NULL,
-                 a->gate + plane / a->channels * gs[0] +
-                     plane % a->channels * gs[1],
-                 gs[2], gs[3], a->out + plane * H * W, a->row_index,
-                 a->col_index, H, W, a->w, sc, sh, a->relu, gate_row);
+                 a->gate + n * gs[0] + c * gs[1], gs[2], offsets,
+                 a->out + plane * H * W, a->row_index, H, W, a->w, sc, sh,
+                 a->relu, gate_row);
+    if (++c == a->channels) {
+      c = 0;
+      ++n;
+    }
   }
 }
 
@@ -359,7 +414,8 @@ int ge_excite(const float *x, const float *scale, const float *shift,
                           {gate_stride[0], gate_stride[1], gate_stride[2],
                            gate_stride[3]},
                           relu};
-  return for_planes(excite_planes, &a, planes, H * W, W, threads);
+  return for_planes(excite_planes, &a, planes, H * W, excite_scratch(W),
+                    threads);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -377,12 +433,17 @@ struct pool_excite_args {
   int relu;
 };
 
-static void pool_excite_planes(const void *args_, int64_t first,
-                               int64_t last, float *buf) {
+CLONED static void pool_excite_planes(const void *args_, int64_t first,
+                                      int64_t last, float *buf) {
   const struct pool_excite_args *a = (const struct pool_excite_args *)args_;
   const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
-  /* buf: the pool's column sums (h, W), the gate (h, w), a gate row (W) */
-  float *cols = buf, *gate = cols + h * W, *gate_row = gate + h * w;
+  /* buf: excite_plane's scratch, the pool's column sums (h, W), the gate
+   * (h, w) */
+  const int64_t Wv = (W + LANES - 1) / LANES * LANES;
+  float *gate_row = buf, *cols = buf + excite_scratch(W),
+        *gate = cols + h * W;
+  int64_t *offsets = (int64_t *)(buf + Wv);
+  gate_offsets(a->col_index, 1, W, offsets);
   for (int64_t plane = first; plane < last; ++plane) {
     const float *x = a->x + plane * H * W;
     float sc, sh;
@@ -391,8 +452,8 @@ static void pool_excite_planes(const void *args_, int64_t first,
     for (int64_t k = 0; k < h * w; ++k)
       gate[k] = 1.f / (1.f + expf(-gate[k]));
     excite_plane(x, a->identity ? a->identity + plane * H * W : NULL, gate,
-                 w, 1, a->out + plane * H * W, a->row_index, a->col_index, H,
-                 W, w, sc, sh, a->relu, gate_row);
+                 w, offsets, a->out + plane * H * W, a->row_index, H, W, w,
+                 sc, sh, a->relu, gate_row);
   }
 }
 
@@ -420,7 +481,8 @@ int ge_pool_excite(const float *x, const float *scale, const float *shift,
                                col_index, out, channels, H, W, e,
                                (H + e - 1) / e, (W + e - 1) / e, relu};
   const int status = for_planes(pool_excite_planes, &a, planes, H * W,
-                                a.h * W + a.h * a.w + W, threads);
+                                excite_scratch(W) + a.h * W + a.h * a.w,
+                                threads);
   free(affine);
   return status;
 }
