@@ -56,6 +56,33 @@ def test_benchmark_ratio_is_the_median_of_each_rounds_ratio():
         module.paired_ratio([1.0], [1.0, 2.0])
 
 
+def test_benchmark_allocator_option(monkeypatch):
+    """--allocator takes steady or default; steady sets glibc's mallopt
+    (the header says so), and says so where it cannot."""
+    spec = importlib.util.spec_from_file_location(
+        'ge_benchmark', osp.join(ROOT, 'tools/benchmark/ge_benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_args([]).allocator == 'steady'
+    assert module.parse_args(['--allocator', 'default']).allocator == \
+        'default'
+    with pytest.raises(SystemExit):
+        module.parse_args(['--allocator', 'jemalloc'])
+    calls, answer = [], [1]
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return answer[0]
+
+    libc = type('Libc', (), {})()
+    libc.mallopt = mallopt
+    monkeypatch.setattr(module.ctypes, 'CDLL', lambda name: libc)
+    assert module.steady_allocator().startswith('glibc malloc steady')
+    assert calls == list(module.STEADY)
+    answer[0] = 0
+    assert 'refused' in module.steady_allocator()
+
+
 def test_detection_benchmark_prints_every_row():
     rows = _table([
         'tools/benchmark/detection_benchmark.py', '--size', '96', '128',

@@ -16,9 +16,15 @@ also in its memory-saving mode. Every figure is also given as a ratio to the
 plain network: for times, the median over the rounds of each round's ratio
 (the model's time over the plain network's in the same round), which
 cancels the machine's slow drift between rounds.
+By default (--allocator steady) glibc's malloc keeps the memory that freed
+tensors return instead of handing it back to the kernel (mallopt), so that a
+forward pass does not page-fault tens of thousands of fresh pages, by an
+amount that depends on which model ran before; --allocator default leaves
+malloc as it is. Either way every model runs under the same allocator.
 A benchmark, not a test: run it on an idle machine.
 """
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -38,7 +44,37 @@ def parse_args(argv=None):
                         default=['theta', 'theta_minus', 'theta_plus'])
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads (default: torch\'s choice)')
+    parser.add_argument(
+        '--allocator', choices=('steady', 'default'), default='steady',
+        help='steady: glibc malloc keeps freed memory (no page faults from '
+        'handing it back and touching it again); default: as it is')
     return parser.parse_args(argv)
+
+
+#: glibc's mallopt parameters (malloc.h) and the values --allocator steady
+#: sets: the largest fixed mmap threshold (32 MiB on 64-bit), so that no
+#: tensor of these models gets its own mapping, and a trim threshold of
+#: 1 GiB, so that the heap's free top is kept
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+STEADY = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**30))
+
+
+def steady_allocator() -> str:
+    """Make glibc's malloc keep freed memory (:data:`STEADY`).
+
+    Returns:
+        str: What the allocator is now, for the table's header.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return 'allocator as it is (no glibc mallopt in this process)'
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], \
+        ctypes.c_int
+    if not all(mallopt(param, value) == 1 for param, value in STEADY):
+        return 'allocator as it is (mallopt refused the settings)'
+    return ('glibc malloc steady (mallopt: mmap threshold 32 MiB, trim '
+            'threshold 1 GiB)')
 
 
 class FormulaGE(nn.Module):
@@ -134,6 +170,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = steady_allocator() if args.allocator == 'steady' else \
+        'allocator as it is'
     import mmge  # noqa: F401
     rows = {'plain': None, 'SE': dict(type='SqueezeExcite')}
     for v in args.variants:
@@ -172,7 +210,8 @@ def main(argv=None):
     base = times['plain']
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
           f'extent {args.extent}, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, median of {args.repeats}\n')
+          f'{torch.get_num_threads()} threads, median of {args.repeats}, '
+          f'{allocator}\n')
     print('| model | train step (s) | / plain | inference (s) | / plain | '
           'saved for backward (MB) | / plain |')
     print('| --- | --- | --- | --- | --- | --- | --- |')
