@@ -19,13 +19,11 @@
 #include "ge_simd.h"
 #include "ge_parallel.h"
 
-/* sc, sh <- scale[c], shift[c] of the plane's channel c (1, 0 without
- * scale) */
-static void plane_affine(const float *scale, const float *shift,
-                         int64_t channels, int64_t plane, float *sc,
-                         float *sh) {
-  *sc = scale ? scale[plane % channels] : 1.f;
-  *sh = scale ? shift[plane % channels] : 0.f;
+/* sc, sh <- scale[c], shift[c] of channel c (1, 0 without scale) */
+static void plane_affine(const float *scale, const float *shift, int64_t c,
+                         float *sc, float *sh) {
+  *sc = scale ? scale[c] : 1.f;
+  *sh = scale ? shift[c] : 0.f;
 }
 
 /* dst[q] = src[col_index[q] * stride]: one gate row (its cells `stride`
@@ -102,7 +100,7 @@ static void pool_planes(const void *args_, int64_t first, int64_t last,
   const struct pool_args *a = (const struct pool_args *)args_;
   for (int64_t plane = first; plane < last; ++plane) {
     float sc, sh;
-    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+    plane_affine(a->scale, a->shift, plane % a->channels, &sc, &sh);
     pool_plane(a->x + plane * a->H * a->W, a->out + plane * a->h * a->w,
                cols, a->H, a->W, a->e, a->h, a->w, sc, sh);
   }
@@ -139,7 +137,7 @@ static void gate_grad_planes(const void *args_, int64_t first, int64_t last,
     const float *x = a->x + plane * H * W;
     float *out = a->out + plane * h * w;
     float sc, sh;
-    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+    plane_affine(a->scale, a->shift, plane % a->channels, &sc, &sh);
     memset(out, 0, sizeof(float) * h * w);
     int64_t p = 0;
     while (p < H) {
@@ -331,23 +329,30 @@ struct excite_args {
   int relu;
 };
 
-/* scratch floats of excite_plane: a widened gate row and its cells'
- * offsets, for W rounded up to whole vectors */
-static int64_t excite_scratch(int64_t W) {
-  return 3 * ((W + LANES - 1) / LANES * LANES);
+/* W rounded up to whole vectors */
+static int64_t whole_vectors(int64_t W) {
+  return (W + LANES - 1) / LANES * LANES;
 }
 
-/* offsets[q] = col_index[q] * gate_w for W rounded up to whole vectors
- * (the last column repeated): where a widened gate row reads its cells */
-INLINE void gate_offsets(const int64_t *col_index, int64_t gate_w,
-                         int64_t W, int64_t *offsets) {
-  const int64_t Wv = (W + LANES - 1) / LANES * LANES;
+/* scratch floats of excite_plane: a widened gate row and its cells'
+ * offsets (int64), W rounded up to whole vectors each */
+static int64_t excite_scratch(int64_t W) { return 3 * whole_vectors(W); }
+
+/* excite_plane's scratch laid out at buf: *gate_row, then the returned
+ * offsets[q] = col_index[q] * gate_w (the last column repeated up to whole
+ * vectors), where a widened gate row reads its cells */
+INLINE int64_t *excite_setup(float *buf, const int64_t *col_index,
+                             int64_t gate_w, int64_t W, float **gate_row) {
+  const int64_t Wv = whole_vectors(W);
+  int64_t *offsets = (int64_t *)(buf + Wv);
   for (int64_t q = 0; q < Wv; ++q)
     offsets[q] = col_index[q < W ? q : W - 1] * gate_w;
+  *gate_row = buf;
+  return offsets;
 }
 
 /* out <- the excite of one plane x (H, W) with its gate (h rows at stride
- * gate_h, w columns read at the offsets of gate_offsets), y = sc * x + sh,
+ * gate_h, w columns read at the offsets of excite_setup), y = sc * x + sh,
  * plus id, then the ReLU. With one gate column, the rows that share a
  * gate row run as one flat loop on its value; else each gate row is
  * widened once, a vector at a time (whole-vector stores, which the row
@@ -382,15 +387,14 @@ CLONED static void excite_planes(const void *args_, int64_t first,
                                  int64_t last, float *buf) {
   const struct excite_args *a = (const struct excite_args *)args_;
   const int64_t H = a->H, W = a->W, *gs = a->gate_stride;
-  const int64_t Wv = (W + LANES - 1) / LANES * LANES;
-  float *gate_row = buf;
-  int64_t *offsets = (int64_t *)(buf + Wv);
-  gate_offsets(a->col_index, gs[3], W, offsets);
+  float *gate_row;
+  const int64_t *offsets = excite_setup(buf, a->col_index, gs[3], W,
+                                        &gate_row);
   /* the plane's sample and channel, counted on (no division per plane) */
   int64_t n = first / a->channels, c = first % a->channels;
   for (int64_t plane = first; plane < last; ++plane) {
-    const float sc = a->scale ? a->scale[c] : 1.f;
-    const float sh = a->scale ? a->shift[c] : 0.f;
+    float sc, sh;
+    plane_affine(a->scale, a->shift, c, &sc, &sh);
     excite_plane(a->x + plane * H * W,
                  a->identity ? a->identity + plane * H * W : NULL,
                  a->gate + n * gs[0] + c * gs[1], gs[2], offsets,
@@ -439,15 +443,12 @@ CLONED static void pool_excite_planes(const void *args_, int64_t first,
   const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
   /* buf: excite_plane's scratch, the pool's column sums (h, W), the gate
    * (h, w) */
-  const int64_t Wv = (W + LANES - 1) / LANES * LANES;
-  float *gate_row = buf, *cols = buf + excite_scratch(W),
-        *gate = cols + h * W;
-  int64_t *offsets = (int64_t *)(buf + Wv);
-  gate_offsets(a->col_index, 1, W, offsets);
+  float *gate_row, *cols = buf + excite_scratch(W), *gate = cols + h * W;
+  const int64_t *offsets = excite_setup(buf, a->col_index, 1, W, &gate_row);
   for (int64_t plane = first; plane < last; ++plane) {
     const float *x = a->x + plane * H * W;
     float sc, sh;
-    plane_affine(a->scale, a->shift, a->channels, plane, &sc, &sh);
+    plane_affine(a->scale, a->shift, plane % a->channels, &sc, &sh);
     pool_plane(x, gate, cols, H, W, a->e, h, w, sc, sh);
     for (int64_t k = 0; k < h * w; ++k)
       gate[k] = 1.f / (1.f + expf(-gate[k]));
