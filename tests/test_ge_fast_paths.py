@@ -160,6 +160,66 @@ def test_relu_is_the_blocks_activation_after_ge(variant, dtype, train):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize('train', (False, True))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_a_shortcut_that_broadcasts_is_added_after(variant, train):
+    """The kernels add a shortcut of the features' own shape in their pass;
+    a (N, C, 1, 1) one broadcasts as in the formula (it used to be read as
+    a full map: values past its end)."""
+    torch.manual_seed(0)
+    layer = GatherExcite(8, variant=variant, extent=4,
+                         reduction=2).train(train)
+    norm = nn.BatchNorm2d(8).train(train)
+    ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+    x = torch.randn(2, 8, 16, 16, requires_grad=train)
+    identity = torch.randn(2, 8, 1, 1, requires_grad=train)
+    results = []
+    for m, n, fn in ((layer, norm, layer), (ref_layer, ref_norm, None)):
+        with torch.set_grad_enabled(train):
+            out = fn(x, identity, norm=n, relu=True) if fn is not None \
+                else formula(m, x, identity, n, relu=True)
+        grads = torch.autograd.grad(out, [x, identity, *m.parameters()],
+                                    torch.ones_like(out)) if train else ()
+        results.append([out, *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_kernels_refuse_a_shortcut_of_another_shape():
+    from mmge.models.layers import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip('native kernels not built')
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r'identity must have the shape of '
+                       r'x, \(2, 4, 8, 8\), got \(2, 4, 1, 1\)'):
+        cpu_kernels.excite(x, torch.rand(2, 4, 2, 2),
+                           torch.randn(2, 4, 1, 1))
+    with pytest.raises(ValueError, match='ge_pool_excite: identity'):
+        cpu_kernels.pool_excite(x, 4, torch.randn(2, 4, 8, 1))
+
+
+@pytest.mark.parametrize('train', (False, True))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_a_hook_on_the_norm_before_ge_fires(variant, train):
+    """GEResNet hands GE the last norm layer, whose output the kernels make
+    themselves; with a forward hook on it, it is called (once per
+    forward), and the hook sees its output."""
+    model = GEResNet(50, ge_cfg=dict(variant=variant, extent=4),
+                     out_indices=(0, )).train(train)
+    block = model.layer1[0]
+    seen = []
+    block.norm3.register_forward_hook(
+        lambda m, args, out: seen.append((args[0], out)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(train):
+        model(x)
+    assert len(seen) == 1
+    inp, out = seen[0]
+    assert inp.shape == (2, 256, 8, 8)
+    if not train:
+        torch.testing.assert_close(out, block.norm3(inp))
+
+
 def _saved_storages(fn):
     saved = {}
 

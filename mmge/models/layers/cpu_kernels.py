@@ -193,6 +193,16 @@ def _check(status: int, name: str) -> None:
                           f'its scratch buffers')
 
 
+def _check_identity(x: torch.Tensor, identity: Optional[torch.Tensor],
+                    name: str) -> None:
+    """The kernels read a shortcut cell for each of ``x``'s: refuse any
+    other shape (one that broadcasts is the caller's to add)."""
+    if identity is not None and identity.shape != x.shape:
+        raise ValueError(f'mmge native kernel {name}: identity must have '
+                         f'the shape of x, {tuple(x.shape)}, got '
+                         f'{tuple(identity.shape)}')
+
+
 def _vector(t: Optional[torch.Tensor],
             channels: int) -> Optional[torch.Tensor]:
     """A per-channel parameter as the kernels read it: ``channels``
@@ -306,6 +316,7 @@ def excite(x: torch.Tensor,
         Tensor: ``out``, (N, C, H, W).
     """
     n, c, height, width = x.shape
+    _check_identity(x, identity, 'ge_excite')
     h, w = gate.shape[-2:]
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
@@ -347,6 +358,7 @@ def pool_excite(x: torch.Tensor,
         Tensor: A new (N, C, H, W) tensor.
     """
     n, c, height, width = x.shape
+    _check_identity(x, identity, 'ge_pool_excite')
     scale, shift = _affine(scale, shift, c)
     if norm is not None and (norm.running_var is None or scale is not None):
         raise ValueError('pool_excite takes a norm with running statistics, '
@@ -630,6 +642,8 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
                  level1=None, norm=None, stats=None, small_cl=False,
                  excite=None):
     n, c, height, width = x.shape
+    _check_identity(x, None if excite is None else excite.identity,
+                    'ge_conv_gather')
     levels = len(params.weight)
     h, w = conv_gather_size(height, width, levels)
     h1, w1 = conv_gather_size(height, width, 1)

@@ -160,7 +160,8 @@ class GatherExcite(BaseModule):
             x (Tensor): Features of shape (N, C, H, W); with ``norm``, the
                 norm layer's input.
             identity (Tensor, optional): The block's shortcut, added to the
-                gated features in the same pass.
+                gated features (in the same pass when it has ``x``'s shape;
+                one that broadcasts is added after).
             norm (nn.Module, optional): The norm layer feeding GE: the
                 features are ``norm(x)``. Required by ``memory_efficient``.
             relu (bool): Apply a ReLU to the result (the block's activation
@@ -181,6 +182,11 @@ class GatherExcite(BaseModule):
                 'layer(x, identity, norm=...), as GEResNet, GEResLayer and '
                 'GEShuffleNetV1 do; as a plugin of mmdet\'s ResNet it only '
                 'sees the norm\'s output: use memory_efficient=False there')
+        if identity is not None and identity.shape != x.shape:
+            # the fused passes add a shortcut of x's own shape; one that
+            # broadcasts is added after them
+            out = self.forward(x, norm=norm) + identity
+            return out.relu_() if relu else out
         plan = native_plan(self, norm, x, identity)
         if norm is not None and not self.memory_efficient and \
                 plan is None and torch.is_grad_enabled():

@@ -83,13 +83,16 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
         a local extent, the gather's :meth:`ConvGather.native_params` for
         GE-theta and GE-theta-plus whose gather the kernel runs, and None
         otherwise; None too unless the tensors are contiguous float32 CPU
-        tensors and ``norm`` is None or a plain batch norm, and when the
-        gather or the excite has forward hooks (the analysis probes).
+        tensors, ``identity`` (if any) has ``inp``'s shape and ``norm`` is
+        None or a plain batch norm, and when the gather, the excite or the
+        norm has forward hooks (the analysis probes; the kernels stand in
+        for the norm's call, so a hook on it would not fire).
     """
     if not (inp.dim() == 4 and layer.extent != GLOBAL
             and (norm is None or is_plain_batch_norm(norm))
+            and (identity is None or identity.shape == inp.shape)
             and cpu_kernels.usable(inp, identity)) or \
-            cpu_kernels.hooked(layer.gather, layer.excite):
+            cpu_kernels.hooked(layer.gather, layer.excite, norm):
         return None
     if layer.variant == 'theta_minus':
         return POOL
