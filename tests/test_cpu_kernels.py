@@ -199,6 +199,25 @@ def count_calls(monkeypatch, name):
     return calls
 
 
+def count_kernel_calls(monkeypatch):
+    """Record every call into the native library (wrappers or prepared
+    calls alike); returns the list of ``(name, args)``."""
+    calls, lib = [], cpu_kernels._library()
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+
+            def spy(*args):
+                calls.append((name, args))
+                return fn(*args)
+
+            return spy
+
+    monkeypatch.setattr(cpu_kernels, '_library', Spy)
+    return calls
+
+
 def _theta_minus_pair(channels, train_norm, momentum=0.1, affine=True):
     torch.manual_seed(0)
     layer = GatherExcite(channels, 'theta_minus', 8)
@@ -307,20 +326,24 @@ def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
     layer, norm = _theta_pair(variant, 2, False)
     inp, identity = torch.randn(2, 11, *size), torch.randn(2, 11, *size)
     kept = inp.clone(), identity.clone()
-    calls = count_calls(
-        monkeypatch,
-        'pool_excite' if variant == 'theta_minus' else 'conv_gather')
-    excites = count_calls(monkeypatch, 'excite')
+    calls = count_kernel_calls(monkeypatch)
+    kernel = 'ge_pool_excite' if variant == 'theta_minus' else \
+        'ge_conv_gather'
     with torch.no_grad():
-        out = layer(inp, identity, norm=norm)
         ref = _formula_forward(copy.deepcopy(layer).double())(
             inp.double(), identity.double(), copy.deepcopy(norm).double())
-    assert len(calls) == 1, 'the native inference was not taken'
+        # the first call prepares the kernel call, the second replays it
+        outs = [layer(inp, identity, norm=norm) for _ in range(2)]
+    assert [name for name, _ in calls] == [kernel] * 2, \
+        'the native inference was not taken in one call'
     if variant != 'theta_minus':
-        excite = calls[0]['excite']
-        assert excite is not None and not excites
-        assert (excite.mlp is not None) == (variant == 'theta_plus')
-    close(out, ref)
+        for _, args in calls:
+            spec = args[-3]._obj  # the excite runs in the gather's call
+            assert spec.identity == identity.data_ptr()
+            assert bool(spec.mlp_w1) == (variant == 'theta_plus')
+    close(outs[0], ref)
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].data_ptr() != outs[1].data_ptr()
     assert torch.equal(inp, kept[0]) and torch.equal(identity, kept[1])
 
 

@@ -6,6 +6,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmge.models import (GatherExcite, GEBasicBlock, GEBottleneck,
                          GEResNet, SqueezeExcite)
+from mmge.models.layers.gather_excite import fusable_relu
 
 
 def ge_layers(model, cls=GatherExcite):
@@ -89,6 +90,31 @@ def test_blocks_last_relu_runs_in_ge_pass_unless_a_hook_would_see(
     assert run()[1] == n_fused + 1
     handle.remove()
     assert run()[1] == n_fused
+
+
+def test_fusable_relu_looks_at_the_two_modules_own_hooks():
+    """The block's ReLU runs in GE's pass unless a hook would see the
+    difference: on the ReLU, on the GE layer itself, or global. A hook
+    inside GE (on its gather) sees only the gather's values."""
+    layer, act = GatherExcite(8, extent=4), torch.nn.ReLU()
+    assert fusable_relu(act, layer)
+    assert not fusable_relu(torch.nn.ReLU6(), layer)
+    inner = layer.gather.convs[0].register_forward_hook(lambda *a: None)
+    assert fusable_relu(act, layer)
+    inner.remove()
+    for module in (act, layer):
+        for register in (module.register_forward_hook,
+                         module.register_forward_pre_hook):
+            handle = register(lambda *a: None)
+            assert not fusable_relu(act, layer)
+            handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda *a: None)
+    try:
+        assert not fusable_relu(act, layer)
+    finally:
+        handle.remove()
+    assert fusable_relu(act, layer)
 
 
 def test_bottleneck_layer_sits_after_conv3():

@@ -28,6 +28,10 @@ several ATen calls on the CPU:
   GE-theta-plus's MLP, ``mmge/csrc/ge_mlp.c``, given as :class:`MLPParams`)
   and runs the excite: a GE layer's forward is one call.
 
+:func:`pool_excite_args` and :func:`conv_gather_args` marshal a call's
+arguments without making it: :mod:`.prepared_inference` keeps them to
+replay a GE layer's inference call.
+
 They take contiguous float32 CPU tensors (:func:`usable`); everything else
 takes the ATen path, which is also what runs when the library was not built
 (a source checkout that was not installed). The results equal the ATen ops'
@@ -50,7 +54,7 @@ __all__ = [
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
     'Excitation', 'NormStats',
     'ConvGatherResult', 'ConvGatherGrads', 'conv_gather',
-    'conv_gather_backward'
+    'conv_gather_backward', 'pool_excite_args', 'conv_gather_args'
 ]
 
 _I64 = ctypes.c_int64
@@ -363,16 +367,40 @@ def pool_excite(x: torch.Tensor,
     if norm is not None and (norm.running_var is None or scale is not None):
         raise ValueError('pool_excite takes a norm with running statistics, '
                          'instead of scale and shift')
+    out = torch.empty_like(x)
+    args, keep = pool_excite_args(x, extent, identity, out, scale, shift,
+                                  relu, norm)
+    _check(_library().ge_pool_excite(*args), 'ge_pool_excite')
+    del keep
+    return out
+
+
+def pool_excite_args(x: torch.Tensor, extent: int,
+                     identity: Optional[torch.Tensor], out: torch.Tensor,
+                     scale: Optional[torch.Tensor],
+                     shift: Optional[torch.Tensor], relu: bool,
+                     norm: Optional['FusedNorm']) -> Tuple[list, tuple]:
+    """The arguments of the ``ge_pool_excite`` call :func:`pool_excite`
+    makes (its own arguments, and ``out``): ``x`` is the first, ``identity``
+    the fourth, ``out`` the seventh. Per-channel tensors go through
+    :func:`_vector`.
+
+    Returns:
+        tuple[list, tuple]: Addresses and sizes, as ``ctypes`` converts
+        them; and what must stay alive until the call returns (some
+        addresses are of copies made here).
+    """
+    n, c, height, width = x.shape
+    scale, shift = _affine(scale, shift, c)
     weight, bias, mean, var, eps = _norm_vectors(norm, c)
     h, w = -(-height // extent), -(-width // extent)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
-    out = torch.empty_like(x)
-    _check(_library().ge_pool_excite(
+    return [
         _ptr(x), _ptr(scale), _ptr(shift), _ptr(identity), _ptr(rows),
         _ptr(cols), _ptr(out), n * c, c, height, width, extent, _ptr(weight),
         _ptr(bias), _ptr(mean), _ptr(var), eps, int(relu),
-        torch.get_num_threads()), 'ge_pool_excite')
-    return out
+        torch.get_num_threads()
+    ], (x, scale, shift, identity, rows, cols, out, weight, bias, mean, var)
 
 
 def gate_grad(grad: torch.Tensor,
@@ -641,6 +669,29 @@ def _excite_spec(excite: Optional[Excitation],
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
                  level1=None, norm=None, stats=None, small_cl=False,
                  excite=None):
+    args, out, keep = conv_gather_args(x, params, scale, shift, grad, gate,
+                                       dcontext, outputs, level1, norm,
+                                       stats, small_cl, excite)
+    _check(_library().ge_conv_gather(*args), 'ge_conv_gather')
+    del keep
+    return out
+
+
+def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
+                     level1=None, norm=None, stats=None, small_cl=False,
+                     excite=None) -> Tuple[list, dict, tuple]:
+    """The arguments of a ``ge_conv_gather`` call, and the tensors it
+    writes (:func:`conv_gather`'s and :func:`conv_gather_backward`'s
+    arguments; ``outputs`` names what to allocate). ``x`` is the first
+    argument and the excite's spec (``ctypes.byref`` of an
+    :class:`_ExciteSpec`, or None) the third from the end.
+
+    Returns:
+        tuple[list, dict, tuple]: The arguments; the outputs by name (None
+        where not asked for); and what must stay alive until the call
+        returns (the argument list holds bare addresses, some of them of
+        copies made here).
+    """
     n, c, height, width = x.shape
     _check_identity(x, None if excite is None else excite.identity,
                     'ge_conv_gather')
@@ -681,7 +732,7 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
     if stats is not None:
         mean, invstd = _vector(stats.mean, c), _vector(stats.invstd, c)
         train = int(stats.train)
-    _check(_library().ge_conv_gather(
+    args = [
         _ptr(x), _ptr(scale), _ptr(shift),
         *[_pointers(t) for t in params[:5]],
         (ctypes.c_double * levels)(*params.eps),
@@ -698,8 +749,13 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
         *[_ptr(out[k]) for k in ('norm_mean', 'norm_var', 'norm_dweight',
                                  'norm_dbias')],
         _ptr(rmean), _ptr(rvar), None if spec is None else ctypes.byref(spec),
-        int(small_cl), torch.get_num_threads()), 'ge_conv_gather')
-    return out
+        int(small_cl), torch.get_num_threads()
+    ]
+    # the tensors behind the addresses, made here or not: alive while the
+    # caller holds them
+    keep = (x, scale, shift, grad, gate, dcontext, level1, rows, cols, gamma,
+            beta, rmean, rvar, mean, invstd, params, excite)
+    return args, out, keep
 
 
 def conv_gather(x: torch.Tensor,

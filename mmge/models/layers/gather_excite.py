@@ -4,6 +4,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
+from torch.nn.modules import module as torch_module
 from mmengine.registry import MODELS
 
 from . import cpu_kernels
@@ -11,6 +12,7 @@ from .excite import (Excite, check_channels, check_reduction,
                      resize_multiply)
 from .ge_autograd import GEFunction, native_inference, native_plan
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
+from .prepared_inference import PreparedInference
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')
 
@@ -48,10 +50,18 @@ def fusable_relu(act: nn.Module, layer: nn.Module) -> bool:
 
     Returns:
         bool: True for a plain ``nn.ReLU`` when no forward hook would see
-        the difference: none on ``act``, none on ``layer`` (a hook on it
-        sees, or replaces, its output before the activation).
+        the difference: none on ``act``, none on ``layer`` itself (a hook
+        on it sees, or replaces, its output before the activation), no
+        global one. Hooks inside ``layer`` see only its parts' values (the
+        layer then leaves its kernels, and applies the ReLU itself).
     """
-    return type(act) is nn.ReLU and not cpu_kernels.hooked(act, layer)
+    if type(act) is not nn.ReLU or torch_module._global_forward_hooks or \
+            torch_module._global_forward_pre_hooks:
+        return False
+    # the two modules' own hooks, not their submodules': this runs in every
+    # block's forward
+    return not (act._forward_hooks or act._forward_pre_hooks
+                or layer._forward_hooks or layer._forward_pre_hooks)
 
 
 @MODELS.register_module()
@@ -121,6 +131,8 @@ class GatherExcite(BaseModule):
                  memory_efficient: bool = False,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         super().__init__(init_cfg)
+        #: the native inference call, prepared by the last call that made it
+        self._prepared: Optional[PreparedInference] = None
         if not isinstance(memory_efficient, bool):
             raise TypeError(f'memory_efficient must be a bool, got '
                             f'{memory_efficient!r}')
@@ -187,6 +199,15 @@ class GatherExcite(BaseModule):
             # broadcasts is added after them
             out = self.forward(x, norm=norm) + identity
             return out.relu_() if relu else out
+        replay = not torch.is_grad_enabled() and \
+            not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        if replay:
+            prepared = self.__dict__.get('_prepared')
+            if prepared is not None:
+                out = prepared(self, x, identity, norm, relu)
+                if out is not None:
+                    return out
+                self._prepared = None
         plan = native_plan(self, norm, x, identity)
         if norm is not None and not self.memory_efficient and \
                 plan is None and torch.is_grad_enabled():
@@ -210,6 +231,12 @@ class GatherExcite(BaseModule):
                 out = GEFunction.apply(self, norm, plan, x, identity,
                                        *params)
                 return out.relu_() if relu else out
+        if replay and plan is not None:
+            prepared = PreparedInference.build(self, norm, plan, x, identity,
+                                               relu)
+            if prepared is not None:
+                self._prepared = prepared
+                return prepared.run(x, identity)
         out = native_inference(self, norm, plan, x, identity, relu)
         if out is not None:
             return out
@@ -222,6 +249,12 @@ class GatherExcite(BaseModule):
             return cpu_kernels.excite(x, gate, identity, out=x, relu=relu)
         out = resize_multiply(x, gate, identity)
         return out.relu_() if relu else out
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .float(), .cuda() and the like: the prepared call keeps the
+        # old storages alive; let them go now
+        self._prepared = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         s = f'{self.in_channels}, variant={self.variant!r}, ' \

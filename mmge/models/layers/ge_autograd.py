@@ -22,7 +22,9 @@ input and makes GE's input on the fly inside the kernels; for GE-theta and
 GE-theta-plus the gather's kernel also runs the norm itself, forward (its
 batch statistics from the same pass) and backward, so the norm's output is
 never materialised (:func:`native_norm_excite`); without autograd
-(:func:`native_inference`) no variant materialises it.
+(:func:`native_inference`) no variant materialises it. There, where the
+whole layer is one kernel call, :mod:`.prepared_inference` replays that call
+from the second forward on.
 """
 from typing import Dict, List, Optional, Tuple, Union
 
