@@ -145,6 +145,32 @@ def test_pool_excite_is_the_pool_then_the_excite(size, extent, affine, relu):
         close(got, expect.relu() if relu else expect)
 
 
+@pytest.mark.parametrize('planes,size', ((2 * 11, (16, 16)),
+                                         (3 * 9, (7, 7)),
+                                         (2, (370, 362))))
+def test_pool_excite_in_groups_of_planes(planes, size):
+    """The kernel pools up to eight planes (fewer when they would not fit
+    in the cache together: one at 370x362) before their gates go through
+    one vector sigmoid: every plane of a group, the last group's too, gets
+    its own gate."""
+    torch.manual_seed(0)
+    x = torch.randn(1, planes, *size)
+    identity = torch.randn_like(x)
+    gate = F.avg_pool2d(x.double(), 15, 8, 7,
+                        count_include_pad=False).sigmoid()
+    expect = x.double() * F.interpolate(gate, size=size, mode='nearest') + \
+        identity.double()
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(cpu_kernels.pool_excite(x, 8, identity))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+    close(results[0], expect)
+
+
 @pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('extent', (2, 4, 8))
 def test_input_grad_adds_the_pools_backward(size, extent):

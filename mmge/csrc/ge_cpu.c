@@ -48,55 +48,65 @@ struct pool_args {
   int64_t channels, H, W, e, h, w;
 };
 
+/* acc[0, n) <- the sum of rows first..last (inclusive) of a plane whose
+ * rows are W floats apart, n <= W: whole vectors summed in registers, the
+ * last one overlapping the one before when n is not a multiple of LANES
+ * (its cells are stored, not added, so the overlap is written twice with
+ * the same values) */
+INLINE void sum_rows(const float *rows, int64_t W, int64_t first,
+                     int64_t last, float *acc, int64_t n) {
+  if (n < LANES) {
+    for (int64_t q = 0; q < n; ++q) {
+      float v = 0.f;
+      for (int64_t r = first; r <= last; ++r) v += rows[r * W + q];
+      acc[q] = v;
+    }
+    return;
+  }
+  for (int64_t q = 0;; q += LANES) {
+    if (q + LANES > n) q = n - LANES;
+    const float *col = rows + q;
+    vf v = load(col + first * W);
+    for (int64_t r = first + 1; r <= last; ++r) v += load(col + r * W);
+    store(acc + q, v);
+    if (q + LANES == n) break;
+  }
+}
+
 /* out (h, w) <- the pool of sc * x + sh for one plane x (H, W); cols:
- * scratch for the column sums of every window's rows, (h, W) */
-static void pool_plane(const float *x, float *out, float *cols, int64_t H,
+ * scratch for one window's row sum, W floats. Window i covers rows
+ * i * e - (e - 1) .. i * e + e - 1 (clipped), and columns alike. */
+INLINE void pool_plane(const float *x, float *out, float *cols, int64_t H,
                        int64_t W, int64_t e, int64_t h, int64_t w, float sc,
                        float sh) {
   if (h == 1 && w == 1) {
     /* one window holds the plane (H, W <= e: ResNet's 7x7 maps at extent
-     * 8): one flat sum, eight running sums wide */
+     * 8): one flat sum */
     const int64_t n = H * W;
-    float part[8] = {0.f}, sum = 0.f;
+    vf part = splat(0.f);
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8)
-      for (int t = 0; t < 8; ++t) part[t] += x[k + t];
+    for (; k + LANES <= n; k += LANES) part += load(x + k);
+    float sum = sum_lanes(part);
     for (; k < n; ++k) sum += x[k];
-    for (int t = 0; t < 8; ++t) sum += part[t];
     out[0] = sum / (float)n * sc + sh;
     return;
   }
-  memset(cols, 0, sizeof(float) * h * W);
-  for (int64_t p = 0, i = 0, r = 0; p < H; ++p, r = r + 1 == e ? (++i, 0)
-                                                              : r + 1) {
-    /* row p = i * e + r */
-    const float *row = x + p * W;
-    float *acc = cols + i * W;
-    for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
-    if (r && i + 1 < h) {
-      acc += W;
-      for (int64_t q = 0; q < W; ++q) acc[q] += row[q];
-    }
-  }
   for (int64_t i = 0; i < h; ++i) {
-    const float *acc = cols + i * W;
+    sum_rows(x, W, max64(0, i * e - e + 1), min64(H, i * e + e) - 1, cols,
+             W);
     float *o = out + i * w;
-    for (int64_t j = 0; j < w; ++j) o[j] = 0.f;
+    const float ch = window_count(i, e, H);
     for (int64_t j = 0; j < w; ++j) {
-      int64_t q0 = j * e, q1 = min64(q0 + e, W);
-      float rest = 0.f;
-      for (int64_t q = q0 + 1; q < q1; ++q) rest += acc[q];
-      o[j] += acc[q0] + rest;
-      if (j + 1 < w) o[j + 1] += rest;
+      const int64_t q0 = max64(0, j * e - e + 1), q1 = min64(W, j * e + e);
+      float v = 0.f;
+      for (int64_t q = q0; q < q1; ++q) v += cols[q];
+      o[j] = v / (ch * (float)(q1 - q0)) * sc + sh;
     }
-    float ch = window_count(i, e, H);
-    for (int64_t j = 0; j < w; ++j)
-      o[j] = o[j] / (ch * window_count(j, e, W)) * sc + sh;
   }
 }
 
-static void pool_planes(const void *args_, int64_t first, int64_t last,
-                        float *cols) {
+CLONED static void pool_planes(const void *args_, int64_t first,
+                               int64_t last, float *cols) {
   const struct pool_args *a = (const struct pool_args *)args_;
   for (int64_t plane = first; plane < last; ++plane) {
     float sc, sh;
@@ -111,7 +121,7 @@ int ge_pool_forward(const float *x, const float *scale, const float *shift,
                     int64_t W, int64_t e, int threads) {
   struct pool_args a = {x, scale, shift, out, channels, H, W, e,
                         (H + e - 1) / e, (W + e - 1) / e};
-  return for_planes(pool_planes, &a, planes, H * W, a.h * W, threads);
+  return for_planes(pool_planes, &a, planes, H * W, W, threads);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -437,24 +447,42 @@ struct pool_excite_args {
   int relu;
 };
 
+/* planes pooled before their gates go through one vector sigmoid: up to
+ * LANES, and no more than fit in half of a 1 MiB L2 cache together, so
+ * that each is still cached when it is excited */
+static int64_t pool_excite_group(int64_t H, int64_t W) {
+  return max64(1, min64(LANES, (128 * 1024) / (H * W)));
+}
+
 CLONED static void pool_excite_planes(const void *args_, int64_t first,
                                       int64_t last, float *buf) {
   const struct pool_excite_args *a = (const struct pool_excite_args *)args_;
-  const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
-  /* buf: excite_plane's scratch, the pool's column sums (h, W), the gate
-   * (h, w) */
-  float *gate_row, *cols = buf + excite_scratch(W), *gate = cols + h * W;
+  const int64_t H = a->H, W = a->W, h = a->h, w = a->w, hw = h * w;
+  const int64_t group = pool_excite_group(H, W);
+  /* buf: excite_plane's scratch, a window's row sum (W), the gates of a
+   * group of planes (whole vectors) */
+  float *gate_row, *cols = buf + excite_scratch(W), *gate = cols + W;
   const int64_t *offsets = excite_setup(buf, a->col_index, 1, W, &gate_row);
-  for (int64_t plane = first; plane < last; ++plane) {
-    const float *x = a->x + plane * H * W;
-    float sc, sh;
-    plane_affine(a->scale, a->shift, plane % a->channels, &sc, &sh);
-    pool_plane(x, gate, cols, H, W, a->e, h, w, sc, sh);
-    for (int64_t k = 0; k < h * w; ++k)
-      gate[k] = 1.f / (1.f + expf(-gate[k]));
-    excite_plane(x, a->identity ? a->identity + plane * H * W : NULL, gate,
-                 w, offsets, a->out + plane * H * W, a->row_index, H, W, w,
-                 sc, sh, a->relu, gate_row);
+  for (int64_t plane = first; plane < last; plane += group) {
+    const int64_t planes = min64(group, last - plane);
+    for (int64_t k = 0; k < planes; ++k) {
+      float sc, sh;
+      plane_affine(a->scale, a->shift, (plane + k) % a->channels, &sc, &sh);
+      pool_plane(a->x + (plane + k) * H * W, gate + k * hw, cols, H, W, a->e,
+                 h, w, sc, sh);
+    }
+    /* the cells past the group's gates are scratch: their sigmoid is
+     * computed and never read */
+    for (int64_t k = 0; k < planes * hw; k += LANES)
+      store(gate + k, sigmoid(load(gate + k)));
+    for (int64_t k = 0; k < planes; ++k) {
+      const int64_t at = (plane + k) * H * W;
+      float sc, sh;
+      plane_affine(a->scale, a->shift, (plane + k) % a->channels, &sc, &sh);
+      excite_plane(a->x + at, a->identity ? a->identity + at : NULL,
+                   gate + k * hw, w, offsets, a->out + at, a->row_index, H,
+                   W, w, sc, sh, a->relu, gate_row);
+    }
   }
 }
 
@@ -481,9 +509,11 @@ int ge_pool_excite(const float *x, const float *scale, const float *shift,
   struct pool_excite_args a = {x, scale, shift, identity, row_index,
                                col_index, out, channels, H, W, e,
                                (H + e - 1) / e, (W + e - 1) / e, relu};
-  const int status = for_planes(pool_excite_planes, &a, planes, H * W,
-                                excite_scratch(W) + a.h * W + a.h * a.w,
-                                threads);
+  const int status = for_planes(
+      pool_excite_planes, &a, planes, H * W,
+      excite_scratch(W) + W +
+          whole_vectors(pool_excite_group(H, W) * a.h * a.w),
+      threads);
   free(affine);
   return status;
 }
