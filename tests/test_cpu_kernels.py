@@ -787,11 +787,15 @@ def test_conv_gather_excites_what_it_gathers(size, mlp, train):
     ``y * resize(gate) + identity`` and the ReLU: the float64 modules'
     values, for y made by a batch norm with its running statistics (eval)
     or the batch's (training, which also returns them), 11 channels (a
-    partial block) and 20 (hidden width 1 after reduction 16)."""
-    for channels in (11, 20):
+    partial block) and 20 (hidden width 1 after reduction 16); for the MLP
+    also hidden widths of two whole vectors (64 / 4) and one past a whole
+    vector (72 / 8), its dot products' vector loops and their tails."""
+    for channels, reduction in ((11, 16), (20, 16), (64, 4), (72, 8)):
+        if reduction != 16 and not mlp:
+            continue
         torch.manual_seed(channels)
         gather = _conv_gather(channels, 8, last_act=mlp)
-        excite = Excite(channels, 16 if mlp else None)
+        excite = Excite(channels, reduction if mlp else None)
         norm = _fused_norm(channels).float().train(train)
         norm.running_mean.uniform_(-1, 1)
         norm.running_var.uniform_(0.5, 2)
