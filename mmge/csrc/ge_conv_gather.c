@@ -192,37 +192,6 @@ static void plan(struct conv_gather_args *a) {
 #undef TAKE
 }
 
-/* 8x8 transpose: out[j][k] = in[k][j] (the AVX unpack / shuffle /
- * permute2f128 sequence, written with GCC's generic shuffles) */
-INLINE void transpose8(vf *r) {
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-  const vf t0 = SHUF(r[0], r[1], 0, 8, 1, 9, 4, 12, 5, 13);
-  const vf t1 = SHUF(r[0], r[1], 2, 10, 3, 11, 6, 14, 7, 15);
-  const vf t2 = SHUF(r[2], r[3], 0, 8, 1, 9, 4, 12, 5, 13);
-  const vf t3 = SHUF(r[2], r[3], 2, 10, 3, 11, 6, 14, 7, 15);
-  const vf t4 = SHUF(r[4], r[5], 0, 8, 1, 9, 4, 12, 5, 13);
-  const vf t5 = SHUF(r[4], r[5], 2, 10, 3, 11, 6, 14, 7, 15);
-  const vf t6 = SHUF(r[6], r[7], 0, 8, 1, 9, 4, 12, 5, 13);
-  const vf t7 = SHUF(r[6], r[7], 2, 10, 3, 11, 6, 14, 7, 15);
-  const vf u0 = SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
-  const vf u1 = SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
-  const vf u2 = SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
-  const vf u3 = SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
-  const vf u4 = SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);
-  const vf u5 = SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
-  const vf u6 = SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);
-  const vf u7 = SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
-  r[0] = SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);
-  r[1] = SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);
-  r[2] = SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);
-  r[3] = SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);
-  r[4] = SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);
-  r[5] = SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);
-  r[6] = SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);
-  r[7] = SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);
-#undef SHUF
-}
-
 /* A, B <- the per-lane scale and shift of a block's `active` channels:
  * sc[k], sh[k] (no sc: 1 and 0); 0 and 0 past them */
 INLINE void lane_affine(const float *sc, const float *sh, int active, vf *A,

@@ -36,17 +36,54 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+/* The eight dot products of rows r0..r0+3 of in with units j0, j0+1 of w
+ * (K floats each), as one vector, lane 2 * row + unit: each product's
+ * partial sums in a vector of its own, the eight reduced together by one
+ * transpose instead of a horizontal sum each (GE-theta-plus's second layer
+ * has rows of 16 in ResNet's first stage), and every loaded vector used
+ * twice or four times */
+INLINE vf dot_tile(const float *in, const float *w, int64_t K) {
+  vf acc[LANES];
+  for (int t = 0; t < LANES; ++t) acc[t] = splat(0.f);
+  int64_t k = 0;
+  for (; k + LANES <= K; k += LANES) {
+    const vf w0 = load(w + k), w1 = load(w + K + k);
+    for (int r = 0; r < 4; ++r) {
+      const vf x = load(in + r * K + k);
+      acc[2 * r] += x * w0;
+      acc[2 * r + 1] += x * w1;
+    }
+  }
+  transpose8(acc); /* acc[i][t]: product t's i-th partial sum */
+  vf s = acc[0];
+  for (int i = 1; i < LANES; ++i) s += acc[i];
+  for (; k < K; ++k)
+    for (int t = 0; t < LANES; ++t)
+      s[t] += in[(t / 2) * K + k] * w[(t % 2) * K + k];
+  return s;
+}
+
 /* out[r][j] = act(b[j] + w[j] . in[r]) for units j in [first, last) of
  * every row r < R: in (R, K), w (units, K), out rows of out_width; act a
- * ReLU with relu. Unit j's weights are read once and stay in the cache
- * over the rows. */
+ * ReLU with relu. Tiles of four rows and two units (dot_tile), the rest
+ * one product at a time. */
 INLINE void dense_units(const float *in, int64_t R, int64_t K,
                         const float *w, const float *b, int relu,
                         float *out, int64_t out_width, int64_t first,
                         int64_t last) {
+  const int64_t j_end = first + (last - first) / 2 * 2, r_end = R / 4 * 4;
+  for (int64_t j = first; j < j_end; j += 2)
+    for (int64_t r = 0; r < r_end; r += 4) {
+      const vf s = dot_tile(in + r * K, w + j * K, K);
+      for (int t = 0; t < LANES; ++t) {
+        const float v = s[t] + (b ? b[j + t % 2] : 0.f);
+        out[(r + t / 2) * out_width + j + t % 2] = relu && v < 0.f ? 0.f : v;
+      }
+    }
   for (int64_t j = first; j < last; ++j) {
     const float *wj = w + j * K, bj = b ? b[j] : 0.f;
-    for (int64_t r = 0; r < R; ++r) {
+    /* the rows past the tiles, and every row of a unit left over */
+    for (int64_t r = j < j_end ? r_end : 0; r < R; ++r) {
       const float v = bj + dot(in + r * K, wj, K);
       out[r * out_width + j] = relu && v < 0.f ? 0.f : v;
     }

@@ -1,8 +1,8 @@
 /*
  * The vector helpers of GE's CPU kernels: LANES floats as one GCC vector
  * (eight channels of one position in ge_conv_gather.c, eight values of a
- * row in ge_mlp.c), a lane-wise sigmoid, and CLONED, which compiles a hot
- * function once per x86-64 vector width. Included by the C files that
+ * row in ge_mlp.c), a lane-wise sigmoid, an 8x8 transpose, and CLONED,
+ * which compiles a hot function once per x86-64 vector width. Included by the C files that
  * build into mmge/_ge_cpu*.so.
  */
 #ifndef MMGE_GE_SIMD_H
@@ -80,6 +80,37 @@ INLINE float sum_lanes(vf v) {
   float s = 0.f;
   for (int k = 0; k < LANES; ++k) s += v[k];
   return s;
+}
+
+/* 8x8 transpose: out[j][k] = in[k][j] (the AVX unpack / shuffle /
+ * permute2f128 sequence, written with GCC's generic shuffles) */
+INLINE void transpose8(vf *r) {
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+  const vf t0 = SHUF(r[0], r[1], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vf t1 = SHUF(r[0], r[1], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vf t2 = SHUF(r[2], r[3], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vf t3 = SHUF(r[2], r[3], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vf t4 = SHUF(r[4], r[5], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vf t5 = SHUF(r[4], r[5], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vf t6 = SHUF(r[6], r[7], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vf t7 = SHUF(r[6], r[7], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vf u0 = SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vf u1 = SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vf u2 = SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vf u3 = SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vf u4 = SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vf u5 = SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vf u6 = SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vf u7 = SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+  r[0] = SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);
+  r[1] = SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);
+  r[2] = SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);
+  r[3] = SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);
+  r[4] = SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);
+  r[5] = SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);
+  r[6] = SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);
+  r[7] = SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);
+#undef SHUF
 }
 
 #endif /* MMGE_GE_SIMD_H */
