@@ -381,9 +381,14 @@ def pool_excite_args(x: torch.Tensor, extent: int,
                      shift: Optional[torch.Tensor], relu: bool,
                      norm: Optional['FusedNorm']) -> Tuple[list, tuple]:
     """The arguments of the ``ge_pool_excite`` call :func:`pool_excite`
-    makes (its own arguments, and ``out``): ``x`` is the first, ``identity``
-    the fourth, ``out`` the seventh. Per-channel tensors go through
-    :func:`_vector`.
+    makes: ``x`` is the first, ``identity`` the fourth, ``out`` the
+    seventh. Per-channel tensors go through :func:`_vector`.
+
+    Args:
+        x, extent, identity, scale, shift, relu, norm: As
+            :func:`pool_excite` takes them.
+        out (Tensor | None): Where the kernel writes (None: an address set
+            later, as :mod:`.prepared_inference` does).
 
     Returns:
         tuple[list, tuple]: Addresses and sizes, as ``ctypes`` converts
@@ -681,10 +686,18 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
                      level1=None, norm=None, stats=None, small_cl=False,
                      excite=None) -> Tuple[list, dict, tuple]:
     """The arguments of a ``ge_conv_gather`` call, and the tensors it
-    writes (:func:`conv_gather`'s and :func:`conv_gather_backward`'s
-    arguments; ``outputs`` names what to allocate). ``x`` is the first
-    argument and the excite's spec (``ctypes.byref`` of an
-    :class:`_ExciteSpec`, or None) the third from the end.
+    writes. ``x`` is the first argument and the excite's spec
+    (``ctypes.byref`` of an :class:`_ExciteSpec`, or None) the third from
+    the end.
+
+    Args:
+        x, params, scale, shift, grad, gate, dcontext, level1, norm,
+            stats, excite: As :func:`conv_gather` and
+            :func:`conv_gather_backward` take them.
+        outputs (tuple[str]): The outputs to allocate, by
+            :class:`ConvGatherResult`'s and :class:`ConvGatherGrads`' field
+            names (``'level1'`` too).
+        small_cl (bool): The context and the gate's gradient channels-last.
 
     Returns:
         tuple[list, dict, tuple]: The arguments; the outputs by name (None

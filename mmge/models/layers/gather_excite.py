@@ -4,8 +4,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
-from torch.nn.modules import module as torch_module
 from mmengine.registry import MODELS
+from torch.nn.modules import module as torch_module
 
 from . import cpu_kernels
 from .excite import (Excite, check_channels, check_reduction,
