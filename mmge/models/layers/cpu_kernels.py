@@ -361,9 +361,7 @@ def pool_excite(x: torch.Tensor,
     Returns:
         Tensor: A new (N, C, H, W) tensor.
     """
-    n, c, height, width = x.shape
     _check_identity(x, identity, 'ge_pool_excite')
-    scale, shift = _affine(scale, shift, c)
     if norm is not None and (norm.running_var is None or scale is not None):
         raise ValueError('pool_excite takes a norm with running statistics, '
                          'instead of scale and shift')

@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from torch.nn.modules import module as torch_module
 
 from . import cpu_kernels
 from .excite import (Excite, check_channels, check_reduction,
@@ -55,13 +54,10 @@ def fusable_relu(act: nn.Module, layer: nn.Module) -> bool:
         global one. Hooks inside ``layer`` see only its parts' values (the
         layer then leaves its kernels, and applies the ReLU itself).
     """
-    if type(act) is not nn.ReLU or torch_module._global_forward_hooks or \
-            torch_module._global_forward_pre_hooks:
-        return False
-    # the two modules' own hooks, not their submodules': this runs in every
-    # block's forward
-    return not (act._forward_hooks or act._forward_pre_hooks
-                or layer._forward_hooks or layer._forward_pre_hooks)
+    # the layer's own hooks, not its submodules': this runs in every
+    # block's forward (hooked() also sees global hooks)
+    return type(act) is nn.ReLU and not cpu_kernels.hooked(act) and \
+        not (layer._forward_hooks or layer._forward_pre_hooks)
 
 
 @MODELS.register_module()
