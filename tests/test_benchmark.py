@@ -28,11 +28,13 @@ def test_benchmark_prints_every_row():
         '--repeats', '1', '--variants', 'theta'
     ])
     names = [r[0] for r in rows]
-    expect = ['plain', 'SE', 'theta formula', 'theta mmge',
-              'theta mmge, memory-saving']
+    expect = ['plain', 'plain, control', 'SE', 'theta formula',
+              'theta mmge', 'theta mmge, memory-saving']
     assert [n for n in names if n != 'theta timm'] == expect
     by_name = dict(zip(names, rows))
     assert by_name['plain'][2] == '1.00x' and by_name['plain'][6] == '1.000x'
+    # the control is the plain network again: its memory is plain's
+    assert by_name['plain, control'][6] == '1.000x'
     # on the native CPU path both modes keep the block norm's input, which
     # plain keeps too: nothing of GE's own but its (small) weights
     mmge, saving = by_name['theta mmge'], by_name['theta mmge, memory-saving']
@@ -41,28 +43,59 @@ def test_benchmark_prints_every_row():
     assert _ratio(saving[6]) == _ratio(mmge[6])
 
 
-def test_benchmark_ratio_is_the_median_of_each_rounds_ratio():
-    """ge_benchmark's ratios pair each round's time with the plain
-    network's in the same round: a slow round slows both."""
+def _ge_benchmark():
     spec = importlib.util.spec_from_file_location(
         'ge_benchmark', osp.join(ROOT, 'tools/benchmark/ge_benchmark.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # the machine got twice as slow during round 2, after plain had run:
-    # the medians' ratio would read 2.2 (2.2 / 1.0), the paired one 1.1
-    assert module.paired_ratio([1.1, 2.2, 2.2], [1.0, 1.0, 2.0]) == \
-        pytest.approx(1.1)
-    with pytest.raises(ValueError, match='one time per round'):
-        module.paired_ratio([1.0], [1.0, 2.0])
+    return module
+
+
+def test_benchmark_runs_every_model_between_two_plain_runs():
+    module = _ge_benchmark()
+    order = module.schedule(['a', 'b', 'c'], 2)
+    assert order == ['plain', 'a', 'plain', 'b', 'plain', 'c', 'plain',
+                     'b', 'plain', 'c', 'plain', 'a', 'plain']
+    assert module.schedule([], 3) == ['plain']
+
+
+def test_benchmark_ratio_is_over_the_neighbouring_plain_runs():
+    """A run's ratio is its time over the mean of the plain runs on each
+    side: a machine that slows down during the run slows both."""
+    module = _ge_benchmark()
+    # the machine got twice as slow from the fourth run on: 'a' ran at
+    # plain's speed each time; 'b' at 1.1x plain, across the change
+    runs = [('plain', 1.0), ('a', 1.0), ('plain', 1.0), ('b', 1.65),
+            ('plain', 2.0), ('a', 2.0), ('plain', 2.0)]
+    ratios = module.bracketed_ratios(runs)
+    assert ratios['a'] == [1.0, 1.0]
+    assert ratios['b'] == [pytest.approx(1.1)]
+    with pytest.raises(ValueError,
+                       match=r"run 1 \('a'\) has 'plain' before it and 'b'"):
+        module.bracketed_ratios([('plain', 1.0), ('a', 1.0), ('b', 1.0),
+                                 ('plain', 1.0)])
+    with pytest.raises(ValueError, match=r"run 1 \('a'\).*None after"):
+        module.bracketed_ratios([('plain', 1.0), ('a', 1.0)])
+
+
+def test_benchmark_rows_option():
+    module = _ge_benchmark()
+    assert module.parse_args([]).rows == list(module.ROWS)
+    assert module.parse_args(['--rows', 'mmge', 'control']).rows == \
+        ['mmge', 'control']
+    with pytest.raises(SystemExit):
+        module.parse_args(['--rows', 'gc'])
+    rows = _table([
+        'tools/benchmark/ge_benchmark.py', '--batch', '2', '--size', '32',
+        '--repeats', '1', '--variants', 'theta_minus', '--rows', 'mmge'
+    ])
+    assert [r[0] for r in rows] == ['plain', 'theta_minus mmge']
 
 
 def test_benchmark_allocator_option(monkeypatch):
     """--allocator takes steady or default; steady sets glibc's mallopt
     (the header says so), and says so where it cannot."""
-    spec = importlib.util.spec_from_file_location(
-        'ge_benchmark', osp.join(ROOT, 'tools/benchmark/ge_benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _ge_benchmark()
     assert module.parse_args([]).allocator == 'steady'
     assert module.parse_args(['--allocator', 'default']).allocator == \
         'default'

@@ -2,20 +2,28 @@
 
     python tools/benchmark/ge_benchmark.py [--batch 4] [--size 224]
         [--repeats 5] [--variants theta theta_minus theta_plus] [--extent 8]
+        [--rows control SE formula timm mmge memory-saving]
 
 For each model, the median over --repeats rounds of one training step
 (forward, loss, backward, SGD step), then over --repeats rounds of one
-inference forward (eval, no grad), the models alternating within each
-round in an order rotated every round; and the bytes of tensors saved for
+inference forward (eval, no grad); and the bytes of tensors saved for
 backward (counted once per storage with
 torch.autograd.graph.saved_tensors_hooks, so that figure does not depend
 on the machine's noise). Rows: plain ResNet-50, SE, the GE
 formula as written (resize, sigmoid, multiply), and mmge's GatherExcite, per
 variant (and timm's GatherExcite when timm is importable); mmge's layer
-also in its memory-saving mode. Every figure is also given as a ratio to the
-plain network: for times, the median over the rounds of each round's ratio
-(the model's time over the plain network's in the same round), which
-cancels the machine's slow drift between rounds.
+also in its memory-saving mode; and a control, a second plain network timed
+like the others, whose ratio shows how far the machine's noise moves a
+ratio in this run. --rows picks which of them run (plain always does).
+
+Every time is also given as a ratio to the plain network. The plain
+network runs between every two other runs (plain, A, plain, B, plain, ...,
+the others in an order rotated every round), so that each run sits between
+two plain runs; a run's ratio is its time over the mean of those two, and
+the table gives the median over the rounds. On a shared machine the speed
+drifts over seconds (one forward's time correlates strongly with the
+next's, and weakly with one a dozen runs away): the neighbours cancel that
+drift, a plain time taken once per round would not.
 By default (--allocator steady) glibc's malloc keeps the memory that freed
 tensors return instead of handing it back to the kernel (mallopt), so that a
 forward pass does not page-fault tens of thousands of fresh pages, by an
@@ -27,10 +35,15 @@ import argparse
 import ctypes
 import statistics
 import time
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+#: the rows --rows can pick (plain always runs)
+ROWS = ('control', 'SE', 'formula', 'timm', 'mmge', 'memory-saving')
 
 
 def parse_args(argv=None):
@@ -42,6 +55,9 @@ def parse_args(argv=None):
     parser.add_argument('--extent', type=int, default=8)
     parser.add_argument('--variants', nargs='+',
                         default=['theta', 'theta_minus', 'theta_plus'])
+    parser.add_argument(
+        '--rows', nargs='+', choices=ROWS, default=list(ROWS),
+        help='which rows to run besides plain (default: all)')
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads (default: torch\'s choice)')
     parser.add_argument(
@@ -132,20 +148,56 @@ def build(ge_cfg):
     return model
 
 
-def paired_ratio(times, base):
-    """The median over rounds of ``times[r] / base[r]``.
+def schedule(names: List[str], rounds: int) -> List[str]:
+    """The order of the timed runs: plain first, then per round every
+    other model once, each followed by plain again, in an order rotated
+    every round (so that no model always follows the same one).
 
     Args:
-        times (list[float]): A model's time in each round.
-        base (list[float]): The plain network's time in the same rounds.
+        names (list[str]): The models other than ``'plain'``.
+        rounds (int): Rounds.
 
     Returns:
-        float: The median of the per-round ratios.
+        list[str]: Model names, ``'plain'`` at every even position.
     """
-    if len(times) != len(base) or not times:
-        raise ValueError(f'paired_ratio needs one time per round for both, '
-                         f'got {len(times)} and {len(base)}')
-    return statistics.median(t / b for t, b in zip(times, base))
+    order = ['plain']
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            order += [name, 'plain']
+    return order
+
+
+def bracketed_ratios(runs: List[Tuple[str, float]]) -> Dict[str, List[float]]:
+    """Each run's time over the mean of the plain runs just before and just
+    after it.
+
+    Args:
+        runs (list[tuple[str, float]]): (model, seconds) in the order they
+            ran, as :func:`schedule` orders them.
+
+    Returns:
+        dict[str, list[float]]: The ratios of each model other than plain,
+        in the order of its runs.
+
+    Raises:
+        ValueError: If a run of another model is not between two plain
+            runs.
+    """
+    ratios: Dict[str, List[float]] = {}
+    for i, (name, seconds) in enumerate(runs):
+        if name == 'plain':
+            continue
+        if not (0 < i < len(runs) - 1 and runs[i - 1][0] == 'plain'
+                and runs[i + 1][0] == 'plain'):
+            raise ValueError(
+                f'bracketed_ratios needs a plain run on each side of every '
+                f'other run; run {i} ({name!r}) has '
+                f'{runs[i - 1][0] if i else None!r} before it and '
+                f'{runs[i + 1][0] if i + 1 < len(runs) else None!r} after')
+        plain = (runs[i - 1][1] + runs[i + 1][1]) / 2
+        ratios.setdefault(name, []).append(seconds / plain)
+    return ratios
 
 
 def train_step(model, x, opt):
@@ -173,16 +225,23 @@ def main(argv=None):
     allocator = steady_allocator() if args.allocator == 'steady' else \
         'allocator as it is'
     import mmge  # noqa: F401
-    rows = {'plain': None, 'SE': dict(type='SqueezeExcite')}
+    rows = {'plain': None}
+    if 'control' in args.rows:
+        rows['plain, control'] = None
+    if 'SE' in args.rows:
+        rows['SE'] = dict(type='SqueezeExcite')
     for v in args.variants:
         cfg = dict(variant=v, extent=args.extent)
-        rows[f'{v} formula'] = dict(type=FormulaGE, **cfg)
+        if 'formula' in args.rows:
+            rows[f'{v} formula'] = dict(type=FormulaGE, **cfg)
         timm_cfg = timm_ge(v, args.extent)
-        if timm_cfg is not None:
+        if timm_cfg is not None and 'timm' in args.rows:
             rows[f'{v} timm'] = timm_cfg
-        rows[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
-        rows[f'{v} mmge, memory-saving'] = dict(
-            type='GatherExcite', memory_efficient=True, **cfg)
+        if 'mmge' in args.rows:
+            rows[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
+        if 'memory-saving' in args.rows:
+            rows[f'{v} mmge, memory-saving'] = dict(
+                type='GatherExcite', memory_efficient=True, **cfg)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     models = {name: build(cfg) for name, cfg in rows.items()}
@@ -191,35 +250,36 @@ def main(argv=None):
     for name, m in models.items():  # warm-up
         train_step(m, x, opts[name])
         infer(m, x)
-    times = {n: dict(train=[], infer=[]) for n in models}
-    names = list(models)
     # training rounds, then inference rounds (an inference right after a
-    # training step pays for the memory that step freed, unevenly), the
-    # models alternating within a round in an order rotated every round
-    # (so that no model always follows the same one)
+    # training step pays for the memory that step freed, unevenly)
+    order = schedule([n for n in models if n != 'plain'], args.repeats)
+    times = {n: dict(train=[], infer=[]) for n in models}
+    ratios = {}
     for step in ('train', 'infer'):
-        for r in range(args.repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                m = models[name]
-                times[name][step].append(
-                    train_step(m, x, opts[name]) if step == 'train' else
-                    infer(m, x))
+        runs = []
+        for name in order:
+            m = models[name]
+            seconds = train_step(m, x, opts[name]) if step == 'train' \
+                else infer(m, x)
+            times[name][step].append(seconds)
+            runs.append((name, seconds))
+        ratios[step] = bracketed_ratios(runs)
     from mmge.utils import saved_tensor_bytes
     memory = {n: saved_tensor_bytes(lambda m=m: m.train()(x)[-1])
               for n, m in models.items()}
-    base = times['plain']
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
           f'extent {args.extent}, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, median of {args.repeats}, '
-          f'{allocator}\n')
+          f'{torch.get_num_threads()} threads, median of {args.repeats} '
+          f'rounds, each run between two plain runs, {allocator}\n')
     print('| model | train step (s) | / plain | inference (s) | / plain | '
           'saved for backward (MB) | / plain |')
     print('| --- | --- | --- | --- | --- | --- | --- |')
     for name in models:
         tr = statistics.median(times[name]['train'])
         inf = statistics.median(times[name]['infer'])
-        tr_ratio = paired_ratio(times[name]['train'], base['train'])
-        inf_ratio = paired_ratio(times[name]['infer'], base['infer'])
+        tr_ratio, inf_ratio = (
+            statistics.median(ratios[step][name]) if name != 'plain' else 1.0
+            for step in ('train', 'infer'))
         mb = memory[name] / 2**20
         print(f'| {name} | {tr:.3f} | {tr_ratio:.2f}x | {inf:.3f} | '
               f'{inf_ratio:.2f}x | {mb:.0f} | '
