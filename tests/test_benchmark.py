@@ -32,7 +32,8 @@ def test_benchmark_prints_every_row():
               'theta mmge', 'theta mmge, memory-saving']
     assert [n for n in names if n != 'theta timm'] == expect
     by_name = dict(zip(names, rows))
-    assert by_name['plain'][2] == '1.00x' and by_name['plain'][6] == '1.000x'
+    assert by_name['plain'][2] == '1.000x' and by_name['plain'][4] == '1.000x'
+    assert by_name['plain'][6] == '1.000x'
     # the control is the plain network again: its memory is plain's
     assert by_name['plain, control'][6] == '1.000x'
     # on the native CPU path both modes keep the block norm's input, which
@@ -85,11 +86,16 @@ def test_benchmark_rows_option():
         ['mmge', 'control']
     with pytest.raises(SystemExit):
         module.parse_args(['--rows', 'gc'])
-    rows = _table([
-        'tools/benchmark/ge_benchmark.py', '--batch', '2', '--size', '32',
-        '--repeats', '1', '--variants', 'theta_minus', '--rows', 'mmge'
-    ])
-    assert [r[0] for r in rows] == ['plain', 'theta_minus mmge']
+    out = subprocess.run([
+        sys.executable, 'tools/benchmark/ge_benchmark.py', '--batch', '2',
+        '--size', '32', '--repeats', '1', '--variants', 'theta_minus',
+        '--rows', 'mmge', '--channels-last'
+    ], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '32x32, channels-last, extent 8' in out.stdout.splitlines()[0]
+    rows = [line.split('|')[1].strip() for line in out.stdout.splitlines()
+            if line.startswith('| ')]
+    assert rows[2:] == ['plain', 'theta_minus mmge']
 
 
 def test_benchmark_allocator_option(monkeypatch):

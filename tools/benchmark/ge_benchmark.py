@@ -2,7 +2,7 @@
 
     python tools/benchmark/ge_benchmark.py [--batch 4] [--size 224]
         [--repeats 5] [--variants theta theta_minus theta_plus] [--extent 8]
-        [--rows control SE formula timm mmge memory-saving]
+        [--rows control SE formula timm mmge memory-saving] [--channels-last]
 
 For each model, the median over --repeats rounds of one training step
 (forward, loss, backward, SGD step), then over --repeats rounds of one
@@ -15,6 +15,9 @@ variant (and timm's GatherExcite when timm is importable); mmge's layer
 also in its memory-saving mode; and a control, a second plain network timed
 like the others, whose ratio shows how far the machine's noise moves a
 ratio in this run. --rows picks which of them run (plain always does).
+With --channels-last every model and the input are channels-last in
+memory (``torch.channels_last``), and the ratios are to the plain network
+in that layout.
 
 Every time is also given as a ratio to the plain network. The plain
 network runs between every two other runs (plain, A, plain, B, plain, ...,
@@ -58,6 +61,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--rows', nargs='+', choices=ROWS, default=list(ROWS),
         help='which rows to run besides plain (default: all)')
+    parser.add_argument(
+        '--channels-last', action='store_true',
+        help='models and input channels-last in memory')
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads (default: torch\'s choice)')
     parser.add_argument(
@@ -245,6 +251,12 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     models = {name: build(cfg) for name, cfg in rows.items()}
+    layout = 'NCHW'
+    if args.channels_last:
+        layout = 'channels-last'
+        x = x.contiguous(memory_format=torch.channels_last)
+        for m in models.values():
+            m.to(memory_format=torch.channels_last)
     opts = {n: torch.optim.SGD(m.parameters(), lr=1e-4)
             for n, m in models.items()}
     for name, m in models.items():  # warm-up
@@ -268,7 +280,7 @@ def main(argv=None):
     memory = {n: saved_tensor_bytes(lambda m=m: m.train()(x)[-1])
               for n, m in models.items()}
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
-          f'extent {args.extent}, torch {torch.__version__}, '
+          f'{layout}, extent {args.extent}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, median of {args.repeats} '
           f'rounds, each run between two plain runs, {allocator}\n')
     print('| model | train step (s) | / plain | inference (s) | / plain | '
@@ -281,8 +293,8 @@ def main(argv=None):
             statistics.median(ratios[step][name]) if name != 'plain' else 1.0
             for step in ('train', 'infer'))
         mb = memory[name] / 2**20
-        print(f'| {name} | {tr:.3f} | {tr_ratio:.2f}x | {inf:.3f} | '
-              f'{inf_ratio:.2f}x | {mb:.0f} | '
+        print(f'| {name} | {tr:.3f} | {tr_ratio:.3f}x | {inf:.3f} | '
+              f'{inf_ratio:.3f}x | {mb:.0f} | '
               f'{memory[name] / memory["plain"]:.3f}x |')
 
 
