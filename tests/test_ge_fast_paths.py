@@ -336,6 +336,96 @@ def test_channels_last_stays_channels_last():
                for o in outs)
 
 
+@pytest.mark.parametrize('channels', (11, 16))
+@pytest.mark.parametrize('size,gate_size', (
+    ((16, 16), (2, 2)), ((13, 9), (2, 2)), ((25, 42), (4, 6)),
+    ((7, 7), (1, 1))))
+def test_channels_last_excite_kernel(channels, size, gate_size):
+    """cpu_kernels.excite on channels-last operands (ge_excite_nhwc):
+    the formula in float64, in every option, and the result channels-last;
+    a channel count with a tail past whole vectors (11)."""
+    from mmge.models.layers import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip('native kernels not built')
+    torch.manual_seed(0)
+    fmt = torch.channels_last
+    x = torch.randn(2, channels, *size).contiguous(memory_format=fmt)
+    gate = torch.rand(2, channels, *gate_size)  # NCHW: copied for the kernel
+    identity = torch.randn_like(x)
+    scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+    assert cpu_kernels.excite_worthwhile(x, gate, identity)
+    assert not cpu_kernels.excite_worthwhile(x, gate, identity.contiguous())
+    big = F.interpolate(gate.double(), size=size, mode='nearest')
+    y = x.double() * scale.double()[:, None, None] + \
+        shift.double()[:, None, None]
+    for ident in (None, identity):
+        for relu in (False, True):
+            for affine in (False, True):
+                want = (y if affine else x.double()) * big
+                want = want if ident is None else want + ident.double()
+                want = want.relu() if relu else want
+                got = cpu_kernels.excite(
+                    x, gate, ident, scale=scale if affine else None,
+                    shift=shift if affine else None, relu=relu)
+                assert got.is_contiguous(memory_format=fmt)
+                torch.testing.assert_close(got.double(), want, rtol=1e-6,
+                                           atol=1e-6)
+    # in place, and an identity in the other layout is copied to x's
+    inplace = x.clone()
+    out = cpu_kernels.excite(inplace, gate, identity.contiguous(),
+                             out=inplace, relu=True)
+    assert out is inplace
+    torch.testing.assert_close(out.double(),
+                               (x.double() * big + identity.double()).relu(),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match='out must have the layout of x'):
+        cpu_kernels.excite(x, gate, out=torch.empty(x.shape))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_channels_last_layer_gates_on_the_kernel(variant, monkeypatch):
+    """A channels-last GE layer on the CPU gates in ge_excite_nhwc (eval
+    without grad, and the training forward and backward), with the
+    formula's values and gradients, and stays channels-last."""
+    from mmge.models.layers import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip('native kernels not built')
+    from test_cpu_kernels import count_kernel_calls
+    calls = count_kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    fmt = torch.channels_last
+    layer = GatherExcite(24, variant=variant, extent=4)
+    norm = nn.BatchNorm2d(24)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -0.5, 0.5)
+    layer, norm = layer.to(memory_format=fmt), norm.to(memory_format=fmt)
+    x = torch.randn(2, 24, 20, 18).contiguous(memory_format=fmt)
+    identity = torch.randn_like(x)
+    for train in (False, True):
+        layer.train(train), norm.train(train)
+        ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+        leaf = x.clone().requires_grad_(train)
+        calls.clear()
+        with torch.set_grad_enabled(train):
+            out = layer(leaf, identity, norm=norm, relu=True)
+        assert [name for name, _ in calls] == ['ge_excite_nhwc']
+        assert out.is_contiguous(memory_format=fmt)
+        ref_leaf = x.clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            want = formula(ref_layer, ref_leaf, identity, ref_norm, relu=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        if train:
+            grad = torch.randn_like(out)
+            got = torch.autograd.grad(out, [leaf] + list(layer.parameters()),
+                                      grad)
+            # the backward's grad * resize(gate) too
+            assert [name for name, _ in calls] == ['ge_excite_nhwc'] * 2
+            exp = torch.autograd.grad(
+                want, [ref_leaf] + list(ref_layer.parameters()), grad)
+            for a, b in zip(got, exp):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_ge_resnet_compiles_without_graph_breaks():
     model = GEResNet(18, ge_cfg=dict(variant='theta', extent=4)).train()
     compiled = torch.compile(model, fullgraph=True, backend='eager')

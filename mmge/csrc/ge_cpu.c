@@ -433,6 +433,70 @@ int ge_excite(const float *x, const float *scale, const float *shift,
 }
 
 /* ------------------------------------------------------------------------ */
+/* excite_nhwc: ge_excite's excite on channels-last tensors: x, identity and
+ * out are (N, H, W, C) in memory and the gate (N, h, w, C), so a cell's C
+ * channels are contiguous everywhere and one gate cell serves a run of C
+ * values. Work is split over the N * H rows. out may be x. */
+
+struct excite_nhwc_args {
+  const float *x, *scale, *shift, *gate, *identity;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t C, H, W, h, w;
+  int relu;
+};
+
+/* o[c] = (sc[c] * x[c] + sh[c]) * g[c] (+ id[c]) for the C channels of one
+ * cell (sc NULL: y = x), then the ReLU with relu; each element is read
+ * before it is written, so o may be x */
+INLINE void excite_cell(float *o, const float *x, const float *sc,
+                        const float *sh, const float *g, const float *id,
+                        int64_t C, int relu) {
+  int64_t c = 0;
+  for (; c + LANES <= C; c += LANES) {
+    vf v = load(x + c);
+    if (sc) v = load(sc + c) * v + load(sh + c);
+    v *= load(g + c);
+    if (id) v += load(id + c);
+    store(o + c, relu ? relu_lanes(v) : v);
+  }
+  for (; c < C; ++c) {
+    float v = x[c];
+    if (sc) v = sc[c] * v + sh[c];
+    v *= g[c];
+    if (id) v += id[c];
+    o[c] = relu ? relu_of(v) : v;
+  }
+}
+
+CLONED static void excite_nhwc_rows(const void *args_, int64_t first,
+                                    int64_t last, float *buf) {
+  const struct excite_nhwc_args *a = (const struct excite_nhwc_args *)args_;
+  const int64_t C = a->C, H = a->H, W = a->W;
+  (void)buf;
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t n = row / H, p = row % H;
+    const float *g = a->gate + (n * a->h + a->row_index[p]) * a->w * C;
+    for (int64_t q = 0; q < W; ++q) {
+      const int64_t at = (row * W + q) * C;
+      excite_cell(a->out + at, a->x + at, a->scale, a->shift,
+                  g + a->col_index[q] * C,
+                  a->identity ? a->identity + at : NULL, C, a->relu);
+    }
+  }
+}
+
+int ge_excite_nhwc(const float *x, const float *scale, const float *shift,
+                   const float *gate, const float *identity,
+                   const int64_t *row_index, const int64_t *col_index,
+                   float *out, int64_t N, int64_t C, int64_t H, int64_t W,
+                   int64_t h, int64_t w, int relu, int threads) {
+  struct excite_nhwc_args a = {x, scale, shift, gate, identity, row_index,
+                               col_index, out, C, H, W, h, w, relu};
+  return for_planes(excite_nhwc_rows, &a, N * H, W * C, 0, threads);
+}
+
+/* ------------------------------------------------------------------------ */
 /* pool_excite: GE-theta-minus without autograd, plane by plane: the gate
  * sigmoid(pool(y)) of the plane, then its excite (with identity and relu as
  * ge_excite) while the plane is still in the cache, so that x is read from

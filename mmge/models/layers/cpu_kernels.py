@@ -49,7 +49,7 @@ from .excite import channels_last, nearest_index
 
 __all__ = [
     'available', 'usable', 'hooked', 'channels_last', 'norm_affine',
-    'pool_gather',
+    'excite_worthwhile', 'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
     'Excitation', 'NormStats',
@@ -79,6 +79,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_input_grad.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_int]
     lib.ge_excite.argtypes = [_PTR] * 8 + [_I64] * 6 + [_PTR] + \
         [ctypes.c_int] * 2
+    lib.ge_excite_nhwc.argtypes = [_PTR] * 8 + [_I64] * 6 + \
+        [ctypes.c_int] * 2
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 2
@@ -86,8 +88,8 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_double] + [ctypes.c_int] * 2
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
-               lib.ge_excite, lib.ge_pool_excite, lib.ge_conv_gather,
-               lib.ge_norm_affine):
+               lib.ge_excite, lib.ge_excite_nhwc, lib.ge_pool_excite,
+               lib.ge_conv_gather, lib.ge_norm_affine):
         fn.restype = ctypes.c_int
     return lib
 
@@ -167,6 +169,32 @@ def worthwhile(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
         bool: True when a kernel is expected to beat the ATen ops.
     """
     return x.shape[-2] * x.shape[-1] >= MIN_PLANE and usable(x, *others)
+
+
+def excite_worthwhile(x: torch.Tensor, gate: torch.Tensor,
+                      identity: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`excite` should run on these operands: as
+    :func:`worthwhile` for NCHW ``x``; for channels-last ``x``
+    (:func:`channels_last`), at any size, when it and ``identity`` (in
+    the same layout) and ``gate`` (in any) are float32 CPU tensors and
+    nothing is traced or compiled.
+
+    Args:
+        x (Tensor): The features, (N, C, H, W).
+        gate (Tensor): The gate, (N, C, h, w).
+        identity (Tensor, optional): The shortcut.
+
+    Returns:
+        bool: True when the kernel is expected to beat the ATen ops.
+    """
+    if not channels_last(x):
+        return worthwhile(x, gate, identity)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+            not available():
+        return False
+    return all(t is None or (t.is_cpu and t.dtype is torch.float32)
+               for t in (x, gate, identity)) and (
+                   identity is None or identity.stride() == x.stride())
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -304,7 +332,8 @@ def excite(x: torch.Tensor,
     ``x``); then a ReLU when asked, in the same pass.
 
     Args:
-        x (Tensor): Features, (N, C, H, W).
+        x (Tensor): Features, (N, C, H, W), contiguous or channels-last (then
+            ``identity`` and ``out`` are too, and the result is).
         gate (Tensor): Gate, (N, C, h, w), h <= H, w <= W, float32, in any
             layout (channels-last is read as it is).
         identity (Tensor, optional): Tensor of ``x``'s shape to add.
@@ -325,6 +354,23 @@ def excite(x: torch.Tensor,
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = torch.empty_like(x) if out is None else out
+    if channels_last(x):
+        # channels-last: each cell's channels are contiguous in x, identity
+        # and out, and the gate's once it is channels-last too (a small copy
+        # where it is not)
+        fmt = torch.channels_last
+        if identity is not None and identity.stride() != x.stride():
+            identity = identity.contiguous(memory_format=fmt)
+        if out.stride() != x.stride():
+            raise ValueError(f'mmge native kernel ge_excite_nhwc: out must '
+                             f'have the layout of x, strides {x.stride()}, '
+                             f'got {out.stride()}')
+        gate = gate.contiguous(memory_format=fmt)
+        _check(_library().ge_excite_nhwc(
+            _ptr(x), _ptr(scale), _ptr(shift), _ptr(gate), _ptr(identity),
+            _ptr(rows), _ptr(cols), _ptr(out), n, c, height, width, h, w,
+            int(relu), torch.get_num_threads()), 'ge_excite_nhwc')
+        return out
     if not (gate.is_contiguous() or channels_last(gate)):
         gate = gate.contiguous()
     _check(_library().ge_excite(

@@ -7,8 +7,8 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from . import cpu_kernels
-from .excite import (Excite, check_channels, check_reduction,
-                     resize_multiply)
+from .excite import (Excite, channels_last, check_channels,
+                     check_reduction, resize_multiply)
 from .ge_autograd import GEFunction, native_inference, native_plan
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 from .prepared_inference import PreparedInference
@@ -240,9 +240,13 @@ class GatherExcite(BaseModule):
         if own:
             x = norm(x)
         gate = self.excite.gate(self.gather(x))
-        if own and x.dim() == 4 and cpu_kernels.worthwhile(x, gate, identity):
-            # nothing else holds x: gate it in place, one pass
-            return cpu_kernels.excite(x, gate, identity, out=x, relu=relu)
+        if x.dim() == 4 and (own or channels_last(x)) and \
+                cpu_kernels.excite_worthwhile(x, gate, identity):
+            # one pass; in place when nothing else holds x (channels-last
+            # always takes the kernel: ATen's broadcast over that layout is
+            # several times slower)
+            return cpu_kernels.excite(x, gate, identity,
+                                      out=x if own else None, relu=relu)
         out = resize_multiply(x, gate, identity)
         return out.relu_() if relu else out
 

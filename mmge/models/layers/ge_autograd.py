@@ -37,7 +37,7 @@ from .batch_norm import (batch_norm_backward, batch_norm_forward,
                          batch_stats_state, check_batch_size,
                          is_plain_batch_norm, running_stats_state,
                          uses_batch_stats)
-from .excite import resize_multiply, resize_multiply_grad
+from .excite import channels_last, resize_multiply, resize_multiply_grad
 from .gather import GLOBAL
 
 
@@ -105,7 +105,7 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
                   identity: Optional[torch.Tensor],
                   own: bool) -> torch.Tensor:
     """``x * resize(gate) (+ identity)``, on the native kernel where it is
-    :func:`cpu_kernels.worthwhile`, in place when ``own``.
+    :func:`cpu_kernels.excite_worthwhile`, in place when ``own``.
 
     Args:
         x (Tensor): The features, (N, C, H, W).
@@ -116,8 +116,30 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
     Returns:
         Tensor: The gated features.
     """
-    if cpu_kernels.worthwhile(x, gate, identity):
+    if cpu_kernels.excite_worthwhile(x, gate, identity):
         return cpu_kernels.excite(x, gate, identity, out=x if own else None)
+    return resize_multiply(x, gate, identity)
+
+
+def gate_product(x: torch.Tensor, gate: torch.Tensor,
+                 identity: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`resize_multiply` (``x * resize(gate) (+ identity)``), on the
+    native ``ge_excite_nhwc`` for channels-last CPU operands, where ATen's
+    broadcast over that layout is several times slower.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        gate (Tensor): (N, C, h, w).
+        identity (Tensor, optional): Tensor of ``x``'s shape to add.
+        out (Tensor, optional): Where the kernel writes (``x`` itself for
+            in place); ignored on ATen.
+
+    Returns:
+        Tensor: The product, in ``x``'s layout.
+    """
+    if channels_last(x) and cpu_kernels.excite_worthwhile(x, gate, identity):
+        return cpu_kernels.excite(x, gate, identity, out=out)
     return resize_multiply(x, gate, identity)
 
 
@@ -290,8 +312,9 @@ class GEFunction(torch.autograd.Function):
         ctx.with_identity = identity is not None
         if plan is None:
             x = inp if norm is None else norm(inp)
-            out = resize_multiply(x, layer.excite.gate(layer.gather(x)),
-                                  identity)
+            # the norm's output is this call's own: gated in place
+            out = gate_product(x, layer.excite.gate(layer.gather(x)),
+                               identity, out=None if norm is None else x)
         elif plan == POOL:
             # GE-theta-minus: the norm's output is made once, gated in place
             x, ctx.norm_state = (inp, None) if norm is None else \
@@ -335,7 +358,7 @@ class GEFunction(torch.autograd.Function):
         if norm is not None:
             # the direct path joins the gather's inside the norm's backward
             outputs.append(x)
-            grad_outputs.append(resize_multiply(grad, gate_value))
+            grad_outputs.append(gate_product(grad, gate_value))
         inputs = [t for t in [leaf] + params if t.requires_grad]
         grads = torch.autograd.grad(
             outputs, inputs, grad_outputs, allow_unused=True) \
@@ -344,8 +367,7 @@ class GEFunction(torch.autograd.Function):
         grad_inp = grads.get(id(leaf))
         if norm is None and ctx.needs_input_grad[3]:
             # gather path + direct path in one pass
-            grad_inp = resize_multiply(grad, gate_value, grad_inp).to(
-                inp.dtype)
+            grad_inp = gate_product(grad, gate_value, grad_inp).to(inp.dtype)
         grad_identity = grad if ctx.with_identity else None
         return (None, None, None, grad_inp, grad_identity,
                 *[grads.get(id(p)) for p in params])
