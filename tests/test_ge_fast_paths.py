@@ -380,6 +380,22 @@ def test_channels_last_excite_kernel(channels, size, gate_size):
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match='out must have the layout of x'):
         cpu_kernels.excite(x, gate, out=torch.empty(x.shape))
+    # the gate's gradient (ge_gate_grad_nhwc): autograd through the formula
+    # in float64; a grad in the other layout is copied to x's
+    grad = torch.randn_like(x)
+    for affine in (False, True):
+        leaf = gate.double().requires_grad_(True)
+        y64 = y if affine else x.double()
+        (y64 * F.interpolate(leaf, size=size, mode='nearest')).backward(
+            grad.double())
+        for g in (grad, grad.contiguous()):
+            got = cpu_kernels.gate_grad(
+                g, x, gate_size, scale=scale if affine else None,
+                shift=shift if affine else None)
+            assert got.shape == gate.shape
+            assert got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(got.double(), leaf.grad, rtol=1e-5,
+                                       atol=1e-5)
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
@@ -418,8 +434,9 @@ def test_channels_last_layer_gates_on_the_kernel(variant, monkeypatch):
             grad = torch.randn_like(out)
             got = torch.autograd.grad(out, [leaf] + list(layer.parameters()),
                                       grad)
-            # the backward's grad * resize(gate) too
-            assert [name for name, _ in calls] == ['ge_excite_nhwc'] * 2
+            # the backward's gate gradient and grad * resize(gate) too
+            assert sorted(name for name, _ in calls) == [
+                'ge_excite_nhwc', 'ge_excite_nhwc', 'ge_gate_grad_nhwc']
             exp = torch.autograd.grad(
                 want, [ref_leaf] + list(ref_layer.parameters()), grad)
             for a, b in zip(got, exp):

@@ -496,6 +496,59 @@ int ge_excite_nhwc(const float *x, const float *scale, const float *shift,
   return for_planes(excite_nhwc_rows, &a, N * H, W * C, 0, threads);
 }
 
+/* gate_grad_nhwc: gate_grad on channels-last tensors: grad and x are
+ * (N, H, W, C) in memory, out (N, h, w, C); out[n, i, j] sums
+ * grad * y over the cells (p, q) with row_index[p] == i and
+ * col_index[q] == j, y = scale[c] * x + shift[c] (scale NULL: y = x).
+ * Work is split over the N * h gate rows, each written by one thread. */
+
+struct gate_grad_nhwc_args {
+  const float *grad, *x, *scale, *shift;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t C, H, W, h, w;
+};
+
+CLONED static void gate_grad_nhwc_rows(const void *args_, int64_t first,
+                                       int64_t last, float *buf) {
+  const struct gate_grad_nhwc_args *a =
+      (const struct gate_grad_nhwc_args *)args_;
+  const int64_t C = a->C, H = a->H, W = a->W, h = a->h, w = a->w;
+  const float *sc = a->scale, *sh = a->shift;
+  (void)buf;
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t n = row / h, i = row % h;
+    float *o = a->out + row * w * C;
+    memset(o, 0, sizeof(float) * w * C);
+    for (int64_t p = 0; p < H; ++p) {
+      if (a->row_index[p] != i) continue;
+      for (int64_t q = 0; q < W; ++q) {
+        const int64_t at = ((n * H + p) * W + q) * C;
+        const float *g = a->grad + at, *x = a->x + at;
+        float *d = o + a->col_index[q] * C;
+        int64_t c = 0;
+        for (; c + LANES <= C; c += LANES) {
+          vf y = load(x + c);
+          if (sc) y = load(sc + c) * y + load(sh + c);
+          store(d + c, load(d + c) + load(g + c) * y);
+        }
+        for (; c < C; ++c) d[c] += g[c] * (sc ? sc[c] * x[c] + sh[c] : x[c]);
+      }
+    }
+  }
+}
+
+int ge_gate_grad_nhwc(const float *grad, const float *x, const float *scale,
+                      const float *shift, const int64_t *row_index,
+                      const int64_t *col_index, float *out, int64_t N,
+                      int64_t C, int64_t H, int64_t W, int64_t h, int64_t w,
+                      int threads) {
+  struct gate_grad_nhwc_args a = {grad, x, scale, shift, row_index,
+                                  col_index, out, C, H, W, h, w};
+  return for_planes(gate_grad_nhwc_rows, &a, N * h, (H / h + 1) * W * C, 0,
+                    threads);
+}
+
 /* ------------------------------------------------------------------------ */
 /* pool_excite: GE-theta-minus without autograd, plane by plane: the gate
  * sigmoid(pool(y)) of the plane, then its excite (with identity and relu as

@@ -81,6 +81,8 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_int] * 2
     lib.ge_excite_nhwc.argtypes = [_PTR] * 8 + [_I64] * 6 + \
         [ctypes.c_int] * 2
+    lib.ge_gate_grad_nhwc.argtypes = [_PTR] * 7 + [_I64] * 6 + \
+        [ctypes.c_int]
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 2
@@ -88,8 +90,8 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_double] + [ctypes.c_int] * 2
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
-               lib.ge_excite, lib.ge_excite_nhwc, lib.ge_pool_excite,
-               lib.ge_conv_gather, lib.ge_norm_affine):
+               lib.ge_excite, lib.ge_excite_nhwc, lib.ge_gate_grad_nhwc,
+               lib.ge_pool_excite, lib.ge_conv_gather, lib.ge_norm_affine):
         fn.restype = ctypes.c_int
     return lib
 
@@ -465,7 +467,9 @@ def gate_grad(grad: torch.Tensor,
 
     Args:
         grad (Tensor): Gradient of the product, (N, C, H, W).
-        x (Tensor): The features, (N, C, H, W).
+        x (Tensor): The features, (N, C, H, W), contiguous or channels-last
+            (then ``grad`` is copied to that layout where it is not, and
+            the result is channels-last).
         gate_size (tuple[int, int]): The gate's (h, w).
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ).
@@ -477,6 +481,16 @@ def gate_grad(grad: torch.Tensor,
     h, w = gate_size
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
+    if channels_last(x):
+        fmt = torch.channels_last
+        if grad.stride() != x.stride():
+            grad = grad.contiguous(memory_format=fmt)
+        out = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=fmt)
+        _check(_library().ge_gate_grad_nhwc(
+            _ptr(grad), _ptr(x), _ptr(scale), _ptr(shift), _ptr(rows),
+            _ptr(cols), _ptr(out), n, c, height, width, h, w,
+            torch.get_num_threads()), 'ge_gate_grad_nhwc')
+        return out
     out = x.new_empty(n, c, h, w)
     _check(_library().ge_gate_grad(
         _ptr(grad), _ptr(x), _ptr(scale), _ptr(shift), _ptr(rows),

@@ -348,7 +348,10 @@ class GEFunction(torch.autograd.Function):
             gate = layer.excite.gate(call_frozen(layer.gather, x))
         gate_value = gate.detach()
         x_value = x.detach()
-        if cpu_kernels.usable(grad, x_value):
+        if cpu_kernels.usable(grad, x_value) or (
+                channels_last(x_value)
+                and cpu_kernels.excite_worthwhile(x_value, gate_value)
+                and grad.dtype is torch.float32):
             grad_gate = cpu_kernels.gate_grad(grad, x_value,
                                               gate_value.shape[-2:])
         else:
