@@ -105,7 +105,7 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
                   identity: Optional[torch.Tensor],
                   own: bool) -> torch.Tensor:
     """``x * resize(gate) (+ identity)``, on the native kernel where it is
-    :func:`cpu_kernels.excite_worthwhile`, in place when ``own``.
+    :func:`cpu_kernels.worthwhile`, in place when ``own``.
 
     Args:
         x (Tensor): The features, (N, C, H, W).
@@ -116,7 +116,7 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
     Returns:
         Tensor: The gated features.
     """
-    if cpu_kernels.excite_worthwhile(x, gate, identity):
+    if cpu_kernels.worthwhile(x, gate, identity):
         return cpu_kernels.excite(x, gate, identity, out=x if own else None)
     return resize_multiply(x, gate, identity)
 
