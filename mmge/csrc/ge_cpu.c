@@ -3,9 +3,9 @@
  *
  * Plain C with a C ABI, called through ctypes on contiguous float32 NCHW
  * tensors (the _nhwc kernels: channels-last ones): one "plane" is one (n, c)
- * feature map of H x W floats. Each kernel
- * makes one pass over its full-resolution inputs, so GE costs a few memory
- * passes per block instead of the dozen small ATen calls of the same math.
+ * feature map of H x W floats. Each kernel makes one pass over its
+ * full-resolution inputs, so GE costs a few memory passes per block instead
+ * of the dozen small ATen calls of the same math.
  * Work is split over planes on PyTorch's OpenMP threads (see for_planes).
  *
  * The gather of GE-theta-minus with extent e is average pooling with kernel

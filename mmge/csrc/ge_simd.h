@@ -2,8 +2,8 @@
  * The vector helpers of GE's CPU kernels: LANES floats as one GCC vector
  * (eight channels of one position in ge_conv_gather.c, eight values of a
  * row in ge_mlp.c), a lane-wise sigmoid, an 8x8 transpose, and CLONED,
- * which compiles a hot function once per x86-64 vector width. Included by the C files that
- * build into mmge/_ge_cpu*.so.
+ * which compiles a hot function once per x86-64 vector width. Included by
+ * the C files that build into mmge/_ge_cpu*.so.
  */
 #ifndef MMGE_GE_SIMD_H
 #define MMGE_GE_SIMD_H

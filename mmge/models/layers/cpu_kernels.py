@@ -191,12 +191,11 @@ def excite_worthwhile(x: torch.Tensor, gate: torch.Tensor,
     """
     if not channels_last(x):
         return worthwhile(x, gate, identity)
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
-            not available():
-        return False
-    return all(t is None or (t.is_cpu and t.dtype is torch.float32)
-               for t in (x, gate, identity)) and (
-                   identity is None or identity.stride() == x.stride())
+    # usable() of no tensor: the kernels built, nothing traced or compiled
+    return usable() and all(
+        t is None or (t.is_cpu and t.dtype is torch.float32)
+        for t in (x, gate, identity)) and (
+            identity is None or identity.stride() == x.stride())
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
