@@ -364,7 +364,7 @@ def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
         'the native inference was not taken in one call'
     if variant != 'theta_minus':
         for _, args in calls:
-            spec = args[-3]._obj  # the excite runs in the gather's call
+            spec = args[-4]._obj  # the excite runs in the gather's call
             assert spec.identity == identity.data_ptr()
             assert bool(spec.mlp_w1) == (variant == 'theta_plus')
     close(outs[0], ref)
@@ -832,6 +832,122 @@ def test_conv_gather_excites_what_it_gathers(size, mlp, train):
                 assert got.norm_mean is None
 
 
+@pytest.mark.parametrize('size', ((20, 18), (13, 9), (7, 7), (1, 5), (3, 17)))
+@pytest.mark.parametrize('extent', (2, 4, 8))
+def test_pool_kernels_read_channels_last(size, extent):
+    """GE-theta-minus's kernels on channels-last tensors (the pool, the
+    input's gradient with and without the pool's backward, the inference
+    pool and excite) give the values they give on contiguous ones, in
+    channels-last results, for 11 and 20 channels (vector loops over the
+    channels with a tail of 3 and 4); a shortcut in the other layout is
+    copied to x's."""
+    fmt = torch.channels_last
+    for channels in (11, 20):
+        torch.manual_seed(channels)
+        x = torch.randn(2, channels, *size)
+        scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+        xl = x.contiguous(memory_format=fmt)
+        for affine in ((None, None), (scale, shift)):
+            want = cpu_kernels.pool_gather(x, extent, *affine)
+            got = cpu_kernels.pool_gather(xl, extent, *affine)
+            assert got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        gate = want.sigmoid()
+        grad, identity = torch.randn_like(x), torch.randn_like(x)
+        pool_grad = torch.randn_like(gate)
+        for pg in (None, pool_grad):
+            want = cpu_kernels.input_grad(grad, gate, pg, extent)
+            # gate and pool_grad in NCHW: copied to the gradient's layout
+            got = cpu_kernels.input_grad(grad.contiguous(memory_format=fmt),
+                                         gate, pg, extent)
+            assert got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        norm = cpu_kernels.FusedNorm(scale, shift, 1e-5,
+                                     torch.randn(channels),
+                                     torch.rand(channels) + 0.5)
+        for kwargs in (dict(), dict(identity=identity, relu=True),
+                       dict(identity=identity, norm=norm)):
+            want = cpu_kernels.pool_excite(x, extent, **kwargs)
+            got = cpu_kernels.pool_excite(xl, extent, **kwargs)
+            assert got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _same_in_both_layouts(call, x, others):
+    """``call(x, *others)`` with x channels-last (and ``others``, the
+    full-resolution operands, in the other layout: copied to x's) returns
+    the values of the call on contiguous tensors, its full-resolution
+    outputs channels-last."""
+    fmt = torch.channels_last
+    want = call(x, *others)
+    got = call(x.contiguous(memory_format=fmt), *others)
+    for field, g, w in zip(type(want)._fields, got, want):
+        if w is None or field == 'level1':  # the kernel's own layout
+            assert g is None or field == 'level1', field
+            continue
+        if g.dim() == 4 and g.shape[-2:] == x.shape[-2:]:
+            assert g.is_contiguous(memory_format=fmt), field
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=field)
+
+
+@pytest.mark.parametrize('size', ((20, 18), (13, 9), (7, 7), (1, 5)))
+@pytest.mark.parametrize('train', (False, True))
+def test_conv_gather_reads_channels_last(size, train):
+    """On channels-last x the gather's kernel (forward with the norm and
+    the excite, and backward with the norm's backward) gives the values it
+    gives on contiguous x, for 11 and 20 channels (a part block after none
+    or two whole ones); grad and the shortcut in the other layout are
+    copied to x's; other layouts are refused."""
+    for channels in (11, 20):
+        gather = _conv_gather(channels, 4, train=train)
+        params = gather.native_params(torch.randn(2, channels, *size))
+        excite = Excite(channels, 4)
+        first, second = excite.mlp
+        mlp = cpu_kernels.MLPParams(first.conv.weight, first.conv.bias,
+                                    second.conv.weight, second.conv.bias,
+                                    True)
+        norm = _fused_norm(channels).float()
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        x = torch.randn(2, channels, *size) * 2 + 1
+        identity, grad = torch.randn_like(x), torch.randn_like(x)
+        fused = cpu_kernels.FusedNorm(
+            norm.weight.detach(), norm.bias.detach(), norm.eps,
+            *((None, None) if train else (norm.running_mean,
+                                          norm.running_var)))
+        scale = torch.rand(channels) + 0.5
+        shift = torch.randn(channels)
+        _same_in_both_layouts(
+            lambda x, g: cpu_kernels.conv_gather(x, params, scale, shift,
+                                                 grad=g), x, (grad, ))
+        for with_mlp in (False, True):
+            _same_in_both_layouts(
+                lambda x, i: cpu_kernels.conv_gather(
+                    x, params, norm=fused, excite=cpu_kernels.Excitation(
+                        i, True, mlp if with_mlp else None)),
+                x, (identity, ))
+        stats = cpu_kernels.NormStats(x.mean((0, 2, 3)), torch.rand(
+            channels) + 0.5, train)
+        gate = torch.rand(2, channels, *cpu_kernels.conv_gather_size(
+            *size, 2))
+        for kept in (False, True):
+            _same_in_both_layouts(
+                lambda x, g: cpu_kernels.conv_gather_backward(
+                    x, params, g, scale, shift, stats=stats),
+                x, (grad, ))
+            _same_in_both_layouts(
+                lambda x, g: cpu_kernels.conv_gather_backward(
+                    x, params, g, scale, shift, gate, gate * 0.1,
+                    cpu_kernels.conv_gather(x, params, scale, shift,
+                                            keep_level1=True).level1
+                    if kept else None),
+                x, (grad, ))
+        with pytest.raises(ValueError, match='contiguous or channels-last'):
+            cpu_kernels.conv_gather(
+                torch.randn(2, channels, size[0], 2 * size[1])[..., ::2],
+                params)
+
+
 def test_conv_gather_excite_only_in_a_forward_call():
     """The excite of the gather's kernel belongs to a forward call: with the
     gradient of the output, or keeping the first level, it is refused; a
@@ -901,9 +1017,9 @@ def test_conv_gather_split_over_threads_gives_the_same_values():
 
 def test_conv_gather_leaves_other_layers_to_their_modules():
     """The kernel takes only what it computes: other activations or norms,
-    the global extent, float64, channels_last, and a batch norm that would
-    see one value per channel (the module's own error then) take the
-    modules' forward."""
+    the global extent, float64, a layout other than contiguous or
+    channels-last, and a batch norm that would see one value per channel
+    (the module's own error then) take the modules' forward."""
     x = torch.randn(2, 8, 16, 16)
     assert _conv_gather(8, 4).native_params(x) is not None
     for kwargs in (dict(act_cfg=dict(type='GELU')),
@@ -918,7 +1034,10 @@ def test_conv_gather_leaves_other_layers_to_their_modules():
     gather = _conv_gather(8, 4)
     assert gather.native_params(x.double()) is None
     assert gather.native_params(
-        x.to(memory_format=torch.channels_last)) is None
+        x.to(memory_format=torch.channels_last)) is not None
+    # a strided view, and H and W swapped in memory
+    assert gather.native_params(torch.randn(2, 8, 16, 32)[..., ::2]) is None
+    assert gather.native_params(x.transpose(2, 3)) is None
     one = torch.randn(1, 8, 8, 8)
     assert _conv_gather(8, 8).native_params(one) is None
     with pytest.raises(ValueError, match='more than 1 value per channel'):

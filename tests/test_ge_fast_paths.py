@@ -398,11 +398,19 @@ def test_channels_last_excite_kernel(channels, size, gate_size):
                                        atol=1e-5)
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
-def test_channels_last_layer_gates_on_the_kernel(variant, monkeypatch):
-    """A channels-last GE layer on the CPU gates in ge_excite_nhwc (eval
-    without grad, and the training forward and backward), with the
-    formula's values and gradients, and stays channels-last."""
+#: (variant, path) of a channels-last GE layer: 'native' is the layer's
+#: own kernels (:func:`native_plan`), 'aten' the modules' gather (forced by
+#: a hook) with the excite on ge_excite_nhwc
+CHANNELS_LAST_PATHS = tuple((variant, path) for variant in VARIANTS
+                            for path in ('aten', 'native'))
+
+
+@pytest.mark.parametrize('variant, path', CHANNELS_LAST_PATHS)
+def test_channels_last_layer_runs_on_the_kernels(variant, path, monkeypatch):
+    """A channels-last GE layer on the CPU runs on the kernels that read
+    that layout (eval without grad, and the training forward and
+    backward), with the formula's values and gradients, and stays
+    channels-last."""
     from mmge.models.layers import cpu_kernels
     if not cpu_kernels.available():
         pytest.skip('native kernels not built')
@@ -410,13 +418,18 @@ def test_channels_last_layer_gates_on_the_kernel(variant, monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     fmt = torch.channels_last
-    layer = GatherExcite(24, variant=variant, extent=4)
-    norm = nn.BatchNorm2d(24)
+    # 20 channels: two whole blocks of the gather's kernel and a part one
+    layer = GatherExcite(20, variant=variant, extent=4, reduction=4)
+    if path == 'aten':
+        # a hook on the excite: the layer must leave its own kernels
+        layer.excite.register_forward_hook(lambda *args: None)
+    norm = nn.BatchNorm2d(20)
     nn.init.uniform_(norm.weight, 0.5, 1.5)
     nn.init.uniform_(norm.bias, -0.5, 0.5)
     layer, norm = layer.to(memory_format=fmt), norm.to(memory_format=fmt)
-    x = torch.randn(2, 24, 20, 18).contiguous(memory_format=fmt)
+    x = torch.randn(2, 20, 20, 18).contiguous(memory_format=fmt)
     identity = torch.randn_like(x)
+    native = path == 'native'
     for train in (False, True):
         layer.train(train), norm.train(train)
         ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
@@ -424,23 +437,83 @@ def test_channels_last_layer_gates_on_the_kernel(variant, monkeypatch):
         calls.clear()
         with torch.set_grad_enabled(train):
             out = layer(leaf, identity, norm=norm, relu=True)
-        assert [name for name, _ in calls] == ['ge_excite_nhwc']
+        if native and variant == 'theta_minus':
+            # the pool and the excite; without autograd in one call
+            want_calls = ['ge_pool_forward_nhwc', 'ge_excite_nhwc'] \
+                if train else ['ge_pool_excite']
+        elif native:
+            want_calls = ['ge_conv_gather']
+        elif variant != 'theta_minus':
+            # the gather's module runs its kernel where it needs no grad
+            # (in training too: GEFunction's forward recomputes in backward)
+            want_calls = ['ge_conv_gather', 'ge_excite_nhwc']
+        else:
+            want_calls = ['ge_excite_nhwc']
+        assert [name for name, _ in calls] == want_calls
         assert out.is_contiguous(memory_format=fmt)
         ref_leaf = x.clone().requires_grad_(train)
         with torch.set_grad_enabled(train):
             want = formula(ref_layer, ref_leaf, identity, ref_norm, relu=True)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         if train:
+            torch.testing.assert_close(norm.running_mean,
+                                       ref_norm.running_mean)
+            torch.testing.assert_close(norm.running_var,
+                                       ref_norm.running_var)
             grad = torch.randn_like(out)
-            got = torch.autograd.grad(out, [leaf] + list(layer.parameters()),
-                                      grad)
-            # the backward's gate gradient and grad * resize(gate) too
-            assert sorted(name for name, _ in calls) == [
-                'ge_excite_nhwc', 'ge_excite_nhwc', 'ge_gate_grad_nhwc']
+            params = list(layer.parameters()) + list(norm.parameters())
+            calls.clear()
+            got = torch.autograd.grad(out, [leaf] + params, grad)
+            if native and variant == 'theta_minus':
+                # the gate again, its gradient, then the input's
+                want_calls = ['ge_gate_grad_nhwc', 'ge_input_grad_nhwc',
+                              'ge_pool_forward_nhwc']
+            elif native:
+                # GE-theta-plus: a first call for the gate's gradient
+                want_calls = ['ge_conv_gather'] * (
+                    2 if variant == 'theta_plus' else 1)
+            else:
+                # the gate's gradient and grad * resize(gate)
+                want_calls = ['ge_excite_nhwc', 'ge_gate_grad_nhwc']
+            assert sorted(name for name, _ in calls) == want_calls
+            assert got[0].is_contiguous(memory_format=fmt)
             exp = torch.autograd.grad(
-                want, [ref_leaf] + list(ref_layer.parameters()), grad)
+                want, [ref_leaf] + list(ref_layer.parameters()) +
+                list(ref_norm.parameters()), grad)
             for a, b in zip(got, exp):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('memory_efficient', (False, True))
+def test_channels_last_keeps_only_the_norms_input(variant, memory_efficient):
+    """Channels-last, GE keeps nothing of its own for backward in the
+    memory-saving mode, and in the default mode on its native kernels."""
+    from mmge.models.layers import cpu_kernels
+    if not (memory_efficient or cpu_kernels.available()):
+        pytest.skip('native kernels not built')
+    fmt = torch.channels_last
+    layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
+                         memory_efficient=memory_efficient)
+    norm = nn.BatchNorm2d(8)
+    conv = nn.Conv2d(8, 8, 1)
+    layer, norm, conv = (m.to(memory_format=fmt)
+                         for m in (layer, norm, conv))
+    inp = torch.randn(2, 8, 32, 32).contiguous(memory_format=fmt)
+    c_box = []
+
+    def run():
+        c = conv(inp)
+        c_box.append(c)
+        return layer(c, norm=norm)
+
+    out, saved = _saved_storages(run)
+    assert out.is_contiguous(memory_format=fmt)
+    params = {p.data_ptr() for m in (layer, norm, conv)
+              for p in m.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert sorted(t.data_ptr() for t in activations) == sorted(
+        [inp.data_ptr(), c_box[0].data_ptr()])
 
 
 def test_ge_resnet_compiles_without_graph_breaks():

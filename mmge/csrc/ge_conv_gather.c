@@ -19,6 +19,12 @@
  * cache) for the first convolution's backward, and writes the gradient of
  * the gather's input together with the excite's direct term
  * grad * resize(gate).
+ *
+ * The full-resolution tensors (x, grad, dx, the excite's identity and
+ * output) may instead all be channels-last, (N, H, W, C) in memory
+ * (x_cl): a block's LANES channels of a position are then contiguous, and
+ * a row is read without a transpose. Nothing else changes: the scratch is
+ * channels-last in both layouts.
  */
 #include <math.h>
 #include <string.h>
@@ -116,6 +122,9 @@ struct conv_gather_args {
    * channels-last in memory, (N, hL, wL, C), when small_cl: the layout of
    * the rows GE-theta-plus's MLP multiplies */
   int small_cl;
+  /* x, grad, dx and the excite's identity and output are channels-last,
+   * (N, H, W, C) in memory */
+  int cl;
   /* level 1's convolution output, in the kernel's own layout (blocks of
    * LANES channels, (N, h1, w1, LANES) each): saved by a first call
    * (level1_out) for a second (level1_in), which then skips reading the
@@ -250,6 +259,57 @@ INLINE void store_row(float *dst, const float *src, int64_t plane_stride,
   }
 }
 
+/* dst (W positions) <- A[k] * channel c0 + k of W cells of a channels-last
+ * row (src: the row's first cell's channel c0, cells C floats apart) +
+ * B[k], for the block's `active` channels (the other lanes read 0) */
+INLINE void load_cells(float *dst, const float *src, int64_t C, int64_t W,
+                       int active, vf A, vf B) {
+  if (active == LANES) {
+    for (int64_t q = 0; q < W; ++q)
+      V(dst + q * LANES) = load(src + q * C) * A + B;
+    return;
+  }
+  for (int64_t q = 0; q < W; ++q) {
+    vf v = splat(0.f);
+    for (int k = 0; k < active; ++k) v[k] = src[q * C + k];
+    V(dst + q * LANES) = v * A + B;
+  }
+}
+
+/* the block's `active` channels of W cells of a channels-last row <- src */
+INLINE void store_cells(float *dst, const float *src, int64_t C, int64_t W,
+                        int active) {
+  if (active == LANES) {
+    for (int64_t q = 0; q < W; ++q) store(dst + q * C, V(src + q * LANES));
+    return;
+  }
+  for (int64_t q = 0; q < W; ++q)
+    for (int k = 0; k < active; ++k) dst[q * C + k] = src[q * LANES + k];
+}
+
+/* Row p of sample n of a full-resolution tensor t (x, grad, dx) for the
+ * block at c0, in either layout: dst <- A * row + B (load_map_row), row <-
+ * src (store_map_row) */
+INLINE void load_map_row(const struct conv_gather_args *a, float *dst,
+                         const float *t, int64_t n, int64_t c0, int64_t p,
+                         int active, vf A, vf B) {
+  const int64_t C = a->C, H = a->H, W = a->W;
+  if (a->cl)
+    load_cells(dst, t + (n * H + p) * W * C + c0, C, W, active, A, B);
+  else
+    load_row(dst, t + (n * C + c0) * H * W + p * W, H * W, W, active, A, B);
+}
+
+INLINE void store_map_row(const struct conv_gather_args *a, float *t,
+                          const float *src, int64_t n, int64_t c0, int64_t p,
+                          int active) {
+  const int64_t C = a->C, H = a->H, W = a->W;
+  if (a->cl)
+    store_cells(t + (n * H + p) * W * C + c0, src, C, W, active);
+  else
+    store_row(t + (n * C + c0) * H * W + p * W, src, H * W, W, active);
+}
+
 /* small (N, C, h, w) tensors (m = h * w cells; channels-last in memory,
  * (N, h, w, C), when cl) to and from a block's channels-last buffer */
 INLINE int64_t small_at(int64_t n, int64_t C, int64_t c, int64_t m,
@@ -348,17 +408,18 @@ INLINE void load_plane(float *P, const float *src, int64_t plane_stride,
 INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
                        int64_t c0, int active, vf A, vf B, float *G,
                        float *gg, vd *sums) {
-  const int64_t H = a->H, W = a->W, HW = H * W;
+  const int64_t H = a->H, W = a->W;
   const int64_t stride = (W + 2) * LANES, wL = a->w[a->levels];
-  const float *x = a->x + (n * a->C + c0) * HW;
   zero_border(P, H, W);
-  if (W % LANES) {
-    load_plane(P, x, HW, H, W, active, A, B, sums);
+  /* NCHW rows of whole transposes, or channels-last rows: row by row is
+   * faster */
+  if (!a->cl && W % LANES) {
+    load_plane(P, a->x + (n * a->C + c0) * H * W, H * W, H, W, active, A, B,
+               sums);
   } else {
-    /* rows of whole transposes: row by row is faster */
     for (int64_t p = 0; p < H; ++p) {
       float *row = P + (p + 1) * stride + LANES;
-      load_row(row, x + p * W, HW, W, active, A, B);
+      load_map_row(a, row, a->x, n, c0, p, active, A, B);
       if (!sums) continue;
       vf s1 = splat(0.f), s2 = splat(0.f);
       for (int64_t q = 0; q < W; ++q) {
@@ -375,8 +436,7 @@ INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
   lane_affine(NULL, NULL, active, &one, &zero);
   for (int64_t p = 0; p < H; ++p) {
     const float *row = P + (p + 1) * stride + LANES;
-    load_row(G, a->grad + (n * a->C + c0) * HW + p * W, HW, W, active, one,
-             zero);
+    load_map_row(a, G, a->grad, n, c0, p, active, one, zero);
     float *o = gg + (n * a->h[a->levels] + a->row_index[p]) * wL * LANES;
     for (int64_t q = 0; q < W; ++q)
       V(o + a->col_index[q] * LANES) += V(G + q * LANES) * V(row + q * LANES);
@@ -463,7 +523,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
        * channel's first value (its sums stay exact where x sits far from
        * 0), then level 1 of y = s * x' + u */
       vf pivot = splat(0.f), gamma_n, beta_n;
-      for (int k = 0; k < active; ++k) pivot[k] = a->x[(c0 + k) * H * W];
+      for (int k = 0; k < active; ++k)
+        pivot[k] = a->x[a->cl ? c0 + k : (c0 + k) * H * W];
       vd sums[2] = {{0}, {0}};
       for (int64_t n = 0; n < N; ++n) {
         load_input(a, P, n, c0, active, one, -pivot, NULL, NULL, sums);
@@ -666,19 +727,17 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       memset(dP, 0, sizeof(float) * (H + 2) * stride);
       conv_backward(P, dP, W, K[1], dz1 + n * a->h[1] * a->w[1] * LANES,
                     a->h[1], a->w[1], dK[1]);
-      const float *g = a->grad + (n * C + c0) * HW;
-      float *out = a->dx + (n * C + c0) * HW;
       for (int64_t p = 0; p < H; ++p) {
         const float *gr = gate + (n * hL + a->row_index[p]) * wL * LANES;
         const float *dr = dP + (p + 1) * stride + LANES;
-        load_row(G, g + p * W, HW, W, active, one, zero);
+        load_map_row(a, G, a->grad, n, c0, p, active, one, zero);
         for (int64_t q = 0; q < W; ++q)
           V(D + q * LANES) = V(G + q * LANES) *
                                  V(gr + a->col_index[q] * LANES) +
                              V(dr + q * LANES);
         if (fuse) {
-          const float *xr = a->x + (n * C + c0) * HW + p * W;
-          load_row(X, xr, HW, W, active, one, -nmean * one);  /* x - mean */
+          /* x - mean */
+          load_map_row(a, X, a->x, n, c0, p, active, one, -nmean * one);
           vf s = splat(0.f), sx = splat(0.f);
           for (int64_t q = 0; q < W; ++q) {
             const vf d = V(D + q * LANES);
@@ -688,7 +747,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
           nsum += widen(s);
           nsumx += widen(sx) * widen(ninvstd);
         }
-        store_row(out + p * W, D, HW, W, active);
+        store_map_row(a, a->dx, D, n, c0, p, active);
       }
     }
     if (fuse) {
@@ -696,7 +755,38 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
        * batch's statistics, else scale * dy; over the block's planes, in
        * the cache */
       const double m = (double)(N * HW);
-      for (int k = 0; k < active; ++k) {
+      if (a->cl) {
+        /* the block's channels of each cell: one vector per cell */
+        vf md = splat(0.f), mdx = splat(0.f);
+        for (int k = 0; k < active; ++k) {
+          a->norm_dgamma[c0 + k] = (float)nsumx[k];
+          a->norm_dbeta[c0 + k] = (float)nsum[k];
+          if (a->norm_train) {
+            md[k] = (float)(nsum[k] / m);
+            mdx[k] = (float)(nsumx[k] / m);
+          }
+        }
+        for (int64_t t = 0; t < N * HW; ++t) {
+          float *out = a->dx + t * C + c0;
+          const float *xin = a->x + t * C + c0;
+          vf d = splat(0.f), xv = splat(0.f);
+          if (active == LANES) {
+            d = load(out);
+            xv = load(xin);
+          } else {
+            for (int k = 0; k < active; ++k) {
+              d[k] = out[k];
+              xv[k] = xin[k];
+            }
+          }
+          d = a->norm_train ? A * (d - md - (xv - nmean) * ninvstd * mdx)
+                            : d * A;
+          if (active == LANES)
+            store(out, d);
+          else
+            for (int k = 0; k < active; ++k) out[k] = d[k];
+        }
+      } else for (int k = 0; k < active; ++k) {
         a->norm_dgamma[c0 + k] = (float)nsumx[k];
         a->norm_dbeta[c0 + k] = (float)nsum[k];
         const float sk = A[k], mk = nmean[k], ik = ninvstd[k];
@@ -730,13 +820,14 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
  * once here by ge_norm_affine and then used as scale and shift),
  * 5 for a level without its kernels or, when it does not train, its
  * running statistics, 6 for an excite with a backward input or output or
- * without out. */
+ * without out. With x_cl, x, grad, dx and the excite's identity and out
+ * are channels-last, (N, H, W, C) in memory; else contiguous. */
 int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *const *weight, const float *const *gamma,
                    const float *const *beta, const float *const *rmean,
                    const float *const *rvar, const double *eps,
-                   const int *train, const int *relu, int levels, int64_t N, int64_t C,
-                   int64_t H, int64_t W, const int64_t *row_index,
+                   const int *train, const int *relu, int levels, int64_t N,
+                   int64_t C, int64_t H, int64_t W, const int64_t *row_index,
                    const int64_t *col_index, const float *grad,
                    const float *gate, const float *dcontext,
                    const float *level1_in, float *level1_out,
@@ -749,7 +840,7 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    float *norm_dgamma, float *norm_dbeta,
                    const float *norm_rmean, const float *norm_rvar,
                    const struct ge_excite_spec *excite, int small_cl,
-                   int threads) {
+                   int x_cl, int threads) {
   if (levels < 1 || levels > MAX_LEVELS) return 2;
   /* the gate's gradient needs the input: a call that gets level 1 from a
    * previous one must have its context's gradient */
@@ -776,7 +867,8 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,
       .norm_eps = norm_eps, .norm_batch = norm_batch, .norm_train = norm_train,
       .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
-      .norm_dbeta = norm_dbeta, .excite = excite, .small_cl = small_cl};
+      .norm_dbeta = norm_dbeta, .excite = excite, .small_cl = small_cl,
+      .cl = x_cl};
   plan(&a);
   float *norm_affine = NULL;
   if (norm_rvar) {
@@ -813,7 +905,12 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                          excite->mlp_w1, excite->mlp_b1, excite->mlp_w2,
                          excite->mlp_b2, excite->mlp_relu, gate_rows,
                          threads);
-  if (!status) {
+  if (!status && x_cl) {
+    status = ge_excite_nhwc(x, a.affine, a.affine + C, gate_rows,
+                            excite->identity, row_index, col_index,
+                            excite->out, N, C, H, W, hL, wL, excite->relu,
+                            threads);
+  } else if (!status) {
     /* the gate (N, C, hL, wL) lies channels-last in its rows */
     const int64_t strides[4] = {hL * wL * C, 1, wL * C, C};
     status = ge_excite(x, a.affine, a.affine + C, gate_rows, excite->identity,

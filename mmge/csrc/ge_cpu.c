@@ -551,6 +551,133 @@ int ge_gate_grad_nhwc(const float *grad, const float *x, const float *scale,
 }
 
 /* ------------------------------------------------------------------------ */
+/* pool_forward_nhwc and input_grad_nhwc: pool_forward and input_grad on
+ * channels-last tensors: x, grad and out (N, H, W, C) in memory, the pool's
+ * output, the gate and pool_grad (N, h, w, C). A row's W * C values are
+ * contiguous, and so are the C channels of a cell: the work is one row at
+ * a time, in vectors over the channels, split over the N * h output rows
+ * (the pool) or the N * H input rows (the gradient). */
+
+struct pool_nhwc_args {
+  const float *x, *scale, *shift;
+  float *out;
+  int64_t C, H, W, e, h, w;
+};
+
+CLONED static void pool_nhwc_rows(const void *args_, int64_t first,
+                                  int64_t last, float *cols) {
+  const struct pool_nhwc_args *a = (const struct pool_nhwc_args *)args_;
+  const int64_t C = a->C, H = a->H, W = a->W, e = a->e, h = a->h, w = a->w;
+  const float *sc = a->scale, *sh = a->shift;
+  /* cols: the sum of the window's rows, (W, C) */
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t n = row / h, i = row % h;
+    sum_rows(a->x + n * H * W * C, W * C, max64(0, i * e - e + 1),
+             min64(H, i * e + e) - 1, cols, W * C);
+    float *o = a->out + row * w * C;
+    const float ch = window_count(i, e, H);
+    for (int64_t j = 0; j < w; ++j) {
+      const int64_t q0 = max64(0, j * e - e + 1), q1 = min64(W, j * e + e);
+      const float count = ch * (float)(q1 - q0);
+      int64_t c = 0;
+      for (; c + LANES <= C; c += LANES) {
+        vf v = load(cols + q0 * C + c);
+        for (int64_t q = q0 + 1; q < q1; ++q) v += load(cols + q * C + c);
+        v = v / count;
+        if (sc) v = v * load(sc + c) + load(sh + c);
+        store(o + j * C + c, v);
+      }
+      for (; c < C; ++c) {
+        float v = 0.f;
+        for (int64_t q = q0; q < q1; ++q) v += cols[q * C + c];
+        v = v / count;
+        o[j * C + c] = sc ? v * sc[c] + sh[c] : v;
+      }
+    }
+  }
+}
+
+int ge_pool_forward_nhwc(const float *x, const float *scale,
+                         const float *shift, float *out, int64_t N,
+                         int64_t C, int64_t H, int64_t W, int64_t e,
+                         int threads) {
+  struct pool_nhwc_args a = {x, scale, shift, out, C, H, W, e,
+                             (H + e - 1) / e, (W + e - 1) / e};
+  return for_planes(pool_nhwc_rows, &a, N * a.h, (2 * e - 1) * W * C, W * C,
+                    threads);
+}
+
+struct input_grad_nhwc_args {
+  const float *grad, *gate, *pool_grad;
+  const int64_t *row_index, *col_index;
+  float *out;
+  int64_t C, H, W, h, w, e;
+};
+
+CLONED static void input_grad_nhwc_rows(const void *args_, int64_t first,
+                                        int64_t last, float *term) {
+  const struct input_grad_nhwc_args *a =
+      (const struct input_grad_nhwc_args *)args_;
+  const int64_t C = a->C, H = a->H, W = a->W, h = a->h, w = a->w, e = a->e;
+  const int64_t ph = (H + e - 1) / e, pw = (W + e - 1) / e;
+  /* term: the pool term of the row's windows, per window column, (pw + 1,
+   * C), the last one 0 (past the last window) */
+  if (a->pool_grad) memset(term + pw * C, 0, sizeof(float) * C);
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t n = row / H, p = row % H;
+    const float *g = a->grad + row * W * C;
+    const float *gate = a->gate + (n * h + a->row_index[p]) * w * C;
+    float *o = a->out + row * W * C;
+    if (a->pool_grad) {
+      /* row p lies in window p / e, and in p / e + 1 unless p % e == 0 */
+      const int64_t i0 = p / e, i1 = p % e && i0 + 1 < ph ? i0 + 1 : -1;
+      const float *d0 = a->pool_grad + (n * ph + i0) * pw * C;
+      const float c0 = window_count(i0, e, H);
+      const float c1 = i1 < 0 ? 1.f : window_count(i1, e, H);
+      for (int64_t j = 0; j < pw; ++j) {
+        const float cw = window_count(j, e, W);
+        for (int64_t c = 0; c < C; ++c) {
+          float v = d0[j * C + c] / (c0 * cw);
+          if (i1 >= 0) v += d0[(pw + j) * C + c] / (c1 * cw);
+          term[j * C + c] = v;
+        }
+      }
+    }
+    for (int64_t q = 0; q < W; ++q) {
+      const float *gq = g + q * C, *gt = gate + a->col_index[q] * C;
+      float *oq = o + q * C;
+      /* column q lies in window q / e, and in q / e + 1 unless q % e == 0
+       * (window pw: the zero term) */
+      const float *t0 = term + (q / e) * C;
+      const float *t1 = term + (q % e ? min64(q / e + 1, pw) : pw) * C;
+      int64_t c = 0;
+      if (!a->pool_grad) {
+        for (; c + LANES <= C; c += LANES)
+          store(oq + c, load(gq + c) * load(gt + c));
+        for (; c < C; ++c) oq[c] = gq[c] * gt[c];
+        continue;
+      }
+      for (; c + LANES <= C; c += LANES)
+        store(oq + c, load(gq + c) * load(gt + c) +
+                          (load(t0 + c) + load(t1 + c)));
+      for (; c < C; ++c) oq[c] = gq[c] * gt[c] + (t0[c] + t1[c]);
+    }
+  }
+}
+
+int ge_input_grad_nhwc(const float *grad, const float *gate,
+                       const float *pool_grad, const int64_t *row_index,
+                       const int64_t *col_index, float *out, int64_t N,
+                       int64_t C, int64_t H, int64_t W, int64_t h, int64_t w,
+                       int64_t e, int threads) {
+  struct input_grad_nhwc_args a = {grad, gate, pool_grad, row_index,
+                                   col_index, out, C, H, W, h, w, e};
+  const int64_t pw = pool_grad ? (W + e - 1) / e : 0;
+  return for_planes(input_grad_nhwc_rows, &a, N * H, W * C, (pw + 1) * C,
+                    threads);
+}
+
+/* ------------------------------------------------------------------------ */
 /* pool_excite: GE-theta-minus without autograd, plane by plane: the gate
  * sigmoid(pool(y)) of the plane, then its excite (with identity and relu as
  * ge_excite) while the plane is still in the cache, so that x is read from
@@ -607,14 +734,17 @@ CLONED static void pool_excite_planes(const void *args_, int64_t first,
 /* With norm_var (and no scale), y is the batch norm with running
  * statistics norm_mean, norm_var, weight norm_weight, bias norm_bias (NULL:
  * 1, 0) and norm_eps, its scale and shift made here (ge_norm_affine).
- * Returns 0, or 1 when out of memory. */
+ * With x_cl, x, identity and out are channels-last, (N, H, W, C) in memory
+ * (planes = N * C): the pool (pool_forward_nhwc) of the whole batch, then
+ * its excite (excite_nhwc), two passes over x. Returns 0, or 1 when out of
+ * memory. */
 int ge_pool_excite(const float *x, const float *scale, const float *shift,
                    const float *identity, const int64_t *row_index,
                    const int64_t *col_index, float *out, int64_t planes,
                    int64_t channels, int64_t H, int64_t W, int64_t e,
                    const float *norm_weight, const float *norm_bias,
                    const float *norm_mean, const float *norm_var,
-                   double norm_eps, int relu, int threads) {
+                   double norm_eps, int relu, int x_cl, int threads) {
   float *affine = NULL;
   if (norm_var && !scale) {
     affine = (float *)malloc(sizeof(float) * (size_t)(3 * channels));
@@ -627,6 +757,32 @@ int ge_pool_excite(const float *x, const float *scale, const float *shift,
   struct pool_excite_args a = {x, scale, shift, identity, row_index,
                                col_index, out, channels, H, W, e,
                                (H + e - 1) / e, (W + e - 1) / e, relu};
+  if (x_cl) {
+    const int64_t N = planes / channels, n = N * a.h * a.w * channels;
+    float *gate = (float *)malloc(sizeof(float) * (size_t)(n + LANES));
+    int status = gate ? 0 : 1;
+    if (!status)
+      status = ge_pool_forward_nhwc(x, scale, shift, gate, N, channels, H, W,
+                                    e, threads);
+    if (!status) {
+      /* the pooled map is small: one thread; the tail as one more vector
+       * of which only the gate's cells are kept */
+      int64_t k = 0;
+      for (; k + LANES <= n; k += LANES) store(gate + k, sigmoid(load(gate + k)));
+      if (k < n) {
+        vf v = splat(0.f);
+        for (int64_t t = k; t < n; ++t) v[t - k] = gate[t];
+        v = sigmoid(v);
+        for (int64_t t = k; t < n; ++t) gate[t] = v[t - k];
+      }
+      status = ge_excite_nhwc(x, scale, shift, gate, identity, row_index,
+                              col_index, out, N, channels, H, W, a.h, a.w,
+                              relu, threads);
+    }
+    free(gate);
+    free(affine);
+    return status;
+  }
   const int status = for_planes(
       pool_excite_planes, &a, planes, H * W,
       excite_scratch(W) + W +

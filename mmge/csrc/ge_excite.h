@@ -1,7 +1,7 @@
 /*
  * The entry points that ge_conv_gather.c calls when it excites what it
  * gathered in the same call (GE's inference and training forward):
- * ge_excite (ge_cpu.c), GE-theta-plus's MLP gate ge_mlp_gate (ge_mlp.c),
+ * ge_excite and ge_excite_nhwc (ge_cpu.c), GE-theta-plus's MLP gate ge_mlp_gate (ge_mlp.c),
  * ge_norm_affine (ge_cpu.c) for a norm with running statistics, and what
  * that call is asked for, struct ge_excite_spec.
  */
@@ -15,8 +15,8 @@
  * (+ identity), then a ReLU with relu, where the gate is sigmoid(context)
  * (GE-theta) or, with mlp_w1, ge_mlp_gate's (GE-theta-plus, its MLP
  * mlp_w1 (mlp_hidden, C), mlp_b1, mlp_w2 (C, mlp_hidden), mlp_b2, a ReLU
- * in between with mlp_relu). identity and out: (N, C, H, W), identity
- * NULL for none. */
+ * in between with mlp_relu). identity and out: (N, C, H, W) in x's
+ * layout, identity NULL for none. */
 struct ge_excite_spec {
   const float *identity;
   float *out;
@@ -32,6 +32,13 @@ int ge_excite(const float *x, const float *scale, const float *shift,
               int64_t planes, int64_t channels, int64_t H, int64_t W,
               int64_t h, int64_t w, const int64_t *gate_stride, int relu,
               int threads);
+
+/* ge_cpu.c's excite over channels-last tensors (see there) */
+int ge_excite_nhwc(const float *x, const float *scale, const float *shift,
+                   const float *gate, const float *identity,
+                   const int64_t *row_index, const int64_t *col_index,
+                   float *out, int64_t N, int64_t C, int64_t H, int64_t W,
+                   int64_t h, int64_t w, int relu, int threads);
 
 /* ge_mlp.c: GE-theta-plus's gate from its context rows in (R, C):
  * gate (R, C) = sigmoid(w2 act(w1 r + b1) + b2), w1 (hidden, C), w2

@@ -32,9 +32,11 @@ several ATen calls on the CPU:
 arguments without making it: :mod:`.prepared_inference` keeps them to
 replay a GE layer's inference call.
 
-They take contiguous float32 CPU tensors (:func:`usable`); everything else
-takes the ATen path, which is also what runs when the library was not built
-(a source checkout that was not installed). The results equal the ATen ops'
+They take float32 CPU tensors (:func:`usable`), whose full-resolution maps
+are contiguous or channels-last (:func:`maps_usable`; the ``_nhwc``
+kernels and ``ge_conv_gather``'s channels-last mode read the latter without
+a copy); everything else takes the ATen path, which is also what runs when
+the library was not built (a source checkout that was not installed). The results equal the ATen ops'
 up to float32 rounding (tests/test_ge_fast_paths.py).
 """
 import ctypes
@@ -48,7 +50,7 @@ from torch.nn.modules import module as torch_module
 from .excite import channels_last, nearest_index
 
 __all__ = [
-    'available', 'usable', 'hooked', 'channels_last', 'norm_affine',
+    'available', 'usable', 'maps_usable', 'hooked', 'channels_last', 'norm_affine',
     'excite_worthwhile', 'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
@@ -85,12 +87,17 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_int]
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
-        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 2
+        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 3
+    lib.ge_pool_forward_nhwc.argtypes = [_PTR] * 4 + [_I64] * 5 + \
+        [ctypes.c_int]
+    lib.ge_input_grad_nhwc.argtypes = [_PTR] * 6 + [_I64] * 7 + \
+        [ctypes.c_int]
     lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + [_PTR] * 4 + \
-        [ctypes.c_double] + [ctypes.c_int] * 2
+        [ctypes.c_double] + [ctypes.c_int] * 3
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_excite_nhwc, lib.ge_gate_grad_nhwc,
+               lib.ge_pool_forward_nhwc, lib.ge_input_grad_nhwc,
                lib.ge_pool_excite, lib.ge_conv_gather, lib.ge_norm_affine):
         fn.restype = ctypes.c_int
     return lib
@@ -125,6 +132,30 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
                                   and t.is_contiguous()):
             return False
     return True
+
+
+def maps_usable(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """:func:`usable` for full-resolution operands in either layout that
+    :func:`conv_gather` and :func:`excite` read.
+
+    Args:
+        x (Tensor): The features, (N, C, H, W).
+        *others (Tensor | None): Operands of ``x``'s shape (the shortcut, a
+            gradient); None entries are skipped.
+
+    Returns:
+        bool: :func:`usable` of all of them when ``x`` is not channels-last;
+        for channels-last ``x`` (:func:`channels_last`), True when the
+        kernels are available, nothing is traced or compiled, and every
+        tensor is a float32 CPU tensor with ``x``'s strides.
+    """
+    if not channels_last(x):
+        return usable(x, *others)
+    stride = x.stride()
+    # usable() of no tensor: the kernels built, nothing traced or compiled
+    return usable() and x.is_cpu and x.dtype is torch.float32 and all(
+        t is None or (t.is_cpu and t.dtype is torch.float32
+                      and t.stride() == stride) for t in others)
 
 
 def hooked(*modules: torch.nn.Module) -> bool:
@@ -191,11 +222,8 @@ def excite_worthwhile(x: torch.Tensor, gate: torch.Tensor,
     """
     if not channels_last(x):
         return worthwhile(x, gate, identity)
-    # usable() of no tensor: the kernels built, nothing traced or compiled
-    return usable() and all(
-        t is None or (t.is_cpu and t.dtype is torch.float32)
-        for t in (x, gate, identity)) and (
-            identity is None or identity.stride() == x.stride())
+    return maps_usable(x, identity) and gate.is_cpu and \
+        gate.dtype is torch.float32
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -303,18 +331,28 @@ def pool_gather(x: torch.Tensor,
     ``y = scale.view(1, -1, 1, 1) * x + shift.view(1, -1, 1, 1)``.
 
     Args:
-        x (Tensor): (N, C, H, W), :func:`usable`.
+        x (Tensor): (N, C, H, W), :func:`maps_usable` (contiguous or
+            channels-last).
         extent (int): Extent ratio ``e`` >= 2.
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ); given with
             ``scale``.
 
     Returns:
-        Tensor: (N, C, ceil(H / e), ceil(W / e)), float32.
+        Tensor: (N, C, ceil(H / e), ceil(W / e)), float32, in ``x``'s
+        layout.
     """
     n, c, height, width = x.shape
     scale, shift = _affine(scale, shift, c)
-    out = x.new_empty(n, c, -(-height // extent), -(-width // extent))
+    size = (n, c, -(-height // extent), -(-width // extent))
+    if channels_last(x):
+        out = torch.empty(size, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        _check(_library().ge_pool_forward_nhwc(
+            _ptr(x), _ptr(scale), _ptr(shift), _ptr(out), n, c, height,
+            width, extent, torch.get_num_threads()), 'ge_pool_forward_nhwc')
+        return out
+    out = x.new_empty(size)
     _check(_library().ge_pool_forward(
         _ptr(x), _ptr(scale), _ptr(shift), _ptr(out), n * c, c, height,
         width, extent, torch.get_num_threads()), 'ge_pool_forward')
@@ -394,10 +432,15 @@ def pool_excite(x: torch.Tensor,
     scale=scale, shift=shift, relu=relu)``, plane by plane, each plane's
     gate made while the plane is in the cache.
 
+    Channels-last ``x`` (the result is too) takes two passes: the pool of
+    the whole batch, then the excite.
+
     Args:
-        x (Tensor): (N, C, H, W), :func:`usable`.
+        x (Tensor): (N, C, H, W), :func:`maps_usable` (contiguous or
+            channels-last).
         extent (int): Extent ratio ``e`` >= 2.
-        identity (Tensor, optional): Tensor of ``x``'s shape to add.
+        identity (Tensor, optional): Tensor of ``x``'s shape to add (copied
+            to ``x``'s layout where it is not).
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ).
         relu (bool): Apply ``torch.relu`` to the result. Defaults to False.
@@ -412,6 +455,10 @@ def pool_excite(x: torch.Tensor,
     if norm is not None and (norm.running_var is None or scale is not None):
         raise ValueError('pool_excite takes a norm with running statistics, '
                          'instead of scale and shift')
+    if identity is not None and identity.stride() != x.stride():
+        identity = identity.contiguous(memory_format=torch.channels_last if
+                                       channels_last(x) else
+                                       torch.contiguous_format)
     out = torch.empty_like(x)
     args, keep = pool_excite_args(x, extent, identity, out, scale, shift,
                                   relu, norm)
@@ -427,7 +474,8 @@ def pool_excite_args(x: torch.Tensor, extent: int,
                      norm: Optional['FusedNorm']) -> Tuple[list, tuple]:
     """The arguments of the ``ge_pool_excite`` call :func:`pool_excite`
     makes: ``x`` is the first, ``identity`` the fourth, ``out`` the
-    seventh. Per-channel tensors go through :func:`_vector`.
+    seventh; ``identity`` and ``out`` in ``x``'s layout. Per-channel
+    tensors go through :func:`_vector`.
 
     Args:
         x, extent, identity, scale, shift, relu, norm: As
@@ -449,7 +497,7 @@ def pool_excite_args(x: torch.Tensor, extent: int,
         _ptr(x), _ptr(scale), _ptr(shift), _ptr(identity), _ptr(rows),
         _ptr(cols), _ptr(out), n * c, c, height, width, extent, _ptr(weight),
         _ptr(bias), _ptr(mean), _ptr(var), eps, int(relu),
-        torch.get_num_threads()
+        int(channels_last(x)), torch.get_num_threads()
     ], (x, scale, shift, identity, rows, cols, out, weight, bias, mean, var)
 
 
@@ -506,7 +554,10 @@ def input_grad(grad: torch.Tensor,
     GE-theta-minus.
 
     Args:
-        grad (Tensor): Gradient of the gated features, (N, C, H, W).
+        grad (Tensor): Gradient of the gated features, (N, C, H, W),
+            contiguous or channels-last (then ``gate`` and ``pool_grad``
+            are read channels-last, copied where they are not, and the
+            result is channels-last).
         gate (Tensor): The gate, (N, C, h, w), nearest-resized to (H, W).
         pool_grad (Tensor, optional): Gradient of :func:`pool_gather`'s
             output, (N, C, ceil(H / e), ceil(W / e)); its backward is added.
@@ -519,6 +570,17 @@ def input_grad(grad: torch.Tensor,
     h, w = gate.shape[-2:]
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = torch.empty_like(grad)
+    if channels_last(grad):
+        fmt = torch.channels_last
+        gate = gate.contiguous(memory_format=fmt)
+        if pool_grad is not None:
+            pool_grad = pool_grad.contiguous(memory_format=fmt)
+        _check(_library().ge_input_grad_nhwc(
+            _ptr(grad), _ptr(gate), _ptr(pool_grad), _ptr(rows), _ptr(cols),
+            _ptr(out), n, c, height, width, h, w,
+            extent if pool_grad is not None else 1,
+            torch.get_num_threads()), 'ge_input_grad_nhwc')
+        return out
     _check(_library().ge_input_grad(
         _ptr(grad), _ptr(gate), _ptr(pool_grad), _ptr(rows), _ptr(cols),
         _ptr(out), n * c, height, width, h, w, extent if pool_grad is not None
@@ -744,8 +806,11 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
                      excite=None) -> Tuple[list, dict, tuple]:
     """The arguments of a ``ge_conv_gather`` call, and the tensors it
     writes. ``x`` is the first argument and the excite's spec
-    (``ctypes.byref`` of an :class:`_ExciteSpec`, or None) the third from
-    the end.
+    (``ctypes.byref`` of an :class:`_ExciteSpec`, or None) the fourth
+    from the end. ``x`` may be contiguous or channels-last
+    (:func:`channels_last`): ``grad`` and the excite's ``identity`` are
+    read in its layout (copied to it where they are not), and ``dx`` and
+    ``out`` are written in it.
 
     Args:
         x, params, scale, shift, grad, gate, dcontext, level1, norm,
@@ -765,6 +830,20 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
     n, c, height, width = x.shape
     _check_identity(x, None if excite is None else excite.identity,
                     'ge_conv_gather')
+    # the full-resolution tensors (x, grad, dx, the excite's identity and
+    # output) in x's layout, contiguous or channels-last
+    x_cl = channels_last(x)
+    if not (x_cl or x.is_contiguous()):
+        raise ValueError(f'mmge native kernel ge_conv_gather: x must be '
+                         f'contiguous or channels-last, got strides '
+                         f'{x.stride()} for shape {tuple(x.shape)}')
+    fmt = torch.channels_last if x_cl else torch.contiguous_format
+    if grad is not None and grad.stride() != x.stride():
+        grad = grad.contiguous(memory_format=fmt)
+    if excite is not None and excite.identity is not None and \
+            excite.identity.stride() != x.stride():
+        excite = excite._replace(
+            identity=excite.identity.contiguous(memory_format=fmt))
     levels = len(params.weight)
     h, w = conv_gather_size(height, width, levels)
     h1, w1 = conv_gather_size(height, width, 1)
@@ -787,7 +866,8 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
         'norm_dbias': (c, ),
         'out': (n, c, height, width),
     }
-    out = {k: x.new_empty(v) if k in outputs else None
+    out = {k: (torch.empty_like(x) if k in ('dx', 'out') else
+               x.new_empty(v)) if k in outputs else None
            for k, v in out.items()}
     layout = torch.channels_last if small_cl else torch.contiguous_format
     for k in ('context', 'grad_gate'):
@@ -819,7 +899,7 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
         *[_ptr(out[k]) for k in ('norm_mean', 'norm_var', 'norm_dweight',
                                  'norm_dbias')],
         _ptr(rmean), _ptr(rvar), None if spec is None else ctypes.byref(spec),
-        int(small_cl), torch.get_num_threads()
+        int(small_cl), int(x_cl), torch.get_num_threads()
     ]
     # the tensors behind the addresses, made here or not: alive while the
     # caller holds them

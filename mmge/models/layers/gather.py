@@ -247,7 +247,9 @@ class ConvGather(nn.Module):
         class builds with a local extent: per level a depthwise 3x3
         ``nn.Conv2d`` of stride 2, padding 1 and no bias, a plain batch norm
         (:func:`is_plain_batch_norm`) and an optional ``nn.ReLU``, in that
-        order, on :func:`cpu_kernels.usable` float32 tensors. Any other
+        order, on :func:`cpu_kernels.usable` float32 tensors (``x``
+        contiguous or channels-last, :func:`cpu_kernels.maps_usable`). Any
+        other
         layer (another norm or activation, a global extent, GPU, float64,
         tracing) takes the modules' own forward.
 
@@ -300,7 +302,8 @@ class ConvGather(nn.Module):
         params = cpu_kernels.ConvGatherParams(
             tuple(weights), tuple(gammas), tuple(betas), tuple(means),
             tuple(variances), tuple(eps), tuple(train), tuple(relu))
-        return params if cpu_kernels.usable(x, *params.tensors) else None
+        return params if cpu_kernels.maps_usable(x) and \
+            cpu_kernels.usable(*params.tensors) else None
 
     def native_forward(
             self,

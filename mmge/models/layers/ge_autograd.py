@@ -10,7 +10,8 @@ its own (the memory-saving mode, ``GatherExcite(memory_efficient=True)``).
 Outputs and gradients are those of the plain formula; only what is stored
 between forward and backward changes.
 
-With a local extent on contiguous float32 CPU tensors, every variant has a
+With a local extent on float32 CPU tensors, contiguous or channels-last
+(:func:`cpu_kernels.maps_usable`), every variant has a
 second path written out by hand on the native kernels of
 :mod:`.cpu_kernels` (:func:`native_plan` decides): GE-theta-minus's pool,
 gate gradient and input gradient are one memory pass each; GE-theta's and
@@ -84,8 +85,10 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
         str | ConvGatherParams | None: :data:`POOL` for GE-theta-minus with
         a local extent, the gather's :meth:`ConvGather.native_params` for
         GE-theta and GE-theta-plus whose gather the kernel runs, and None
-        otherwise; None too unless the tensors are contiguous float32 CPU
-        tensors, ``identity`` (if any) has ``inp``'s shape and ``norm`` is
+        otherwise; None too unless the tensors are float32 CPU tensors,
+        contiguous or channels-last with ``identity`` in ``inp``'s layout
+        (:func:`cpu_kernels.maps_usable`), ``identity`` (if any) has
+        ``inp``'s shape and ``norm`` is
         None or a plain batch norm, and when the gather, the excite or the
         norm has forward hooks (the analysis probes; the kernels stand in
         for the norm's call, so a hook on it would not fire).
@@ -93,7 +96,7 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
     if not (inp.dim() == 4 and layer.extent != GLOBAL
             and (norm is None or is_plain_batch_norm(norm))
             and (identity is None or identity.shape == inp.shape)
-            and cpu_kernels.usable(inp, identity)) or \
+            and cpu_kernels.maps_usable(inp, identity)) or \
             cpu_kernels.hooked(layer.gather, layer.excite, norm):
         return None
     if layer.variant == 'theta_minus':
@@ -105,7 +108,7 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
                   identity: Optional[torch.Tensor],
                   own: bool) -> torch.Tensor:
     """``x * resize(gate) (+ identity)``, on the native kernel where it is
-    :func:`cpu_kernels.worthwhile`, in place when ``own``.
+    :func:`cpu_kernels.excite_worthwhile`, in place when ``own``.
 
     Args:
         x (Tensor): The features, (N, C, H, W).
@@ -116,7 +119,7 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
     Returns:
         Tensor: The gated features.
     """
-    if cpu_kernels.worthwhile(x, gate, identity):
+    if cpu_kernels.excite_worthwhile(x, gate, identity):
         return cpu_kernels.excite(x, gate, identity, out=x if own else None)
     return resize_multiply(x, gate, identity)
 
@@ -401,7 +404,11 @@ class GEFunction(torch.autograd.Function):
         """
         inp, = ctx.saved_tensors[:1]
         layer, norm, plan = ctx.layer, ctx.norm, ctx.plan
-        grad = grad.contiguous()
+        # in the input's layout (the gather's kernel reads channels-last
+        # too); a no-op where it already is
+        grad = grad.contiguous(memory_format=torch.channels_last
+                               if channels_last(inp) else
+                               torch.contiguous_format)
         scale, shift = ctx.affine
         by_param: Dict[int, torch.Tensor] = {}
         if plan == POOL:

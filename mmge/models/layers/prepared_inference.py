@@ -83,7 +83,8 @@ class PreparedInference:
     it depends on has changed, and returns None otherwise (the layer then
     takes its full path and prepares again). It checks on every call:
 
-    - the input and the shortcut: shape, float32, contiguous, on the CPU;
+    - the input and the shortcut: shape, float32, on the CPU, and the
+      strides of the building call's input (contiguous or channels-last);
     - the call: whether there is a shortcut, ``relu``, the number of
       threads, CPU autocast (GE-theta-plus's MLP);
     - the modules: :func:`fingerprint` of the layer and the norm passed
@@ -107,7 +108,8 @@ class PreparedInference:
         keep (tuple): The tensors the arguments point to.
     """
 
-    __slots__ = ('fn', 'name', 'args', 'spec', 'shape', 'with_identity',
+    __slots__ = ('fn', 'name', 'args', 'spec', 'shape', 'stride',
+                 'with_identity',
                  'relu', 'threads', 'autocast', 'state', 'pinned')
 
     def __init__(self, fn, name: str, args: list,
@@ -116,7 +118,7 @@ class PreparedInference:
                  autocast: bool,
                  state: List[object], keep: tuple) -> None:
         self.fn, self.name, self.args, self.spec = fn, name, args, spec
-        self.shape = inp.shape
+        self.shape, self.stride = inp.shape, inp.stride()
         self.with_identity = identity is not None
         self.relu, self.autocast = relu, autocast
         self.threads = torch.get_num_threads()
@@ -152,9 +154,12 @@ class PreparedInference:
             PreparedInference | None: None when a norm uses batch
             statistics, when GE-theta-plus's MLP does not run in the
             kernel, when a norm's vector would be copied for the kernel
-            (another dtype or layout: a copy would not see updates), or
-            under hooks.
+            (another dtype or layout: a copy would not see updates), when
+            the shortcut's layout is not the input's (the call would read
+            a copy), or under hooks.
         """
+        if identity is not None and identity.stride() != inp.stride():
+            return None
         state = fingerprint(layer, norm)
         if state is None or (norm is not None and uses_batch_stats(norm)):
             return None
@@ -183,7 +188,7 @@ class PreparedInference:
             inp, plan, None, None, None, None, None, (), norm=fused,
             excite=cpu_kernels.Excitation(identity, relu, mlp))
         return cls(lib.ge_conv_gather, 'ge_conv_gather', args,
-                   args[-3]._obj, inp, identity, relu, mlp is not None, state,
+                   args[-4]._obj, inp, identity, relu, mlp is not None, state,
                    keep)
 
     def __call__(self, layer: nn.Module, inp: torch.Tensor,
@@ -198,12 +203,12 @@ class PreparedInference:
         if not (inp.shape == self.shape and relu == self.relu
                 and (identity is not None) == self.with_identity
                 and inp.dtype is torch.float32 and inp.is_cpu
-                and inp.is_contiguous()):
+                and inp.stride() == self.stride):
             return None
         if identity is not None and not (
                 identity.shape == self.shape
                 and identity.dtype is torch.float32 and identity.is_cpu
-                and identity.is_contiguous()):
+                and identity.stride() == self.stride):
             return None
         if torch.get_num_threads() != self.threads or (
                 self.autocast and torch.is_autocast_enabled('cpu')):
@@ -232,7 +237,7 @@ class PreparedInference:
         else:
             spec = type(self.spec).from_buffer_copy(self.spec)
             spec.identity, spec.out = ident, out.data_ptr()
-            args[-3] = ctypes.byref(spec)
+            args[-4] = ctypes.byref(spec)
         cpu_kernels._check(self.fn(*args), self.name)
         return out
 
