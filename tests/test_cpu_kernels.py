@@ -887,7 +887,7 @@ def _same_in_both_layouts(call, x, others):
             continue
         if g.dim() == 4 and g.shape[-2:] == x.shape[-2:]:
             assert g.is_contiguous(memory_format=fmt), field
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=field)
+        torch.testing.assert_close(g, w, **TOL, msg=field)
 
 
 @pytest.mark.parametrize('size', ((20, 18), (13, 9), (7, 7), (1, 5)))
@@ -896,8 +896,9 @@ def test_conv_gather_reads_channels_last(size, train):
     """On channels-last x the gather's kernel (forward with the norm and
     the excite, and backward with the norm's backward) gives the values it
     gives on contiguous x, for 11 and 20 channels (a part block after none
-    or two whole ones); grad and the shortcut in the other layout are
-    copied to x's; other layouts are refused."""
+    or two whole ones), also when a first call with the norm's statistics
+    hands its first pass to the backward; grad and the shortcut in the
+    other layout are copied to x's; other layouts are refused."""
     for channels in (11, 20):
         gather = _conv_gather(channels, 4, train=train)
         params = gather.native_params(torch.randn(2, channels, *size))
@@ -942,6 +943,15 @@ def test_conv_gather_reads_channels_last(size, train):
                                             keep_level1=True).level1
                     if kept else None),
                 x, (grad, ))
+        # channels-last, a first call given the norm's statistics makes the
+        # second's first pass (GE-theta-plus's backward)
+        _same_in_both_layouts(
+            lambda x, g: cpu_kernels.conv_gather_backward(
+                x, params, g, scale, shift, gate, gate * 0.1,
+                cpu_kernels.conv_gather(
+                    x, params, scale, shift, g, keep_level1=True,
+                    stats=None if x.is_contiguous() else stats).level1,
+                stats), x, (grad, ))
         with pytest.raises(ValueError, match='contiguous or channels-last'):
             cpu_kernels.conv_gather(
                 torch.randn(2, channels, size[0], 2 * size[1])[..., ::2],
@@ -993,13 +1003,22 @@ def test_theta_plus_mlp_the_kernel_does_not_run(case, monkeypatch):
     torch.testing.assert_close(out, x * gate + identity, **tol)
 
 
-def test_conv_gather_split_over_threads_gives_the_same_values():
-    """Each channel block runs on one thread in a fixed order: one thread
-    and two give bit-equal results."""
+@pytest.mark.parametrize('layout', ('contiguous', 'channels_last'))
+def test_conv_gather_split_over_threads_gives_the_same_values(layout):
+    """Each channel block runs on one thread in a fixed order, and
+    channels-last's row passes add their units' sums in unit order: one
+    thread and two give bit-equal results, with and without the fused
+    norm."""
     gather = _conv_gather(43, 8, last_act=True)
-    x, grad = torch.randn(2, 43, 56, 56), torch.randn(2, 43, 56, 56)
+    fmt = torch.channels_last if layout == 'channels_last' else \
+        torch.contiguous_format
+    x, grad = (torch.randn(2, 43, 56, 56).contiguous(memory_format=fmt)
+               for _ in range(2))
     scale, shift = torch.rand(43), torch.rand(43)
     params = gather.native_params(x)
+    stats = cpu_kernels.NormStats(torch.randn(43), torch.rand(43) + 0.5,
+                                  True)
+    fused = cpu_kernels.FusedNorm(torch.rand(43), torch.rand(43), 1e-5)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -1008,8 +1027,11 @@ def test_conv_gather_split_over_threads_gives_the_same_values():
             results.append(
                 cpu_kernels.conv_gather(x, params, scale, shift, grad,
                                         keep_level1=True) +
+                cpu_kernels.conv_gather(x, params, norm=fused) +
                 cpu_kernels.conv_gather_backward(x, params, grad, scale,
-                                                 shift))
+                                                 shift) +
+                cpu_kernels.conv_gather_backward(x, params, grad, scale,
+                                                 shift, stats=stats))
     finally:
         torch.set_num_threads(threads)
     _bit_equal(*results)

@@ -22,9 +22,11 @@
  *
  * The full-resolution tensors (x, grad, dx, the excite's identity and
  * output) may instead all be channels-last, (N, H, W, C) in memory
- * (x_cl): a block's LANES channels of a position are then contiguous, and
- * a row is read without a transpose. Nothing else changes: the scratch is
- * channels-last in both layouts.
+ * (x_cl). The full-resolution work then leaves the per-block loop: two
+ * passes over units of whole rows, each for all channels, read and write
+ * every cell's channels in one run (cl_prepass_units before the chain,
+ * cl_postpass_units after it in backward), and the per-block chain runs
+ * in between on what they keep per block.
  */
 #include <math.h>
 #include <string.h>
@@ -96,6 +98,17 @@ INLINE void conv_backward(const float *plane, float *dplane, int64_t w,
   }
 }
 
+/* What a channels-last call keeps per block between the full-resolution
+ * passes (cl_prepass_units, cl_postpass_units) and the per-block chain:
+ * level 1's kernels K1, the affine A, B of what the pass reads; the fused
+ * norm's statistics for its backward (nmean, ninvstd) and its mean terms
+ * md, mdx; the sums of y and y^2 (a fused training norm's forward) and of
+ * the norm backward's dy and dy * xhat (nsum, nsumx) */
+struct cl_block {
+  vf K1[9], A, B, nmean, ninvstd, md, mdx;
+  vd sums[2], nsum, nsumx;
+};
+
 struct conv_gather_args {
   /* the gather's input is y = scale[c] * x + shift[c] (x without scale);
    * x: (N, C, H, W) */
@@ -161,6 +174,18 @@ struct conv_gather_args {
   int64_t off_z[MAX_LEVELS + 1], off_dz[MAX_LEVELS + 1];
   int64_t off_a[MAX_LEVELS + 1], off_da[MAX_LEVELS + 1];
   int64_t off_rows, off_ctx, off_gate, off_gg, off_dctx, scratch;
+  /* channels-last: per block (by its index), its struct cl_block, and
+   * z (level 1's convolution output, (N, h1, w1, LANES); in backward then
+   * its gradient), gg and gate ((N, hL, wL, LANES) each), s (S1 and S2
+   * of cl_row_sums, 2 x (N, hL, wL, LANES)); the units of the passes:
+   * cl_units per sample, the rows cl_rows[k] .. cl_rows[k + 1] - 1, and
+   * their sums per block (cl_part: 9 per block and unit); scratch per
+   * thread: three padded rows of y per block (off_a[0]), and in backward
+   * three of level 1's input gradient (off_da[0]) */
+  struct cl_block *clb;
+  float *cl_z, *cl_gg, *cl_gate, *cl_s;
+  int64_t *cl_rows, cl_units;
+  vd *cl_part;
 };
 
 /* Scratch per thread (floats, LANES per position, each buffer whole cache
@@ -181,8 +206,11 @@ static void plan(struct conv_gather_args *a) {
     a->w[l] = (a->w[l - 1] + 1) / 2;
   }
   const int64_t bwd = a->dx != NULL;
-  a->off_a[0] = TAKE((a->H + 2) * (a->W + 2));
-  a->off_da[0] = TAKE(bwd * (a->H + 2) * (a->W + 2));
+  const int64_t blocks = (a->C + LANES - 1) / LANES;
+  a->off_a[0] = TAKE(a->cl ? blocks * 3 * (a->W + 2)
+                           : (a->H + 2) * (a->W + 2));
+  a->off_da[0] = TAKE(bwd * (a->cl ? blocks * 3 * (a->W + 2)
+                                   : (a->H + 2) * (a->W + 2)));
   a->off_rows = TAKE(3 * a->W);
   for (int64_t l = 1; l <= L; ++l) {
     const int64_t m = N * a->h[l] * a->w[l];
@@ -257,57 +285,6 @@ INLINE void store_row(float *dst, const float *src, int64_t plane_stride,
     const vf v = V(src + q * LANES);
     for (int k = 0; k < LANES; ++k) d[k][q] = v[k];
   }
-}
-
-/* dst (W positions) <- A[k] * channel c0 + k of W cells of a channels-last
- * row (src: the row's first cell's channel c0, cells C floats apart) +
- * B[k], for the block's `active` channels (the other lanes read 0) */
-INLINE void load_cells(float *dst, const float *src, int64_t C, int64_t W,
-                       int active, vf A, vf B) {
-  if (active == LANES) {
-    for (int64_t q = 0; q < W; ++q)
-      V(dst + q * LANES) = load(src + q * C) * A + B;
-    return;
-  }
-  for (int64_t q = 0; q < W; ++q) {
-    vf v = splat(0.f);
-    for (int k = 0; k < active; ++k) v[k] = src[q * C + k];
-    V(dst + q * LANES) = v * A + B;
-  }
-}
-
-/* the block's `active` channels of W cells of a channels-last row <- src */
-INLINE void store_cells(float *dst, const float *src, int64_t C, int64_t W,
-                        int active) {
-  if (active == LANES) {
-    for (int64_t q = 0; q < W; ++q) store(dst + q * C, V(src + q * LANES));
-    return;
-  }
-  for (int64_t q = 0; q < W; ++q)
-    for (int k = 0; k < active; ++k) dst[q * C + k] = src[q * LANES + k];
-}
-
-/* Row p of sample n of a full-resolution tensor t (x, grad, dx) for the
- * block at c0, in either layout: dst <- A * row + B (load_map_row), row <-
- * src (store_map_row) */
-INLINE void load_map_row(const struct conv_gather_args *a, float *dst,
-                         const float *t, int64_t n, int64_t c0, int64_t p,
-                         int active, vf A, vf B) {
-  const int64_t C = a->C, H = a->H, W = a->W;
-  if (a->cl)
-    load_cells(dst, t + (n * H + p) * W * C + c0, C, W, active, A, B);
-  else
-    load_row(dst, t + (n * C + c0) * H * W + p * W, H * W, W, active, A, B);
-}
-
-INLINE void store_map_row(const struct conv_gather_args *a, float *t,
-                          const float *src, int64_t n, int64_t c0, int64_t p,
-                          int active) {
-  const int64_t C = a->C, H = a->H, W = a->W;
-  if (a->cl)
-    store_cells(t + (n * H + p) * W * C + c0, src, C, W, active);
-  else
-    store_row(t + (n * C + c0) * H * W + p * W, src, H * W, W, active);
 }
 
 /* small (N, C, h, w) tensors (m = h * w cells; channels-last in memory,
@@ -408,18 +385,17 @@ INLINE void load_plane(float *P, const float *src, int64_t plane_stride,
 INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
                        int64_t c0, int active, vf A, vf B, float *G,
                        float *gg, vd *sums) {
-  const int64_t H = a->H, W = a->W;
+  const int64_t H = a->H, W = a->W, HW = H * W;
   const int64_t stride = (W + 2) * LANES, wL = a->w[a->levels];
+  const float *x = a->x + (n * a->C + c0) * HW;
   zero_border(P, H, W);
-  /* NCHW rows of whole transposes, or channels-last rows: row by row is
-   * faster */
-  if (!a->cl && W % LANES) {
-    load_plane(P, a->x + (n * a->C + c0) * H * W, H * W, H, W, active, A, B,
-               sums);
+  if (W % LANES) {
+    load_plane(P, x, HW, H, W, active, A, B, sums);
   } else {
+    /* rows of whole transposes: row by row is faster */
     for (int64_t p = 0; p < H; ++p) {
       float *row = P + (p + 1) * stride + LANES;
-      load_map_row(a, row, a->x, n, c0, p, active, A, B);
+      load_row(row, x + p * W, HW, W, active, A, B);
       if (!sums) continue;
       vf s1 = splat(0.f), s2 = splat(0.f);
       for (int64_t q = 0; q < W; ++q) {
@@ -436,7 +412,8 @@ INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
   lane_affine(NULL, NULL, active, &one, &zero);
   for (int64_t p = 0; p < H; ++p) {
     const float *row = P + (p + 1) * stride + LANES;
-    load_map_row(a, G, a->grad, n, c0, p, active, one, zero);
+    load_row(G, a->grad + (n * a->C + c0) * HW + p * W, HW, W, active, one,
+             zero);
     float *o = gg + (n * a->h[a->levels] + a->row_index[p]) * wL * LANES;
     for (int64_t q = 0; q < W; ++q)
       V(o + a->col_index[q] * LANES) += V(G + q * LANES) * V(row + q * LANES);
@@ -447,10 +424,10 @@ INLINE void load_input(const struct conv_gather_args *a, float *P, int64_t n,
  * that fall inside the H x W input at each position): the first level's
  * convolution of y = s * x' + u, from its convolution of x' (the zero
  * padding is padding of y, not of x') */
-INLINE void level1_affine(float *z, const vf *K, vf s, vf u, int64_t N,
-                          int64_t H, int64_t W, int64_t h1, int64_t w1) {
-  /* per class of row (first? last tap inside?) and of column */
-  vf taps[2][2][2][2];
+/* taps[r0][r2][q0][q2] <- u * the sum of the taps of kernel K inside the
+ * input, per class of output row (its first input row inside? its last?)
+ * and of column */
+INLINE void level1_taps(const vf *K, vf u, vf taps[2][2][2][2]) {
   for (int r0 = 0; r0 < 2; ++r0)
     for (int r2 = 0; r2 < 2; ++r2)
       for (int q0 = 0; q0 < 2; ++q0)
@@ -462,6 +439,12 @@ INLINE void level1_affine(float *z, const vf *K, vf s, vf u, int64_t N,
                 t += K[3 * i + j];
           taps[r0][r2][q0][q2] = u * t;
         }
+}
+
+INLINE void level1_affine(float *z, const vf *K, vf s, vf u, int64_t N,
+                          int64_t H, int64_t W, int64_t h1, int64_t w1) {
+  vf taps[2][2][2][2];
+  level1_taps(K, u, taps);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t i = 0; i < h1; ++i) {
       const int r0 = i > 0, r2 = 2 * i + 1 < H;
@@ -470,6 +453,323 @@ INLINE void level1_affine(float *z, const vf *K, vf s, vf u, int64_t N,
         V(o + j * LANES) = s * V(o + j * LANES) +
                            taps[r0][r2][j > 0][2 * j + 1 < W];
     }
+}
+
+/* The sum over the input of the first level's convolution backward of d
+ * (N maps of h1 x w1): each output cell's d times its kernel's taps inside
+ * the H x W input */
+INLINE vd level1_taps_dot(const float *d, const vf *K, int64_t N, int64_t H,
+                          int64_t W, int64_t h1, int64_t w1) {
+  vf taps[2][2][2][2];
+  level1_taps(K, splat(1.f), taps);
+  vd sum = {0};
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < h1; ++i) {
+      const int r0 = i > 0, r2 = 2 * i + 1 < H;
+      const float *o = d + (n * h1 + i) * w1 * LANES;
+      vf part = splat(0.f);
+      for (int64_t j = 0; j < w1; ++j)
+        part += V(o + j * LANES) * taps[r0][r2][j > 0][2 * j + 1 < W];
+      sum += widen(part);
+    }
+  return sum;
+}
+
+/* sum of u * v over `cells` positions of LANES lanes each */
+INLINE vd dot_cells(const float *u, const float *v, int64_t cells) {
+  vd sum = {0};
+  for (int64_t t0 = 0; t0 < cells; t0 += CHUNK) {
+    vf part = splat(0.f);
+    for (int64_t t = t0; t < min64(cells, t0 + CHUNK); ++t)
+      part += V(u + t * LANES) * V(v + t * LANES);
+    sum += widen(part);
+  }
+  return sum;
+}
+
+/* Channels-last: the full-resolution passes (cl_prepass_units before the
+ * per-block chain, cl_postpass_units after it in backward) run over units
+ * of whole rows (a sample's rows p0..p1, never splitting the rows of one
+ * gate row: struct conv_gather_args' cl_rows), each unit on one thread for
+ * all channel blocks, cell by cell: memory is read and written in runs of
+ * all C channels. (Block by block, a block reads LANES floats per cell,
+ * cells C floats apart; split over threads by blocks, the threads read
+ * parts of the same cells: both several times slower.) Each unit writes
+ * what belongs to its rows (level 1's output rows 2i in p0..p1, the gate
+ * rows' sums, dx); sums over all rows are kept per unit and added up in
+ * unit order afterwards, so that the results depend neither on the number
+ * of threads nor on their timing. A unit streams its rows through three
+ * padded rows of y per block (what level 1's stride-2 convolution needs for
+ * one output row: rows 2i - 1 .. 2i + 1), and in backward three of their
+ * gradient. The
+ * per-block chain (conv_gather_blocks) runs between the passes, on what
+ * they keep per block (the cl_ fields). */
+
+/* rows per unit, at least (then up to the next gate row) */
+#define CL_BAND 8
+
+/* the block's `active` channels at p (the other lanes 0), and back */
+INLINE vf load_lanes(const float *p, int active) {
+  if (active == LANES) return load(p);
+  vf v = splat(0.f);
+  for (int k = 0; k < active; ++k) v[k] = p[k];
+  return v;
+}
+
+INLINE void store_lanes(float *p, vf v, int active) {
+  if (active == LANES) {
+    store(p, v);
+    return;
+  }
+  for (int k = 0; k < active; ++k) p[k] = v[k];
+}
+
+INLINE int64_t cl_blocks(const struct conv_gather_args *a) {
+  return (a->C + LANES - 1) / LANES;
+}
+
+/* row `slot` of each block's three rows (xr: block b's at 3 * b rows) <-
+ * row p of y = A * x + B of sample n (zero outside the map) */
+INLINE void cl_load_row(const struct conv_gather_args *a, float *xr,
+                        int64_t n, int64_t p, int slot) {
+  const int64_t C = a->C, W = a->W, stride = (W + 2) * LANES;
+  const int64_t blocks = cl_blocks(a);
+  if (p < 0 || p >= a->H) {
+    for (int64_t b = 0; b < blocks; ++b)
+      memset(xr + (3 * b + slot) * stride, 0, sizeof(float) * stride);
+    return;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    float *r = xr + (3 * b + slot) * stride;
+    V(r) = splat(0.f);
+    V(r + (W + 1) * LANES) = splat(0.f);
+  }
+  const float *row = a->x + (n * a->H + p) * W * C;
+  for (int64_t q = 0; q < W; ++q)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const struct cl_block *st = a->clb + b;
+      const int64_t c0 = b * LANES;
+      V(xr + (3 * b + slot) * stride + (q + 1) * LANES) =
+          load_lanes(row + q * C + c0, (int)min64(LANES, C - c0)) * st->A +
+          st->B;
+    }
+}
+
+/* Row p of sample n, v being row `slot` of each block's three rows: gg
+ * (cl_gg) += resize^T(grad * v), or with the fused norm's backward (v =
+ * x - mean) the sums S1 += resize^T(grad) and S2 += resize^T(grad * v)
+ * (cl_s), when asked for; with a fused training norm, each block's sums of
+ * v and v^2 added to part (a unit's, two per block, 9 apart) */
+INLINE void cl_row_sums(const struct conv_gather_args *a, const float *xr,
+                        int64_t n, int64_t p, int slot, vd *part) {
+  const int64_t C = a->C, W = a->W, L = a->levels, stride = (W + 2) * LANES;
+  const int64_t wL = a->w[L], mg = a->N * a->h[L] * wL * LANES;
+  const int64_t blocks = cl_blocks(a);
+  const int fuse = a->norm_invstd != NULL;
+  if (fuse || a->grad_gate || (a->dx && !a->dcontext)) {
+    const float *row = a->grad + (n * a->H + p) * W * C;
+    const int64_t at = (n * a->h[L] + a->row_index[p]) * wL;
+    for (int64_t q = 0; q < W; ++q) {
+      const int64_t cell = (at + a->col_index[q]) * LANES;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t c0 = b * LANES;
+        const vf g = load_lanes(row + q * C + c0, (int)min64(LANES, C - c0));
+        const vf v = V(xr + (3 * b + slot) * stride + (q + 1) * LANES);
+        if (fuse) {
+          float *s1 = a->cl_s + 2 * b * mg + cell;
+          V(s1) += g;
+          V(s1 + mg) += g * v;
+        } else {
+          V(a->cl_gg + b * mg + cell) += g * v;
+        }
+      }
+    }
+  }
+  if (a->norm_batch)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float *r = xr + (3 * b + slot) * stride + LANES;
+      vf s1 = splat(0.f), s2 = splat(0.f);
+      for (int64_t q = 0; q < W; ++q) {
+        const vf v = V(r + q * LANES);
+        s1 += v;
+        s2 += v * v;
+      }
+      part[9 * b] += widen(s1);
+      part[9 * b + 1] += widen(s2);
+    }
+}
+
+/* Before the chain, units [first, last): level 1's convolution of each
+ * block into cl_z (unless level1_in gives it) and cl_row_sums of the
+ * unit's rows. What they read per block (cl_init): y = A * x + B with A, B
+ * the affine given; with a fused training norm y' = x - pivot (A = 1,
+ * B = -pivot, as conv_gather_blocks' NCHW pass: its sums stay exact where
+ * x sits far from 0); with the fused norm's statistics x' = x - mean (then
+ * cl_z holds z', level 1 of x'), from which the chain
+ * makes y's level 1, gg and the norm backward's sums at low resolution, so
+ * that the second pass writes the norm's input gradient at once. */
+CLONED static void cl_prepass_units(const void *args_, int64_t first,
+                                    int64_t last, float *buf) {
+  const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
+  const int64_t N = a->N, W = a->W, h1 = a->h[1], w1 = a->w[1];
+  const int64_t m1 = N * h1 * w1 * LANES, stride = (W + 2) * LANES;
+  const int64_t blocks = cl_blocks(a), U = a->cl_units;
+  float *xr = buf + a->off_a[0];
+  for (int64_t u = first; u < last; ++u) {
+    const int64_t n = u / U, p0 = a->cl_rows[u % U];
+    const int64_t p1 = a->cl_rows[u % U + 1] - 1;
+    vd *part = a->cl_part + u * blocks * 9;
+    for (int64_t b = 0; b < blocks; ++b)
+      part[9 * b] = part[9 * b + 1] = (vd){0};
+    /* output rows 2i in p0..p1; an odd p0 is row 2i - 1 of the first */
+    const int64_t i0 = (p0 + 1) / 2, i1 = p1 / 2;
+    if (i0 > i1) { /* the unit is one odd row */
+      cl_load_row(a, xr, n, p0, 1);
+      cl_row_sums(a, xr, n, p0, 1, part);
+      continue;
+    }
+    cl_load_row(a, xr, n, 2 * i0 - 1, 0);
+    if (2 * i0 - 1 == p0) cl_row_sums(a, xr, n, p0, 0, part);
+    for (int64_t i = i0; i <= i1; ++i) {
+      if (i > i0)
+        for (int64_t b = 0; b < blocks; ++b)
+          memcpy(xr + 3 * b * stride, xr + (3 * b + 2) * stride,
+                 sizeof(float) * stride);
+      cl_load_row(a, xr, n, 2 * i, 1);
+      cl_load_row(a, xr, n, 2 * i + 1, 2);
+      cl_row_sums(a, xr, n, 2 * i, 1, part);
+      if (2 * i + 1 <= p1) cl_row_sums(a, xr, n, 2 * i + 1, 2, part);
+      for (int64_t b = 0; b < blocks; ++b)
+        conv_forward(xr + 3 * b * stride, W, a->clb[b].K1,
+                     a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, 1, w1);
+    }
+  }
+}
+
+/* dx row p of sample n <- grad * resize(gate) + the row of level 1's input
+ * gradient at dr (block b's at dr + b * dr_blocks); with the fused norm,
+ * through its backward (its mean terms md, mdx known) */
+INLINE void cl_input_grad_row(const struct conv_gather_args *a, int64_t n,
+                              int64_t p, const float *dr, int64_t dr_blocks) {
+  const int64_t C = a->C, W = a->W, L = a->levels;
+  const int64_t wL = a->w[L], mg = a->N * a->h[L] * wL * LANES;
+  const int64_t blocks = cl_blocks(a);
+  const int fuse = a->norm_invstd != NULL;
+  const int64_t at = (n * a->H + p) * W * C;
+  const float *grow = a->grad + at, *xrow = a->x + at;
+  float *orow = a->dx + at;
+  const int64_t gate_at = (n * a->h[L] + a->row_index[p]) * wL;
+  for (int64_t q = 0; q < W; ++q) {
+    const int64_t cell = (gate_at + a->col_index[q]) * LANES;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const struct cl_block *st = a->clb + b;
+      const int64_t c0 = b * LANES;
+      const int active = (int)min64(LANES, C - c0);
+      vf d = load_lanes(grow + q * C + c0, active) *
+                 V(a->cl_gate + b * mg + cell) +
+             V(dr + b * dr_blocks + (q + 1) * LANES);
+      if (fuse && a->norm_train) {
+        const vf xv = load_lanes(xrow + q * C + c0, active);
+        d = st->A * (d - st->md - (xv - st->nmean) * st->ninvstd * st->mdx);
+      } else if (fuse) {
+        d *= st->A;
+      }
+      store_lanes(orow + q * C + c0, d, active);
+    }
+  }
+}
+
+/* After the chain (backward), units [first, last): level 1's convolution
+ * backward of the output rows that touch the unit's rows p0..p1 (its
+ * kernels' gradient, per unit, only from the unit's own output rows 2i in
+ * p0..p1) into three rows of its input's gradient per block (rows
+ * 2i - 1 .. 2i + 1; after output row i, rows 2i - 1 and 2i have all their
+ * terms), and dx of the unit's rows as they complete. */
+CLONED static void cl_postpass_units(const void *args_, int64_t first,
+                                     int64_t last, float *buf) {
+  const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
+  const int64_t N = a->N, W = a->W, h1 = a->h[1], w1 = a->w[1];
+  const int64_t m1 = N * h1 * w1 * LANES, stride = (W + 2) * LANES;
+  const int64_t blocks = cl_blocks(a), U = a->cl_units;
+  float *xr = buf + a->off_a[0], *dr = buf + a->off_da[0];
+  for (int64_t u = first; u < last; ++u) {
+    const int64_t n = u / U, p0 = a->cl_rows[u % U];
+    const int64_t p1 = a->cl_rows[u % U + 1] - 1;
+    vd *part = a->cl_part + u * blocks * 9, other[9];
+    for (int64_t t = 0; t < blocks * 9; ++t) part[t] = (vd){0};
+    /* the output rows with an input row in p0..p1 */
+    const int64_t i0 = p0 / 2, i1 = min64(h1 - 1, (p1 + 1) / 2);
+    memset(dr, 0, sizeof(float) * blocks * 3 * stride);
+    cl_load_row(a, xr, n, 2 * i0 - 1, 0);
+    for (int64_t i = i0; i <= i1; ++i) {
+      if (i > i0)
+        for (int64_t b = 0; b < blocks; ++b) {
+          float *x3 = xr + 3 * b * stride, *d3 = dr + 3 * b * stride;
+          memcpy(x3, x3 + 2 * stride, sizeof(float) * stride);
+          memcpy(d3, d3 + 2 * stride, sizeof(float) * stride);
+          memset(d3 + stride, 0, sizeof(float) * 2 * stride);
+        }
+      cl_load_row(a, xr, n, 2 * i, 1);
+      cl_load_row(a, xr, n, 2 * i + 1, 2);
+      const int own = p0 <= 2 * i && 2 * i <= p1;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int t = 0; !own && t < 9; ++t) other[t] = (vd){0};
+        conv_backward(xr + 3 * b * stride, dr + 3 * b * stride, W,
+                      a->clb[b].K1,
+                      a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, 1, w1,
+                      own ? part + 9 * b : other);
+      }
+      for (int64_t r = 0; r < 2; ++r)
+        if (p0 <= 2 * i - 1 + r && 2 * i - 1 + r <= p1)
+          cl_input_grad_row(a, n, 2 * i - 1 + r, dr + r * stride,
+                            3 * stride);
+    }
+    /* the map's last row, odd, when it is the unit's */
+    if (2 * i1 + 1 <= p1)
+      cl_input_grad_row(a, n, 2 * i1 + 1, dr + 2 * stride, 3 * stride);
+  }
+}
+
+/* block b's sum of term t over the units, in unit order */
+static vd cl_sum(const struct conv_gather_args *a, int64_t b, int t) {
+  const int64_t blocks = cl_blocks(a), units = a->N * a->cl_units;
+  vd sum = {0};
+  for (int64_t u = 0; u < units; ++u) sum += a->cl_part[(u * blocks + b) * 9 + t];
+  return sum;
+}
+
+/* each block's level 1 kernels and the affine the first pass reads (see
+ * cl_prepass_units), the fused norm's statistics, and zeroed sums */
+static void cl_init(const struct conv_gather_args *a) {
+  const int64_t C = a->C, L = a->levels;
+  const int64_t mg = a->N * a->h[L] * a->w[L] * LANES;
+  const int need_gg = a->grad_gate != NULL || (a->dx && !a->dcontext);
+  for (int64_t b = 0; b < cl_blocks(a); ++b) {
+    struct cl_block *st = a->clb + b;
+    const int64_t c0 = b * LANES;
+    const int active = (int)min64(LANES, C - c0);
+    vf zero;
+    lanes_of(st->K1, a->weight[0], c0, active, 9, 0.f);
+    st->nmean = splat(0.f);
+    st->ninvstd = splat(1.f);
+    if (a->norm_invstd) {
+      lanes_of(&st->nmean, a->norm_mean_in, c0, active, 1, 0.f);
+      lanes_of(&st->ninvstd, a->norm_invstd, c0, active, 1, 1.f);
+      lane_affine(NULL, NULL, active, &st->A, &zero);
+      st->B = -st->nmean;
+      memset(a->cl_s + 2 * b * mg, 0, sizeof(float) * 2 * mg);
+    } else if (a->norm_batch) {
+      vf pivot = splat(0.f);
+      for (int k = 0; k < active; ++k) pivot[k] = a->x[c0 + k];
+      lane_affine(NULL, NULL, active, &st->A, &zero);
+      st->B = -pivot;
+    } else {
+      lane_affine(a->scale ? a->scale + c0 : NULL,
+                  a->scale ? a->shift + c0 : NULL, active, &st->A, &st->B);
+    }
+    if (need_gg && !a->norm_invstd)
+      memset(a->cl_gg + b * mg, 0, sizeof(float) * mg);
+  }
 }
 
 CLONED static void conv_gather_blocks(const void *args_, int64_t first,
@@ -484,6 +784,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
   float *G = buf + a->off_rows, *D = G + W * LANES, *X = D + W * LANES;
   float *ctx = buf + a->off_ctx, *gate = buf + a->off_gate;
   float *gg = buf + a->off_gg, *dctx = buf + a->off_dctx;
+  const int64_t mg = N * mL * LANES;
   for (int64_t block = first; block < last; ++block) {
     const int64_t c0 = block * LANES;
     const int active = (int)min64(LANES, C - c0);
@@ -516,20 +817,27 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     const int64_t m1 = N * a->h[1] * a->w[1] * LANES;
     float *z1 = buf + a->off_z[1];
     if (need_gg) memset(gg, 0, sizeof(float) * N * mL * LANES);
-    if (a->level1_in) {
+    if (a->level1_in && !(a->cl && a->norm_invstd)) {
       memcpy(z1, a->level1_in + block * m1, sizeof(float) * m1);
     } else if (a->norm_batch) {
       /* the norm's statistics and level 1 from one pass over x' = x - the
        * channel's first value (its sums stay exact where x sits far from
        * 0), then level 1 of y = s * x' + u */
       vf pivot = splat(0.f), gamma_n, beta_n;
+      /* channels-last: as cl_init */
       for (int k = 0; k < active; ++k)
         pivot[k] = a->x[a->cl ? c0 + k : (c0 + k) * H * W];
       vd sums[2] = {{0}, {0}};
-      for (int64_t n = 0; n < N; ++n) {
-        load_input(a, P, n, c0, active, one, -pivot, NULL, NULL, sums);
-        conv_forward(P, W, K[1], z1 + n * a->h[1] * a->w[1] * LANES,
-                     a->h[1], a->w[1]);
+      if (a->cl) {
+        memcpy(z1, a->cl_z + block * m1, sizeof(float) * m1);
+        sums[0] = a->clb[block].sums[0];
+        sums[1] = a->clb[block].sums[1];
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          load_input(a, P, n, c0, active, one, -pivot, NULL, NULL, sums);
+          conv_forward(P, W, K[1], z1 + n * a->h[1] * a->w[1] * LANES,
+                       a->h[1], a->w[1]);
+        }
       }
       const vd d = sums[0] / (double)(N * H * W);
       const vd var = sums[1] / (double)(N * H * W) - d * d;
@@ -552,6 +860,20 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       A = s;
       for (int k = 0; k < LANES; ++k)
         B[k] = k < active ? beta_n[k] - a->norm_mean[c0 + k] * s[k] : 0.f;
+    } else if (a->cl && a->norm_invstd) {
+      /* level 1 of y = A * x' + (A * mean + B) from that of x' = x - mean,
+       * and gg = A * S2 + (A * mean + B) * S1 (cl_prepass) */
+      const struct cl_block *st = a->clb + block;
+      const vf Bm = A * st->nmean + B;
+      memcpy(z1, a->cl_z + block * m1, sizeof(float) * m1);
+      level1_affine(z1, K[1], A, Bm, N, H, W, a->h[1], a->w[1]);
+      const float *S1 = a->cl_s + 2 * block * mg, *S2 = S1 + mg;
+      if (need_gg)
+        for (int64_t t = 0; t < N * mL; ++t)
+          V(gg + t * LANES) = A * V(S2 + t * LANES) + Bm * V(S1 + t * LANES);
+    } else if (a->cl) {
+      memcpy(z1, a->cl_z + block * m1, sizeof(float) * m1);
+      if (need_gg) memcpy(gg, a->cl_gg + block * mg, sizeof(float) * mg);
     } else {
       for (int64_t n = 0; n < N; ++n) {
         load_input(a, P, n, c0, active, A, B, need_gg ? G : NULL, gg, NULL);
@@ -559,9 +881,18 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
                      a->h[1], a->w[1]);
       }
     }
-    if (a->level1_out)
+    if (a->level1_out && a->cl && a->norm_invstd) {
+      /* channels-last with the norm's statistics: what the first pass
+       * made, z', S1 and S2, for a second call to take instead of its
+       * first pass */
+      memcpy(a->level1_out + block * (m1 + 2 * mg), a->cl_z + block * m1,
+             sizeof(float) * m1);
+      memcpy(a->level1_out + block * (m1 + 2 * mg) + m1,
+             a->cl_s + 2 * block * mg, sizeof(float) * 2 * mg);
+    } else if (a->level1_out) {
       memcpy(a->level1_out + block * m1, buf + a->off_z[1],
              sizeof(float) * m1);
+    }
 
     /* the chain: norm, activation, next convolution */
     for (int64_t l = 1; l <= L; ++l) {
@@ -708,6 +1039,36 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
                       d + n * ml * LANES, hl, wl, dK[l]);
     }
 
+    if (a->cl) {
+      /* the full-resolution pass streams rows over the thread's blocks
+       * (cl_postpass): what it needs of this block */
+      struct cl_block *st = a->clb + block;
+      const float *dz1 = buf + a->off_dz[1];
+      if (a->norm_invstd) {
+        /* the norm backward's sums, at low resolution: over the input,
+         * dy = grad * resize(gate) + level 1's backward of dz1 sums to
+         * gate . S1 + dz1 . taps, and dy * (x - mean) to gate . S2 +
+         * dz1 . z' (cl_prepass) */
+        const float *S1 = a->cl_s + 2 * block * mg, *S2 = S1 + mg;
+        st->nsum = dot_cells(gate, S1, N * mL) +
+                   level1_taps_dot(dz1, K[1], N, H, W, a->h[1], a->w[1]);
+        st->nsumx = (dot_cells(gate, S2, N * mL) +
+                     dot_cells(dz1, a->cl_z + block * m1,
+                               N * a->h[1] * a->w[1])) *
+                    widen(st->ninvstd);
+      }
+      memcpy(a->cl_z + block * m1, dz1, sizeof(float) * m1);
+      memcpy(a->cl_gate + block * mg, gate, sizeof(float) * mg);
+      memcpy(st->K1, K[1], sizeof(st->K1));
+      st->A = A;
+      st->B = B;
+      for (int64_t l = 2; l <= L; ++l)
+        for (int k = 0; k < active; ++k)
+          for (int t = 0; t < 9; ++t)
+            a->dweight[((l - 1) * C + c0 + k) * 9 + t] = (float)dK[l][t][k];
+      continue;
+    }
+
     /* full resolution, sample by sample (the block's planes are still in
      * the cache): level 1's convolution backward, then
      * dy = grad * resize(gate) + its input gradient, written to dx; with
@@ -727,17 +1088,19 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       memset(dP, 0, sizeof(float) * (H + 2) * stride);
       conv_backward(P, dP, W, K[1], dz1 + n * a->h[1] * a->w[1] * LANES,
                     a->h[1], a->w[1], dK[1]);
+      const float *g = a->grad + (n * C + c0) * HW;
+      float *out = a->dx + (n * C + c0) * HW;
       for (int64_t p = 0; p < H; ++p) {
         const float *gr = gate + (n * hL + a->row_index[p]) * wL * LANES;
         const float *dr = dP + (p + 1) * stride + LANES;
-        load_map_row(a, G, a->grad, n, c0, p, active, one, zero);
+        load_row(G, g + p * W, HW, W, active, one, zero);
         for (int64_t q = 0; q < W; ++q)
           V(D + q * LANES) = V(G + q * LANES) *
                                  V(gr + a->col_index[q] * LANES) +
                              V(dr + q * LANES);
         if (fuse) {
-          /* x - mean */
-          load_map_row(a, X, a->x, n, c0, p, active, one, -nmean * one);
+          const float *xr = a->x + (n * C + c0) * HW + p * W;
+          load_row(X, xr, HW, W, active, one, -nmean * one);  /* x - mean */
           vf s = splat(0.f), sx = splat(0.f);
           for (int64_t q = 0; q < W; ++q) {
             const vf d = V(D + q * LANES);
@@ -747,7 +1110,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
           nsum += widen(s);
           nsumx += widen(sx) * widen(ninvstd);
         }
-        store_map_row(a, a->dx, D, n, c0, p, active);
+        store_row(out + p * W, D, HW, W, active);
       }
     }
     if (fuse) {
@@ -755,38 +1118,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
        * batch's statistics, else scale * dy; over the block's planes, in
        * the cache */
       const double m = (double)(N * HW);
-      if (a->cl) {
-        /* the block's channels of each cell: one vector per cell */
-        vf md = splat(0.f), mdx = splat(0.f);
-        for (int k = 0; k < active; ++k) {
-          a->norm_dgamma[c0 + k] = (float)nsumx[k];
-          a->norm_dbeta[c0 + k] = (float)nsum[k];
-          if (a->norm_train) {
-            md[k] = (float)(nsum[k] / m);
-            mdx[k] = (float)(nsumx[k] / m);
-          }
-        }
-        for (int64_t t = 0; t < N * HW; ++t) {
-          float *out = a->dx + t * C + c0;
-          const float *xin = a->x + t * C + c0;
-          vf d = splat(0.f), xv = splat(0.f);
-          if (active == LANES) {
-            d = load(out);
-            xv = load(xin);
-          } else {
-            for (int k = 0; k < active; ++k) {
-              d[k] = out[k];
-              xv[k] = xin[k];
-            }
-          }
-          d = a->norm_train ? A * (d - md - (xv - nmean) * ninvstd * mdx)
-                            : d * A;
-          if (active == LANES)
-            store(out, d);
-          else
-            for (int k = 0; k < active; ++k) out[k] = d[k];
-        }
-      } else for (int k = 0; k < active; ++k) {
+      for (int k = 0; k < active; ++k) {
         a->norm_dgamma[c0 + k] = (float)nsumx[k];
         a->norm_dbeta[c0 + k] = (float)nsum[k];
         const float sk = A[k], mk = nmean[k], ik = ninvstd[k];
@@ -815,13 +1147,18 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
  * be allocated, 2 for more than MAX_LEVELS levels, 3 for level1_in with an
  * output that needs the input's gate gradient, 4 for a fused norm used
  * wrongly (norm_batch with scale or with a backward output, norm_invstd
- * without dx, norm_rvar with scale or norm_batch or without norm_rmean;
+ * without dx (but see below), norm_rvar with scale or norm_batch or without norm_rmean;
  * norm_rvar: the norm with running statistics, its scale and shift made
  * once here by ge_norm_affine and then used as scale and shift),
  * 5 for a level without its kernels or, when it does not train, its
  * running statistics, 6 for an excite with a backward input or output or
  * without out. With x_cl, x, grad, dx and the excite's identity and out
- * are channels-last, (N, H, W, C) in memory; else contiguous. */
+ * are channels-last, (N, H, W, C) in memory; else contiguous. With x_cl, a
+ * forward call with grad and level1_out may take the norm's statistics
+ * (norm_mean_in, norm_invstd): its level1_out then holds, per block, z',
+ * S1 and S2 (see cl_prepass_units; N * h1 * w1 + 2 * N * hL * wL cells of
+ * LANES), and a second call with level1_in and the same statistics skips
+ * its first pass (GE-theta-plus's backward: the MLP runs in between). */
 int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const float *const *weight, const float *const *gamma,
                    const float *const *beta, const float *const *rmean,
@@ -848,7 +1185,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
   if (norm_batch && (scale || grad || dx || level1_in || !norm_mean ||
                      !norm_var))
     return 4;
-  if (norm_invstd && (!dx || !norm_mean_in || !norm_dgamma || !norm_dbeta))
+  if (norm_invstd &&
+      (!norm_mean_in || (dx ? !norm_dgamma || !norm_dbeta
+                            : !(x_cl && level1_out && grad))))
     return 4;
   if (norm_rvar && (scale || norm_batch || !norm_rmean)) return 4;
   for (int l = 0; l < levels; ++l)
@@ -869,48 +1208,140 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
       .norm_dbeta = norm_dbeta, .excite = excite, .small_cl = small_cl,
       .cl = x_cl};
+  const int64_t blocks = (C + LANES - 1) / LANES, plane = N * H * W * LANES;
+  const int64_t h1 = (H + 1) / 2, w1 = (W + 1) / 2;
+  /* the memory this call allocates: released together at the end */
+  void *cl_memory = NULL;
+  float *norm_affine = NULL, *buffers = NULL;
+  int status = 0;
+  if (x_cl) {
+    /* the units: runs of at least CL_BAND rows, never splitting the rows of
+     * a gate row; then what the passes keep per block and per unit */
+    int64_t units = 1;
+    int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (size_t)(H + 1));
+    if (!starts) return 1;
+    starts[0] = 0;
+    for (int64_t p = 1; p < H; ++p)
+      if (p - starts[units - 1] >= CL_BAND && row_index[p] != row_index[p - 1])
+        starts[units++] = p;
+    starts[units] = H;
+    a.cl_units = units;
+    const int64_t hL = (H + (1 << levels) - 1) >> levels;
+    const int64_t wL = (W + (1 << levels) - 1) >> levels;
+    const int64_t m1 = N * h1 * w1 * LANES, mg = N * hL * wL * LANES;
+    const int need_gg = grad_gate != NULL || (dx && !dcontext);
+    const size_t head = sizeof(struct cl_block) * (size_t)blocks +
+                        sizeof(vd) * (size_t)(N * units * blocks * 9);
+    const int64_t floats =
+        blocks * (m1 + (need_gg ? mg : 0) + (dx ? mg : 0) +
+                  (norm_invstd ? 2 * mg : 0));
+    cl_memory = aligned_alloc(
+        64, (head + sizeof(float) * (size_t)floats + 63) / 64 * 64);
+    if (!cl_memory) {
+      free(starts);
+      return 1;
+    }
+    a.clb = (struct cl_block *)cl_memory;
+    a.cl_part = (vd *)(a.clb + blocks);
+    float *f = (float *)((char *)cl_memory + head);
+    a.cl_z = f;
+    f += blocks * m1;
+    if (need_gg) {
+      a.cl_gg = f;
+      f += blocks * mg;
+    }
+    if (dx) {
+      a.cl_gate = f;
+      f += blocks * mg;
+    }
+    if (norm_invstd) a.cl_s = f;
+    a.cl_rows = starts;
+  }
   plan(&a);
-  float *norm_affine = NULL;
   if (norm_rvar) {
     norm_affine = (float *)malloc(sizeof(float) * (size_t)(3 * C));
-    if (!norm_affine) return 1;
-    ge_norm_affine(norm_gamma, norm_beta, norm_rmean, norm_rvar, norm_eps, C,
-                   norm_affine);
-    a.scale = norm_affine + C;
-    a.shift = norm_affine + 2 * C;
+    if (!norm_affine) status = 1;
+    else {
+      ge_norm_affine(norm_gamma, norm_beta, norm_rmean, norm_rvar, norm_eps,
+                     C, norm_affine);
+      a.scale = norm_affine + C;
+      a.shift = norm_affine + 2 * C;
+    }
   }
-  const int64_t blocks = (C + LANES - 1) / LANES, plane = N * H * W * LANES;
-  if (!excite) {
-    const int status = for_planes(conv_gather_blocks, &a, blocks, plane,
-                                  a.scratch, threads);
-    free(norm_affine);
-    return status;
-  }
-  /* every block's context (GE-theta: its gate), then GE-theta-plus's
-   * MLP's gate from all channels, then the excite */
   const int64_t hL = a.h[levels], wL = a.w[levels], rows = N * hL * wL;
-  float *buffers =
-      (float *)malloc(sizeof(float) * (size_t)(2 * rows * C + 2 * C));
-  if (!buffers) {
-    free(norm_affine);
-    return 1;
+  float *gate_rows = NULL;
+  if (!status && excite) {
+    /* every block's context (GE-theta: its gate), then GE-theta-plus's
+     * MLP's gate from all channels, then the excite */
+    buffers = (float *)malloc(sizeof(float) * (size_t)(2 * rows * C + 2 * C));
+    if (!buffers) status = 1;
+    else {
+      a.ctx_rows = buffers;
+      a.affine = buffers + rows * C;
+      gate_rows = excite->mlp_w1 ? a.affine + 2 * C : a.ctx_rows;
+    }
   }
-  a.ctx_rows = buffers;
-  a.affine = buffers + rows * C;
-  float *gate_rows = excite->mlp_w1 ? a.affine + 2 * C : a.ctx_rows;
-  int status = for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
-                          threads);
-  if (!status && excite->mlp_w1)
+  if (!status && x_cl) {
+    cl_init(&a);
+    if (!level1_in) {
+      status = for_planes(cl_prepass_units, &a, N * a.cl_units,
+                          H * W * C / a.cl_units + 1, a.scratch, threads);
+    } else if (norm_invstd) {
+      /* the first pass's z', S1 and S2, from a first call's level1_out */
+      const int64_t m1 = N * h1 * w1 * LANES, mg = N * hL * wL * LANES;
+      for (int64_t b = 0; b < blocks; ++b) {
+        memcpy(a.cl_z + b * m1, level1_in + b * (m1 + 2 * mg),
+               sizeof(float) * m1);
+        memcpy(a.cl_s + 2 * b * mg, level1_in + b * (m1 + 2 * mg) + m1,
+               sizeof(float) * 2 * mg);
+      }
+    }
+    if (!status && norm_batch)
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int t = 0; t < 2; ++t) a.clb[b].sums[t] = cl_sum(&a, b, t);
+  }
+  if (!status)
+    status = for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
+                        threads);
+  if (!status && x_cl && dx) {
+    /* the norm backward's outputs and mean terms (its sums from the
+     * chain), the second pass, then level 1's kernels' gradient */
+    const double m = (double)(N * H * W);
+    for (int64_t b = 0; b < blocks; ++b) {
+      struct cl_block *st = a.clb + b;
+      const int64_t c0 = b * LANES;
+      st->md = st->mdx = splat(0.f);
+      for (int k = 0; norm_invstd && k < (int)min64(LANES, C - c0); ++k) {
+        norm_dgamma[c0 + k] = (float)st->nsumx[k];
+        norm_dbeta[c0 + k] = (float)st->nsum[k];
+        if (norm_train) {
+          st->md[k] = (float)(st->nsum[k] / m);
+          st->mdx[k] = (float)(st->nsumx[k] / m);
+        }
+      }
+    }
+    status = for_planes(cl_postpass_units, &a, N * a.cl_units,
+                        H * W * C / a.cl_units + 1, a.scratch, threads);
+    for (int64_t b = 0; !status && b < blocks; ++b) {
+      const int64_t c0 = b * LANES;
+      for (int t = 0; t < 9; ++t) {
+        const vd g = cl_sum(&a, b, t);
+        for (int k = 0; k < (int)min64(LANES, C - c0); ++k)
+          dweight[(c0 + k) * 9 + t] = (float)g[k];
+      }
+    }
+  }
+  if (!status && excite && excite->mlp_w1)
     status = ge_mlp_gate(a.ctx_rows, rows, C, excite->mlp_hidden,
                          excite->mlp_w1, excite->mlp_b1, excite->mlp_w2,
                          excite->mlp_b2, excite->mlp_relu, gate_rows,
                          threads);
-  if (!status && x_cl) {
+  if (!status && excite && x_cl) {
     status = ge_excite_nhwc(x, a.affine, a.affine + C, gate_rows,
                             excite->identity, row_index, col_index,
                             excite->out, N, C, H, W, hL, wL, excite->relu,
                             threads);
-  } else if (!status) {
+  } else if (!status && excite) {
     /* the gate (N, C, hL, wL) lies channels-last in its rows */
     const int64_t strides[4] = {hL * wL * C, 1, wL * C, C};
     status = ge_excite(x, a.affine, a.affine + C, gate_rows, excite->identity,
@@ -918,6 +1349,8 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                        wL, strides, excite->relu, threads);
   }
   free(buffers);
+  if (x_cl) free(a.cl_rows);
+  free(cl_memory);
   free(norm_affine);
   return status;
 }

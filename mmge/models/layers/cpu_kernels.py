@@ -848,10 +848,15 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
     h, w = conv_gather_size(height, width, levels)
     h1, w1 = conv_gather_size(height, width, 1)
     blocks = -(-c // 8)  # LANES in ge_conv_gather.c
+    # a level1 block: level 1's output; channels-last with the norm's
+    # statistics, that of x - mean and the gate's sums S1, S2 (the kernel's
+    # first pass, which a second call then skips)
+    level1_size = n * h1 * w1 * 8 + (2 * n * h * w * 8
+                                     if x_cl and stats is not None else 0)
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     out = {
-        'level1': (blocks * n * h1 * w1 * 8, ),
+        'level1': (blocks * level1_size, ),
         'context': (n, c, h, w),
         'mean': (levels, c),
         'var': (levels, c),
@@ -916,7 +921,8 @@ def conv_gather(x: torch.Tensor,
                 keep_level1: bool = False,
                 norm: Optional[FusedNorm] = None,
                 channels_last: bool = False,
-                excite: Optional[Excitation] = None) -> ConvGatherResult:
+                excite: Optional[Excitation] = None,
+                stats: Optional['NormStats'] = None) -> ConvGatherResult:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
     of ``y = norm(x)``, or of ``x``; with ``excite``, its excite too.
 
@@ -941,6 +947,12 @@ def conv_gather(x: torch.Tensor,
             gated right after it is gathered, while its planes are in the
             cache; for GE-theta-plus after the MLP. Not with ``grad`` or
             ``keep_level1``.
+        stats (NormStats, optional): With channels-last ``x``, ``grad`` and
+            ``keep_level1``: the statistics of the batch norm that made
+            ``y`` (as :func:`conv_gather_backward` takes them). ``level1``
+            then also holds the sums of the kernel's first pass over ``x``
+            and ``grad``, which :func:`conv_gather_backward` with the same
+            ``level1`` and ``stats`` does not make again.
 
     Returns:
         ConvGatherResult: The context (or the excite's output) and
@@ -953,7 +965,8 @@ def conv_gather(x: torch.Tensor,
                 ('level1', ) if keep_level1 else ()) + (
                     ('norm_mean', 'norm_var') if batch_norm else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want,
-                       norm=norm, small_cl=channels_last, excite=excite)
+                       norm=norm, stats=stats, small_cl=channels_last,
+                       excite=excite)
     return ConvGatherResult(*[out[k] for k in ConvGatherResult._fields])
 
 
@@ -989,8 +1002,9 @@ def conv_gather_backward(
         dcontext (Tensor, optional): Gradient of the context,
             (N, C, h, w), read in ``gate``'s layout; given with ``gate``.
         level1 (Tensor, optional): :func:`conv_gather`'s ``level1`` for the
-            same ``x``, parameters and affine: the first convolution is not
-            run again. Needs ``gate`` and ``dcontext``.
+            same ``x``, parameters and affine (and ``stats``, the same as
+            that call's): the first convolution is not run again. Needs
+            ``gate`` and ``dcontext``.
         stats (NormStats, optional): The statistics of the batch norm that
             made ``y`` (``scale`` is its weight times ``invstd``, ``shift``
             its bias minus ``mean * scale``).

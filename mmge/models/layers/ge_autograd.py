@@ -420,11 +420,17 @@ class GEFunction(torch.autograd.Function):
                                             layer.extent)
         else:
             gate = dcontext = level1 = None
+            state = ctx.norm_state
+            stats = None if norm is None else cpu_kernels.NormStats(
+                state['mean'], state['invstd'], state['train'])
             mlp = layer.excite.mlp
             if mlp is not None:
-                first = cpu_kernels.conv_gather(inp, plan, scale, shift,
-                                                grad, keep_level1=True,
-                                                channels_last=True)
+                # channels-last: the first call also makes the second's
+                # first pass (given the norm's statistics)
+                first = cpu_kernels.conv_gather(
+                    inp, plan, scale, shift, grad, keep_level1=True,
+                    channels_last=True,
+                    stats=stats if channels_last(inp) else None)
                 context, grad_gate, level1 = (first.context,
                                               first.grad_gate, first.level1)
                 weights = [p for p in layer.excite.parameters()
@@ -433,9 +439,6 @@ class GEFunction(torch.autograd.Function):
                     context, grad_gate)
                 by_param.update(zip(map(id, weights), grads))
                 gate, dcontext = gate.float(), dcontext.float()
-            state = ctx.norm_state
-            stats = None if norm is None else cpu_kernels.NormStats(
-                state['mean'], state['invstd'], state['train'])
             grads = cpu_kernels.conv_gather_backward(
                 inp, plan, grad, scale, shift, gate, dcontext, level1, stats)
             grad_x = grads.dx
