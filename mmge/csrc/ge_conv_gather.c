@@ -98,6 +98,40 @@ INLINE void conv_backward(const float *plane, float *dplane, int64_t w,
   }
 }
 
+/* conv_forward and conv_backward of one output row from three padded rows
+ * anywhere (r0..r2, row width w; their gradient d0..d2): channels-last's
+ * rows rotate through three slots instead of being copied */
+INLINE void conv_row_forward(const float *r0, const float *r1,
+                             const float *r2, const vf *K, float *out,
+                             int64_t wo) {
+  for (int64_t j = 0; j < wo; ++j) {
+    const int64_t at = 2 * j * LANES;
+    V(out + j * LANES) =
+        K[0] * V(r0 + at) + K[1] * V(r0 + at + LANES) +
+        K[2] * V(r0 + at + 2 * LANES) + K[3] * V(r1 + at) +
+        K[4] * V(r1 + at + LANES) + K[5] * V(r1 + at + 2 * LANES) +
+        K[6] * V(r2 + at) + K[7] * V(r2 + at + LANES) +
+        K[8] * V(r2 + at + 2 * LANES);
+  }
+}
+
+INLINE void conv_row_backward(const float *const *r, float *const *d,
+                              const vf *K, const float *dz, int64_t wo,
+                              vd *dK) {
+  vf s[9];
+  for (int t = 0; t < 9; ++t) s[t] = splat(0.f);
+  for (int64_t j = 0; j < wo; ++j) {
+    const vf g = V(dz + j * LANES);
+    for (int64_t a = 0; a < 3; ++a)
+      for (int64_t b = 0; b < 3; ++b) {
+        const int64_t at = (2 * j + b) * LANES;
+        s[3 * a + b] += g * V(r[a] + at);
+        V(d[a] + at) += K[3 * a + b] * g;
+      }
+  }
+  for (int t = 0; t < 9; ++t) dK[t] += widen(s[t]);
+}
+
 /* What a channels-last call keeps per block between the full-resolution
  * passes (cl_prepass_units, cl_postpass_units) and the per-block chain:
  * level 1's kernels K1, the affine A, B of what the pass reads; the fused
@@ -528,6 +562,9 @@ INLINE int64_t cl_blocks(const struct conv_gather_args *a) {
   return (a->C + LANES - 1) / LANES;
 }
 
+/* the slot of input row p (>= -1) among a block's three rows */
+INLINE int cl_slot(int64_t p) { return (int)((p + 1) % 3); }
+
 /* row `slot` of each block's three rows (xr: block b's at 3 * b rows) <-
  * row p of y = A * x + B of sample n (zero outside the map) */
 INLINE void cl_load_row(const struct conv_gather_args *a, float *xr,
@@ -624,24 +661,25 @@ CLONED static void cl_prepass_units(const void *args_, int64_t first,
     /* output rows 2i in p0..p1; an odd p0 is row 2i - 1 of the first */
     const int64_t i0 = (p0 + 1) / 2, i1 = p1 / 2;
     if (i0 > i1) { /* the unit is one odd row */
-      cl_load_row(a, xr, n, p0, 1);
-      cl_row_sums(a, xr, n, p0, 1, part);
+      cl_load_row(a, xr, n, p0, cl_slot(p0));
+      cl_row_sums(a, xr, n, p0, cl_slot(p0), part);
       continue;
     }
-    cl_load_row(a, xr, n, 2 * i0 - 1, 0);
-    if (2 * i0 - 1 == p0) cl_row_sums(a, xr, n, p0, 0, part);
+    cl_load_row(a, xr, n, 2 * i0 - 1, cl_slot(2 * i0 - 1));
+    if (2 * i0 - 1 == p0) cl_row_sums(a, xr, n, p0, cl_slot(p0), part);
     for (int64_t i = i0; i <= i1; ++i) {
-      if (i > i0)
-        for (int64_t b = 0; b < blocks; ++b)
-          memcpy(xr + 3 * b * stride, xr + (3 * b + 2) * stride,
-                 sizeof(float) * stride);
-      cl_load_row(a, xr, n, 2 * i, 1);
-      cl_load_row(a, xr, n, 2 * i + 1, 2);
-      cl_row_sums(a, xr, n, 2 * i, 1, part);
-      if (2 * i + 1 <= p1) cl_row_sums(a, xr, n, 2 * i + 1, 2, part);
-      for (int64_t b = 0; b < blocks; ++b)
-        conv_forward(xr + 3 * b * stride, W, a->clb[b].K1,
-                     a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, 1, w1);
+      const int s0 = cl_slot(2 * i - 1), s1 = cl_slot(2 * i),
+                s2 = cl_slot(2 * i + 1);
+      cl_load_row(a, xr, n, 2 * i, s1);
+      cl_load_row(a, xr, n, 2 * i + 1, s2);
+      cl_row_sums(a, xr, n, 2 * i, s1, part);
+      if (2 * i + 1 <= p1) cl_row_sums(a, xr, n, 2 * i + 1, s2, part);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float *x3 = xr + 3 * b * stride;
+        conv_row_forward(x3 + s0 * stride, x3 + s1 * stride,
+                         x3 + s2 * stride, a->clb[b].K1,
+                         a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, w1);
+      }
     }
   }
 }
@@ -700,33 +738,39 @@ CLONED static void cl_postpass_units(const void *args_, int64_t first,
     /* the output rows with an input row in p0..p1 */
     const int64_t i0 = p0 / 2, i1 = min64(h1 - 1, (p1 + 1) / 2);
     memset(dr, 0, sizeof(float) * blocks * 3 * stride);
-    cl_load_row(a, xr, n, 2 * i0 - 1, 0);
+    cl_load_row(a, xr, n, 2 * i0 - 1, cl_slot(2 * i0 - 1));
     for (int64_t i = i0; i <= i1; ++i) {
-      if (i > i0)
-        for (int64_t b = 0; b < blocks; ++b) {
-          float *x3 = xr + 3 * b * stride, *d3 = dr + 3 * b * stride;
-          memcpy(x3, x3 + 2 * stride, sizeof(float) * stride);
-          memcpy(d3, d3 + 2 * stride, sizeof(float) * stride);
-          memset(d3 + stride, 0, sizeof(float) * 2 * stride);
-        }
-      cl_load_row(a, xr, n, 2 * i, 1);
-      cl_load_row(a, xr, n, 2 * i + 1, 2);
+      const int slot[3] = {cl_slot(2 * i - 1), cl_slot(2 * i),
+                           cl_slot(2 * i + 1)};
+      cl_load_row(a, xr, n, 2 * i, slot[1]);
+      cl_load_row(a, xr, n, 2 * i + 1, slot[2]);
       const int own = p0 <= 2 * i && 2 * i <= p1;
       for (int64_t b = 0; b < blocks; ++b) {
+        const float *x3 = xr + 3 * b * stride;
+        float *d3 = dr + 3 * b * stride;
+        const float *r[3] = {x3 + slot[0] * stride, x3 + slot[1] * stride,
+                             x3 + slot[2] * stride};
+        float *const d[3] = {d3 + slot[0] * stride, d3 + slot[1] * stride,
+                             d3 + slot[2] * stride};
         for (int t = 0; !own && t < 9; ++t) other[t] = (vd){0};
-        conv_backward(xr + 3 * b * stride, dr + 3 * b * stride, W,
-                      a->clb[b].K1,
-                      a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, 1, w1,
-                      own ? part + 9 * b : other);
+        conv_row_backward(r, d, a->clb[b].K1,
+                          a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, w1,
+                          own ? part + 9 * b : other);
       }
-      for (int64_t r = 0; r < 2; ++r)
+      /* rows 2i - 1 and 2i have all their terms: dx, then their slots
+       * start rows 2i + 2 and 2i + 3 */
+      for (int r = 0; r < 2; ++r) {
         if (p0 <= 2 * i - 1 + r && 2 * i - 1 + r <= p1)
-          cl_input_grad_row(a, n, 2 * i - 1 + r, dr + r * stride,
+          cl_input_grad_row(a, n, 2 * i - 1 + r, dr + slot[r] * stride,
                             3 * stride);
+        for (int64_t b = 0; b < blocks; ++b)
+          memset(dr + (3 * b + slot[r]) * stride, 0, sizeof(float) * stride);
+      }
     }
     /* the map's last row, odd, when it is the unit's */
     if (2 * i1 + 1 <= p1)
-      cl_input_grad_row(a, n, 2 * i1 + 1, dr + 2 * stride, 3 * stride);
+      cl_input_grad_row(a, n, 2 * i1 + 1,
+                        dr + cl_slot(2 * i1 + 1) * stride, 3 * stride);
   }
 }
 
