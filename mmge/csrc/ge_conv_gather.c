@@ -535,9 +535,9 @@ INLINE vd dot_cells(const float *u, const float *v, int64_t cells) {
  * of threads nor on their timing. A unit streams its rows through three
  * padded rows of y per block (what level 1's stride-2 convolution needs for
  * one output row: rows 2i - 1 .. 2i + 1), and in backward three of their
- * gradient. The
- * per-block chain (conv_gather_blocks) runs between the passes, on what
- * they keep per block (the cl_ fields). */
+ * gradient, each row in slot cl_slot(row). The per-block chain
+ * (conv_gather_blocks) runs between the passes, on what they keep per
+ * block (the cl_ fields). */
 
 /* rows per unit, at least (then up to the next gate row) */
 #define CL_BAND 8
