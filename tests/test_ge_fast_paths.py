@@ -243,13 +243,17 @@ def test_default_mode_keeps_only_its_input(variant):
     assert activations[0].data_ptr() == x.data_ptr()
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
-def test_memory_saving_mode_keeps_only_the_norms_input(variant):
+def _keeps_only_the_norms_input(variant, memory_efficient, fmt):
+    """A conv, then GE after its norm, in memory layout ``fmt``: what
+    autograd keeps is the conv's input and output (which the norm would
+    keep without GE), nothing of GE's own; the output stays in ``fmt``."""
     layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
-                         memory_efficient=True)
+                         memory_efficient=memory_efficient)
     norm = nn.BatchNorm2d(8)
     conv = nn.Conv2d(8, 8, 1)
-    inp = torch.randn(2, 8, 32, 32)
+    layer, norm, conv = (m.to(memory_format=fmt)
+                         for m in (layer, norm, conv))
+    inp = torch.randn(2, 8, 32, 32).contiguous(memory_format=fmt)
     c_box = []
 
     def run():
@@ -257,14 +261,20 @@ def test_memory_saving_mode_keeps_only_the_norms_input(variant):
         c_box.append(c)
         return layer(c, norm=norm)
 
-    _, saved = _saved_storages(run)
+    out, saved = _saved_storages(run)
+    assert out.is_contiguous(memory_format=fmt)
     params = {p.data_ptr() for m in (layer, norm, conv)
               for p in m.parameters()}
     activations = [t for t in saved if t.data_ptr() not in params]
-    # the conv keeps its input; GE keeps the conv's output, which the
-    # norm layer would keep without GE: nothing of GE's own
     assert sorted(t.data_ptr() for t in activations) == sorted(
         [inp.data_ptr(), c_box[0].data_ptr()])
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_memory_saving_mode_keeps_only_the_norms_input(variant):
+    # the conv keeps its input; GE keeps the conv's output, which the
+    # norm layer would keep without GE: nothing of GE's own
+    _keeps_only_the_norms_input(variant, True, torch.contiguous_format)
 
 
 def test_memory_saving_mode_needs_the_norm():
@@ -492,28 +502,8 @@ def test_channels_last_keeps_only_the_norms_input(variant, memory_efficient):
     from mmge.models.layers import cpu_kernels
     if not (memory_efficient or cpu_kernels.available()):
         pytest.skip('native kernels not built')
-    fmt = torch.channels_last
-    layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
-                         memory_efficient=memory_efficient)
-    norm = nn.BatchNorm2d(8)
-    conv = nn.Conv2d(8, 8, 1)
-    layer, norm, conv = (m.to(memory_format=fmt)
-                         for m in (layer, norm, conv))
-    inp = torch.randn(2, 8, 32, 32).contiguous(memory_format=fmt)
-    c_box = []
-
-    def run():
-        c = conv(inp)
-        c_box.append(c)
-        return layer(c, norm=norm)
-
-    out, saved = _saved_storages(run)
-    assert out.is_contiguous(memory_format=fmt)
-    params = {p.data_ptr() for m in (layer, norm, conv)
-              for p in m.parameters()}
-    activations = [t for t in saved if t.data_ptr() not in params]
-    assert sorted(t.data_ptr() for t in activations) == sorted(
-        [inp.data_ptr(), c_box[0].data_ptr()])
+    _keeps_only_the_norms_input(variant, memory_efficient,
+                                torch.channels_last)
 
 
 def test_ge_resnet_compiles_without_graph_breaks():

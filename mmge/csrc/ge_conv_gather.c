@@ -52,55 +52,10 @@ INLINE void zero_border(float *plane, int64_t h, int64_t w) {
   }
 }
 
-/* out (ho, wo) <- depthwise 3x3 stride-2 convolution (kernels K[0..9)) of a
- * padded map of width w */
-INLINE void conv_forward(const float *plane, int64_t w, const vf *K,
-                         float *out, int64_t ho, int64_t wo) {
-  const int64_t stride = (w + 2) * LANES;
-  for (int64_t i = 0; i < ho; ++i) {
-    const float *r0 = plane + 2 * i * stride, *r1 = r0 + stride,
-                *r2 = r1 + stride;
-    float *o = out + i * wo * LANES;
-    for (int64_t j = 0; j < wo; ++j) {
-      const int64_t at = 2 * j * LANES;
-      V(o + j * LANES) =
-          K[0] * V(r0 + at) + K[1] * V(r0 + at + LANES) +
-          K[2] * V(r0 + at + 2 * LANES) + K[3] * V(r1 + at) +
-          K[4] * V(r1 + at + LANES) + K[5] * V(r1 + at + 2 * LANES) +
-          K[6] * V(r2 + at) + K[7] * V(r2 + at + LANES) +
-          K[8] * V(r2 + at + 2 * LANES);
-    }
-  }
-}
-
-/* Backward of conv_forward for the output gradient dz (ho, wo): adds the
- * kernels' gradient to dK and, when dplane is given, the input's gradient
- * to dplane (a padded map of the input's size, zeroed by the caller; its
- * border collects gradient that is never read). */
-INLINE void conv_backward(const float *plane, float *dplane, int64_t w,
-                          const vf *K, const float *dz, int64_t ho,
-                          int64_t wo, vd *dK) {
-  const int64_t stride = (w + 2) * LANES;
-  for (int64_t i = 0; i < ho; ++i) {
-    vf s[9];
-    for (int t = 0; t < 9; ++t) s[t] = splat(0.f);
-    for (int64_t j = 0; j < wo; ++j) {
-      const vf d = V(dz + (i * wo + j) * LANES);
-      for (int64_t a = 0; a < 3; ++a) {
-        const int64_t at = (2 * i + a) * stride + 2 * j * LANES;
-        for (int64_t b = 0; b < 3; ++b) {
-          s[3 * a + b] += d * V(plane + at + b * LANES);
-          if (dplane) V(dplane + at + b * LANES) += K[3 * a + b] * d;
-        }
-      }
-    }
-    for (int t = 0; t < 9; ++t) dK[t] += widen(s[t]);
-  }
-}
-
-/* conv_forward and conv_backward of one output row from three padded rows
- * anywhere (r0..r2, row width w; their gradient d0..d2): channels-last's
- * rows rotate through three slots instead of being copied */
+/* One output row (wo positions) of conv_forward, and of conv_backward, from
+ * three padded input rows anywhere: r0..r2 (r[0..2]), their gradient
+ * d[0..2] (d NULL: none). Channels-last's rows rotate through three slots
+ * instead of lying one after the other. */
 INLINE void conv_row_forward(const float *r0, const float *r1,
                              const float *r2, const vf *K, float *out,
                              int64_t wo) {
@@ -126,10 +81,41 @@ INLINE void conv_row_backward(const float *const *r, float *const *d,
       for (int64_t b = 0; b < 3; ++b) {
         const int64_t at = (2 * j + b) * LANES;
         s[3 * a + b] += g * V(r[a] + at);
-        V(d[a] + at) += K[3 * a + b] * g;
+        if (d) V(d[a] + at) += K[3 * a + b] * g;
       }
   }
   for (int t = 0; t < 9; ++t) dK[t] += widen(s[t]);
+}
+
+/* out (ho, wo) <- depthwise 3x3 stride-2 convolution (kernels K[0..9)) of a
+ * padded map of width w */
+INLINE void conv_forward(const float *plane, int64_t w, const vf *K,
+                         float *out, int64_t ho, int64_t wo) {
+  const int64_t stride = (w + 2) * LANES;
+  for (int64_t i = 0; i < ho; ++i) {
+    const float *r0 = plane + 2 * i * stride;
+    conv_row_forward(r0, r0 + stride, r0 + 2 * stride, K,
+                     out + i * wo * LANES, wo);
+  }
+}
+
+/* Backward of conv_forward for the output gradient dz (ho, wo): adds the
+ * kernels' gradient to dK and, when dplane is given, the input's gradient
+ * to dplane (a padded map of the input's size, zeroed by the caller; its
+ * border collects gradient that is never read). */
+INLINE void conv_backward(const float *plane, float *dplane, int64_t w,
+                          const vf *K, const float *dz, int64_t ho,
+                          int64_t wo, vd *dK) {
+  const int64_t stride = (w + 2) * LANES;
+  for (int64_t i = 0; i < ho; ++i) {
+    const float *r[3];
+    float *d[3];
+    for (int a = 0; a < 3; ++a) {
+      r[a] = plane + (2 * i + a) * stride;
+      d[a] = dplane ? dplane + (2 * i + a) * stride : NULL;
+    }
+    conv_row_backward(r, dplane ? d : NULL, K, dz + i * wo * LANES, wo, dK);
+  }
 }
 
 /* What a channels-last call keeps per block between the full-resolution
@@ -562,6 +548,14 @@ INLINE int64_t cl_blocks(const struct conv_gather_args *a) {
   return (a->C + LANES - 1) / LANES;
 }
 
+/* unit u's sample n and rows p0..p1 (*p0, *p1) */
+INLINE int64_t cl_unit(const struct conv_gather_args *a, int64_t u,
+                       int64_t *p0, int64_t *p1) {
+  *p0 = a->cl_rows[u % a->cl_units];
+  *p1 = a->cl_rows[u % a->cl_units + 1] - 1;
+  return u / a->cl_units;
+}
+
 /* the slot of input row p (>= -1) among a block's three rows */
 INLINE int cl_slot(int64_t p) { return (int)((p + 1) % 3); }
 
@@ -642,19 +636,19 @@ INLINE void cl_row_sums(const struct conv_gather_args *a, const float *xr,
  * the affine given; with a fused training norm y' = x - pivot (A = 1,
  * B = -pivot, as conv_gather_blocks' NCHW pass: its sums stay exact where
  * x sits far from 0); with the fused norm's statistics x' = x - mean (then
- * cl_z holds z', level 1 of x'), from which the chain
- * makes y's level 1, gg and the norm backward's sums at low resolution, so
- * that the second pass writes the norm's input gradient at once. */
+ * cl_z holds z', level 1 of x'), from which the chain makes y's level 1,
+ * gg and the norm backward's sums at low resolution, so that the second
+ * pass writes the norm's input gradient at once. */
 CLONED static void cl_prepass_units(const void *args_, int64_t first,
                                     int64_t last, float *buf) {
   const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
   const int64_t N = a->N, W = a->W, h1 = a->h[1], w1 = a->w[1];
   const int64_t m1 = N * h1 * w1 * LANES, stride = (W + 2) * LANES;
-  const int64_t blocks = cl_blocks(a), U = a->cl_units;
+  const int64_t blocks = cl_blocks(a);
   float *xr = buf + a->off_a[0];
   for (int64_t u = first; u < last; ++u) {
-    const int64_t n = u / U, p0 = a->cl_rows[u % U];
-    const int64_t p1 = a->cl_rows[u % U + 1] - 1;
+    int64_t p0, p1;
+    const int64_t n = cl_unit(a, u, &p0, &p1);
     vd *part = a->cl_part + u * blocks * 9;
     for (int64_t b = 0; b < blocks; ++b)
       part[9 * b] = part[9 * b + 1] = (vd){0};
@@ -728,11 +722,11 @@ CLONED static void cl_postpass_units(const void *args_, int64_t first,
   const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
   const int64_t N = a->N, W = a->W, h1 = a->h[1], w1 = a->w[1];
   const int64_t m1 = N * h1 * w1 * LANES, stride = (W + 2) * LANES;
-  const int64_t blocks = cl_blocks(a), U = a->cl_units;
+  const int64_t blocks = cl_blocks(a);
   float *xr = buf + a->off_a[0], *dr = buf + a->off_da[0];
   for (int64_t u = first; u < last; ++u) {
-    const int64_t n = u / U, p0 = a->cl_rows[u % U];
-    const int64_t p1 = a->cl_rows[u % U + 1] - 1;
+    int64_t p0, p1;
+    const int64_t n = cl_unit(a, u, &p0, &p1);
     vd *part = a->cl_part + u * blocks * 9, other[9];
     for (int64_t t = 0; t < blocks * 9; ++t) part[t] = (vd){0};
     /* the output rows with an input row in p0..p1 */
