@@ -772,7 +772,8 @@ CLONED static void cl_postpass_units(const void *args_, int64_t first,
 static vd cl_sum(const struct conv_gather_args *a, int64_t b, int t) {
   const int64_t blocks = cl_blocks(a), units = a->N * a->cl_units;
   vd sum = {0};
-  for (int64_t u = 0; u < units; ++u) sum += a->cl_part[(u * blocks + b) * 9 + t];
+  for (int64_t u = 0; u < units; ++u)
+    sum += a->cl_part[(u * blocks + b) * 9 + t];
   return sum;
 }
 
@@ -1185,9 +1186,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
  * be allocated, 2 for more than MAX_LEVELS levels, 3 for level1_in with an
  * output that needs the input's gate gradient, 4 for a fused norm used
  * wrongly (norm_batch with scale or with a backward output, norm_invstd
- * without dx (but see below), norm_rvar with scale or norm_batch or without norm_rmean;
- * norm_rvar: the norm with running statistics, its scale and shift made
- * once here by ge_norm_affine and then used as scale and shift),
+ * without dx (but see below), norm_rvar with scale or norm_batch or
+ * without norm_rmean; norm_rvar: the norm with running statistics, its
+ * scale and shift made once here by ge_norm_affine and then used as scale
+ * and shift),
  * 5 for a level without its kernels or, when it does not train, its
  * running statistics, 6 for an excite with a backward input or output or
  * without out. With x_cl, x, grad, dx and the excite's identity and out

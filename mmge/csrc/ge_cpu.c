@@ -768,7 +768,8 @@ int ge_pool_excite(const float *x, const float *scale, const float *shift,
       /* the pooled map is small: one thread; the tail as one more vector
        * of which only the gate's cells are kept */
       int64_t k = 0;
-      for (; k + LANES <= n; k += LANES) store(gate + k, sigmoid(load(gate + k)));
+      for (; k + LANES <= n; k += LANES)
+        store(gate + k, sigmoid(load(gate + k)));
       if (k < n) {
         vf v = splat(0.f);
         for (int64_t t = k; t < n; ++t) v[t - k] = gate[t];

@@ -1,9 +1,10 @@
 /*
  * The entry points that ge_conv_gather.c calls when it excites what it
  * gathered in the same call (GE's inference and training forward):
- * ge_excite and ge_excite_nhwc (ge_cpu.c), GE-theta-plus's MLP gate ge_mlp_gate (ge_mlp.c),
- * ge_norm_affine (ge_cpu.c) for a norm with running statistics, and what
- * that call is asked for, struct ge_excite_spec.
+ * ge_excite and ge_excite_nhwc (ge_cpu.c), GE-theta-plus's MLP gate
+ * ge_mlp_gate (ge_mlp.c), ge_norm_affine (ge_cpu.c) for a norm with
+ * running statistics, and what that call is asked for, struct
+ * ge_excite_spec.
  */
 #ifndef MMGE_GE_EXCITE_H
 #define MMGE_GE_EXCITE_H

@@ -36,8 +36,9 @@ They take float32 CPU tensors (:func:`usable`), whose full-resolution maps
 are contiguous or channels-last (:func:`maps_usable`; the ``_nhwc``
 kernels and ``ge_conv_gather``'s channels-last mode read the latter without
 a copy); everything else takes the ATen path, which is also what runs when
-the library was not built (a source checkout that was not installed). The results equal the ATen ops'
-up to float32 rounding (tests/test_ge_fast_paths.py).
+the library was not built (a source checkout that was not installed). The
+results equal the ATen ops' up to float32 rounding
+(tests/test_ge_fast_paths.py).
 """
 import ctypes
 import functools
@@ -50,8 +51,8 @@ from torch.nn.modules import module as torch_module
 from .excite import channels_last, nearest_index
 
 __all__ = [
-    'available', 'usable', 'maps_usable', 'hooked', 'channels_last', 'norm_affine',
-    'excite_worthwhile', 'pool_gather',
+    'available', 'usable', 'maps_usable', 'hooked', 'channels_last',
+    'norm_affine', 'excite_worthwhile', 'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
     'Excitation', 'NormStats',
