@@ -1098,7 +1098,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       }
       memcpy(a->cl_z + block * m1, dz1, sizeof(float) * m1);
       memcpy(a->cl_gate + block * mg, gate, sizeof(float) * mg);
-      memcpy(st->K1, K[1], sizeof(st->K1));
+      /* y's affine for the second pass (cl_init's may be x - mean's) */
       st->A = A;
       st->B = B;
       for (int64_t l = 2; l <= L; ++l)
@@ -1389,7 +1389,7 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                        wL, strides, excite->relu, threads);
   }
   free(buffers);
-  if (x_cl) free(a.cl_rows);
+  free(a.cl_rows);
   free(cl_memory);
   free(norm_affine);
   return status;

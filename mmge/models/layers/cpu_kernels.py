@@ -227,6 +227,17 @@ def excite_worthwhile(x: torch.Tensor, gate: torch.Tensor,
         gate.dtype is torch.float32
 
 
+def _layout_of(x: torch.Tensor,
+               t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``, a full-resolution operand of ``x``'s shape, in ``x``'s
+    layout (channels-last or contiguous): as it is where its strides are
+    ``x``'s, else a copy."""
+    if t is None or t.stride() == x.stride():
+        return t
+    return t.contiguous(memory_format=torch.channels_last if channels_last(x)
+                        else torch.contiguous_format)
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -399,8 +410,7 @@ def excite(x: torch.Tensor,
         # and out, and the gate's once it is channels-last too (a small copy
         # where it is not)
         fmt = torch.channels_last
-        if identity is not None and identity.stride() != x.stride():
-            identity = identity.contiguous(memory_format=fmt)
+        identity = _layout_of(x, identity)
         if out.stride() != x.stride():
             raise ValueError(f'mmge native kernel ge_excite_nhwc: out must '
                              f'have the layout of x, strides {x.stride()}, '
@@ -456,10 +466,7 @@ def pool_excite(x: torch.Tensor,
     if norm is not None and (norm.running_var is None or scale is not None):
         raise ValueError('pool_excite takes a norm with running statistics, '
                          'instead of scale and shift')
-    if identity is not None and identity.stride() != x.stride():
-        identity = identity.contiguous(memory_format=torch.channels_last if
-                                       channels_last(x) else
-                                       torch.contiguous_format)
+    identity = _layout_of(x, identity)
     out = torch.empty_like(x)
     args, keep = pool_excite_args(x, extent, identity, out, scale, shift,
                                   relu, norm)
@@ -530,10 +537,9 @@ def gate_grad(grad: torch.Tensor,
     scale, shift = _affine(scale, shift, c)
     rows, cols = nearest_index(height, h), nearest_index(width, w)
     if channels_last(x):
-        fmt = torch.channels_last
-        if grad.stride() != x.stride():
-            grad = grad.contiguous(memory_format=fmt)
-        out = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=fmt)
+        grad = _layout_of(x, grad)
+        out = torch.empty((n, c, h, w), dtype=x.dtype,
+                          memory_format=torch.channels_last)
         _check(_library().ge_gate_grad_nhwc(
             _ptr(grad), _ptr(x), _ptr(scale), _ptr(shift), _ptr(rows),
             _ptr(cols), _ptr(out), n, c, height, width, h, w,
@@ -838,13 +844,9 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
         raise ValueError(f'mmge native kernel ge_conv_gather: x must be '
                          f'contiguous or channels-last, got strides '
                          f'{x.stride()} for shape {tuple(x.shape)}')
-    fmt = torch.channels_last if x_cl else torch.contiguous_format
-    if grad is not None and grad.stride() != x.stride():
-        grad = grad.contiguous(memory_format=fmt)
-    if excite is not None and excite.identity is not None and \
-            excite.identity.stride() != x.stride():
-        excite = excite._replace(
-            identity=excite.identity.contiguous(memory_format=fmt))
+    grad = _layout_of(x, grad)
+    if excite is not None and excite.identity is not None:
+        excite = excite._replace(identity=_layout_of(x, excite.identity))
     levels = len(params.weight)
     h, w = conv_gather_size(height, width, levels)
     h1, w1 = conv_gather_size(height, width, 1)
