@@ -528,12 +528,18 @@ INLINE vd dot_cells(const float *u, const float *v, int64_t cells) {
 /* rows per unit, at least (then up to the next gate row) */
 #define CL_BAND 8
 
-/* the block's `active` channels at p (the other lanes 0), and back */
+/* the block's `active` channels at p (the other lanes 0), and back; a
+ * part block through memory, so that a whole one keeps v in a register */
+static __attribute__((noinline)) void copy_part(float *to, const float *from,
+                                                int active) {
+  for (int k = 0; k < active; ++k) to[k] = from[k];
+}
+
 INLINE vf load_lanes(const float *p, int active) {
   if (active == LANES) return load(p);
-  vf v = splat(0.f);
-  for (int k = 0; k < active; ++k) v[k] = p[k];
-  return v;
+  float part[LANES] = {0};
+  copy_part(part, p, active);
+  return load(part);
 }
 
 INLINE void store_lanes(float *p, vf v, int active) {
@@ -541,7 +547,9 @@ INLINE void store_lanes(float *p, vf v, int active) {
     store(p, v);
     return;
   }
-  for (int k = 0; k < active; ++k) p[k] = v[k];
+  float part[LANES];
+  store(part, v);
+  copy_part(p, part, active);
 }
 
 INLINE int64_t cl_blocks(const struct conv_gather_args *a) {
@@ -678,93 +686,133 @@ CLONED static void cl_prepass_units(const void *args_, int64_t first,
   }
 }
 
-/* dx row p of sample n <- grad * resize(gate) + the row of level 1's input
- * gradient at dr (block b's at dr + b * dr_blocks); with the fused norm,
- * through its backward (its mean terms md, mdx known) */
-INLINE void cl_input_grad_row(const struct conv_gather_args *a, int64_t n,
-                              int64_t p, const float *dr, int64_t dr_blocks) {
-  const int64_t C = a->C, W = a->W, L = a->levels;
-  const int64_t wL = a->w[L], mg = a->N * a->h[L] * wL * LANES;
-  const int64_t blocks = cl_blocks(a);
-  const int fuse = a->norm_invstd != NULL;
-  const int64_t at = (n * a->H + p) * W * C;
-  const float *grow = a->grad + at, *xrow = a->x + at;
-  float *orow = a->dx + at;
-  const int64_t gate_at = (n * a->h[L] + a->row_index[p]) * wL;
-  for (int64_t q = 0; q < W; ++q) {
-    const int64_t cell = (gate_at + a->col_index[q]) * LANES;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const struct cl_block *st = a->clb + b;
-      const int64_t c0 = b * LANES;
-      const int active = (int)min64(LANES, C - c0);
-      vf d = load_lanes(grow + q * C + c0, active) *
-                 V(a->cl_gate + b * mg + cell) +
-             V(dr + b * dr_blocks + (q + 1) * LANES);
-      if (fuse && a->norm_train) {
-        const vf xv = load_lanes(xrow + q * C + c0, active);
-        d = st->A * (d - st->md - (xv - st->nmean) * st->ninvstd * st->mdx);
-      } else if (fuse) {
-        d *= st->A;
-      }
-      store_lanes(orow + q * C + c0, d, active);
+/* Level 1's convolution backward at one input position, gathered: the
+ * output positions whose taps cover input row p are (i, a) with
+ * p = 2i + a - 1 (p even: (p/2, 1); p odd: ((p-1)/2, 2) and, inside the
+ * map, ((p+1)/2, 0)), and the same for the columns; ROWS, COLS of them
+ * (1 or 2; compile-time constants where called). dz[r] points at row
+ * ri[r] of the output gradient, taps[r][c] = 3 a_r + b_c, at[c] the
+ * column's offset. Returns the input gradient sum_t K[t] dz(t) and adds
+ * dz(t) * y to the tap's sum acc[t]. */
+INLINE vf cl_gather_taps(const float *const *dz, const int64_t *at,
+                         const int taps[2][2], int rows, int cols,
+                         const vf *K, vf y, vf *acc) {
+  vf dy = splat(0.f);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      const int t = taps[r][c];
+      const vf g = V(dz[r] + at[c]);
+      dy += K[t] * g;
+      acc[t] += g * y;
     }
+  return dy;
+}
+
+/* dx at position (p, q) of sample n, every block: grad * resize(gate) +
+ * level 1's input gradient (cl_gather_taps; its kernels' terms into acc,
+ * 9 per block); with the fused norm, through its backward (its mean terms
+ * md, mdx known) */
+INLINE void cl_input_grad_cell(const struct conv_gather_args *a,
+                               const float *grow, const float *xrow,
+                               float *orow, int64_t q, int64_t cell,
+                               const float *const *dz, const int64_t *at,
+                               const int taps[2][2], int rows, int cols,
+                               vf *acc) {
+  const int64_t C = a->C, L = a->levels;
+  const int64_t mg = a->N * a->h[L] * a->w[L] * LANES;
+  const int64_t m1 = a->N * a->h[1] * a->w[1] * LANES;
+  const int64_t blocks = cl_blocks(a);
+  const int fuse = a->norm_invstd != NULL, train = fuse && a->norm_train;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const struct cl_block *st = a->clb + b;
+    const int64_t c0 = b * LANES;
+    const int active = (int)min64(LANES, C - c0);
+    const float *dzb[2] = {dz[0] + b * m1, dz[1] + b * m1};
+    const vf xv = load_lanes(xrow + q * C + c0, active);
+    vf d = load_lanes(grow + q * C + c0, active) *
+               V(a->cl_gate + b * mg + cell) +
+           cl_gather_taps(dzb, at, taps, rows, cols, st->K1,
+                          xv * st->A + st->B, acc + 9 * b);
+    if (train)
+      d = st->A * (d - st->md - (xv - st->nmean) * st->ninvstd * st->mdx);
+    else if (fuse)
+      d *= st->A;
+    store_lanes(orow + q * C + c0, d, active);
   }
 }
 
-/* After the chain (backward), units [first, last): level 1's convolution
- * backward of the output rows that touch the unit's rows p0..p1 (its
- * kernels' gradient, per unit, only from the unit's own output rows 2i in
- * p0..p1) into three rows of its input's gradient per block (rows
- * 2i - 1 .. 2i + 1; after output row i, rows 2i - 1 and 2i have all their
- * terms), and dx of the unit's rows as they complete. */
+/* After the chain (backward), units [first, last): dx of the unit's rows
+ * p0..p1, position by position for all blocks, level 1's convolution
+ * backward gathered at each input position from the output gradient
+ * (cl_z), with no rows of y kept; its kernels' gradient, per unit, from
+ * the terms of the unit's input rows (summed in float over a row, then
+ * added to the unit's sums) */
 CLONED static void cl_postpass_units(const void *args_, int64_t first,
                                      int64_t last, float *buf) {
   const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
-  const int64_t N = a->N, W = a->W, h1 = a->h[1], w1 = a->w[1];
-  const int64_t m1 = N * h1 * w1 * LANES, stride = (W + 2) * LANES;
+  const int64_t C = a->C, H = a->H, W = a->W, L = a->levels;
+  const int64_t h1 = a->h[1], w1 = a->w[1], wL = a->w[L];
   const int64_t blocks = cl_blocks(a);
-  float *xr = buf + a->off_a[0], *dr = buf + a->off_da[0];
+  vf *acc = (vf *)(buf + a->off_a[0]);
   for (int64_t u = first; u < last; ++u) {
     int64_t p0, p1;
     const int64_t n = cl_unit(a, u, &p0, &p1);
-    vd *part = a->cl_part + u * blocks * 9, other[9];
+    vd *part = a->cl_part + u * blocks * 9;
     for (int64_t t = 0; t < blocks * 9; ++t) part[t] = (vd){0};
-    /* the output rows with an input row in p0..p1 */
-    const int64_t i0 = p0 / 2, i1 = min64(h1 - 1, (p1 + 1) / 2);
-    memset(dr, 0, sizeof(float) * blocks * 3 * stride);
-    cl_load_row(a, xr, n, 2 * i0 - 1, cl_slot(2 * i0 - 1));
-    for (int64_t i = i0; i <= i1; ++i) {
-      const int slot[3] = {cl_slot(2 * i - 1), cl_slot(2 * i),
-                           cl_slot(2 * i + 1)};
-      cl_load_row(a, xr, n, 2 * i, slot[1]);
-      cl_load_row(a, xr, n, 2 * i + 1, slot[2]);
-      const int own = p0 <= 2 * i && 2 * i <= p1;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float *x3 = xr + 3 * b * stride;
-        float *d3 = dr + 3 * b * stride;
-        const float *r[3] = {x3 + slot[0] * stride, x3 + slot[1] * stride,
-                             x3 + slot[2] * stride};
-        float *const d[3] = {d3 + slot[0] * stride, d3 + slot[1] * stride,
-                             d3 + slot[2] * stride};
-        for (int t = 0; !own && t < 9; ++t) other[t] = (vd){0};
-        conv_row_backward(r, d, a->clb[b].K1,
-                          a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, w1,
-                          own ? part + 9 * b : other);
+    for (int64_t p = p0; p <= p1; ++p) {
+      /* the output rows (and their taps' rows a) covering row p */
+      int64_t ri[2] = {p / 2, p / 2};
+      int ra[2] = {1, 1}, rows = 1;
+      if (p % 2 == 0) {
+        ri[0] = p / 2;
+        ra[0] = 1;
+      } else {
+        ri[0] = (p - 1) / 2;
+        ra[0] = 2;
+        ri[1] = (p + 1) / 2;
+        ra[1] = 0;
+        rows = ri[1] < h1 ? 2 : 1;
       }
-      /* rows 2i - 1 and 2i have all their terms: dx, then their slots
-       * start rows 2i + 2 and 2i + 3 */
-      for (int r = 0; r < 2; ++r) {
-        if (p0 <= 2 * i - 1 + r && 2 * i - 1 + r <= p1)
-          cl_input_grad_row(a, n, 2 * i - 1 + r, dr + slot[r] * stride,
-                            3 * stride);
-        for (int64_t b = 0; b < blocks; ++b)
-          memset(dr + (3 * b + slot[r]) * stride, 0, sizeof(float) * stride);
+      const float *dz[2] = {
+          a->cl_z + (n * h1 + ri[0]) * w1 * LANES,
+          a->cl_z + (n * h1 + ri[rows - 1]) * w1 * LANES};
+      for (int64_t t = 0; t < blocks * 9; ++t) acc[t] = splat(0.f);
+      const int64_t row_at = (n * H + p) * W * C;
+      const float *grow = a->grad + row_at, *xrow = a->x + row_at;
+      float *orow = a->dx + row_at;
+      const int64_t gate_at = (n * a->h[L] + a->row_index[p]) * wL;
+      for (int64_t q = 0; q < W; ++q) {
+        const int64_t cell = (gate_at + a->col_index[q]) * LANES;
+        int64_t at[2];
+        int taps[2][2], cols = 1;
+        if (q % 2 == 0) {
+          at[0] = q / 2 * LANES;
+          for (int r = 0; r < 2; ++r) taps[r][0] = 3 * ra[r] + 1;
+        } else {
+          at[0] = (q - 1) / 2 * LANES;
+          at[1] = (q + 1) / 2 * LANES;
+          cols = (q + 1) / 2 < w1 ? 2 : 1;
+          for (int r = 0; r < 2; ++r) {
+            taps[r][0] = 3 * ra[r] + 2;
+            taps[r][1] = 3 * ra[r];
+          }
+        }
+        /* constant counts, so that each case's loop unrolls */
+        if (rows == 1 && cols == 1)
+          cl_input_grad_cell(a, grow, xrow, orow, q, cell, dz, at, taps, 1,
+                             1, acc);
+        else if (rows == 1)
+          cl_input_grad_cell(a, grow, xrow, orow, q, cell, dz, at, taps, 1,
+                             2, acc);
+        else if (cols == 1)
+          cl_input_grad_cell(a, grow, xrow, orow, q, cell, dz, at, taps, 2,
+                             1, acc);
+        else
+          cl_input_grad_cell(a, grow, xrow, orow, q, cell, dz, at, taps, 2,
+                             2, acc);
       }
+      for (int64_t t = 0; t < blocks * 9; ++t) part[t] += widen(acc[t]);
     }
-    /* the map's last row, odd, when it is the unit's */
-    if (2 * i1 + 1 <= p1)
-      cl_input_grad_row(a, n, 2 * i1 + 1,
-                        dr + cl_slot(2 * i1 + 1) * stride, 3 * stride);
   }
 }
 
