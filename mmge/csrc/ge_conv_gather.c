@@ -53,9 +53,8 @@ INLINE void zero_border(float *plane, int64_t h, int64_t w) {
 }
 
 /* One output row (wo positions) of conv_forward, and of conv_backward, from
- * three padded input rows anywhere: r0..r2 (r[0..2]), their gradient
- * d[0..2] (d NULL: none). Channels-last's rows rotate through three slots
- * instead of lying one after the other. */
+ * three padded input rows r0..r2 (r[0..2]), their gradient d[0..2] (d
+ * NULL: none) */
 INLINE void conv_row_forward(const float *r0, const float *r1,
                              const float *r2, const vf *K, float *out,
                              int64_t wo) {
@@ -200,8 +199,7 @@ struct conv_gather_args {
    * of cl_row_sums, 2 x (N, hL, wL, LANES)); the units of the passes:
    * cl_units per sample, the rows cl_rows[k] .. cl_rows[k + 1] - 1, and
    * their sums per block (cl_part: 9 per block and unit); scratch per
-   * thread: three padded rows of y per block (off_a[0]), and in backward
-   * three of level 1's input gradient (off_da[0]) */
+   * thread: a row's sums, 9 per block (off_a[0]) */
   struct cl_block *clb;
   float *cl_z, *cl_gg, *cl_gate, *cl_s;
   int64_t *cl_rows, cl_units;
@@ -227,10 +225,8 @@ static void plan(struct conv_gather_args *a) {
   }
   const int64_t bwd = a->dx != NULL;
   const int64_t blocks = (a->C + LANES - 1) / LANES;
-  a->off_a[0] = TAKE(a->cl ? blocks * 3 * (a->W + 2)
-                           : (a->H + 2) * (a->W + 2));
-  a->off_da[0] = TAKE(bwd * (a->cl ? blocks * 3 * (a->W + 2)
-                                   : (a->H + 2) * (a->W + 2)));
+  a->off_a[0] = TAKE(a->cl ? 9 * blocks : (a->H + 2) * (a->W + 2));
+  a->off_da[0] = TAKE(a->cl ? 0 : bwd * (a->H + 2) * (a->W + 2));
   a->off_rows = TAKE(3 * a->W);
   for (int64_t l = 1; l <= L; ++l) {
     const int64_t m = N * a->h[l] * a->w[l];
@@ -518,12 +514,12 @@ INLINE vd dot_cells(const float *u, const float *v, int64_t cells) {
  * what belongs to its rows (level 1's output rows 2i in p0..p1, the gate
  * rows' sums, dx); sums over all rows are kept per unit and added up in
  * unit order afterwards, so that the results depend neither on the number
- * of threads nor on their timing. A unit streams its rows through three
- * padded rows of y per block (what level 1's stride-2 convolution needs for
- * one output row: rows 2i - 1 .. 2i + 1), and in backward three of their
- * gradient, each row in slot cl_slot(row). The per-block chain
- * (conv_gather_blocks) runs between the passes, on what they keep per
- * block (the cl_ fields). */
+ * of threads nor on their timing. Both passes read x where it lies, with
+ * no copy of its rows: level 1's stride-2 convolution takes its 3x3 taps
+ * from rows 2i - 1 .. 2i + 1 (cl_conv_cell), and its backward gathers each
+ * input position's gradient from the output positions whose taps cover it
+ * (cl_gather_taps). The per-block chain (conv_gather_blocks) runs between
+ * the passes, on what they keep per block (the cl_ fields). */
 
 /* rows per unit, at least (then up to the next gate row) */
 #define CL_BAND 8
@@ -564,124 +560,145 @@ INLINE int64_t cl_unit(const struct conv_gather_args *a, int64_t u,
   return u / a->cl_units;
 }
 
-/* the slot of input row p (>= -1) among a block's three rows */
-INLINE int cl_slot(int64_t p) { return (int)((p + 1) % 3); }
 
-/* row `slot` of each block's three rows (xr: block b's at 3 * b rows) <-
- * row p of y = A * x + B of sample n (zero outside the map) */
-INLINE void cl_load_row(const struct conv_gather_args *a, float *xr,
-                        int64_t n, int64_t p, int slot) {
-  const int64_t C = a->C, W = a->W, stride = (W + 2) * LANES;
+/* Row p of sample n, position by position for every block, y = A x + B
+ * read from x: gg (cl_gg) += resize^T(grad * y) (GG), or with the fused
+ * norm's backward (y = x - mean) S1 += resize^T(grad) and
+ * S2 += resize^T(grad * y) (cl_s) (S); with a fused training norm
+ * (SUMS), each block's sums of y and y^2 in acc (two per block, in float
+ * over the row), then added to part (a unit's, two per block, 9 apart) */
+INLINE void cl_row_sums(const struct conv_gather_args *a, int64_t n,
+                        int64_t p, vf *acc, vd *part, int GG, int S,
+                        int SUMS) {
+  const int64_t C = a->C, W = a->W, L = a->levels;
+  const int64_t wL = a->w[L], mg = a->N * a->h[L] * wL * LANES;
   const int64_t blocks = cl_blocks(a);
-  if (p < 0 || p >= a->H) {
-    for (int64_t b = 0; b < blocks; ++b)
-      memset(xr + (3 * b + slot) * stride, 0, sizeof(float) * stride);
-    return;
-  }
-  for (int64_t b = 0; b < blocks; ++b) {
-    float *r = xr + (3 * b + slot) * stride;
-    V(r) = splat(0.f);
-    V(r + (W + 1) * LANES) = splat(0.f);
-  }
-  const float *row = a->x + (n * a->H + p) * W * C;
-  for (int64_t q = 0; q < W; ++q)
+  const int64_t at = (n * a->H + p) * W * C;
+  const float *xrow = a->x + at, *grow = a->grad + at;
+  const int64_t gate_at = (n * a->h[L] + a->row_index[p]) * wL;
+  for (int64_t t = 0; SUMS && t < 2 * blocks; ++t) acc[t] = splat(0.f);
+  for (int64_t q = 0; q < W; ++q) {
+    const int64_t cell = (gate_at + a->col_index[q]) * LANES;
     for (int64_t b = 0; b < blocks; ++b) {
       const struct cl_block *st = a->clb + b;
       const int64_t c0 = b * LANES;
-      V(xr + (3 * b + slot) * stride + (q + 1) * LANES) =
-          load_lanes(row + q * C + c0, (int)min64(LANES, C - c0)) * st->A +
-          st->B;
-    }
-}
-
-/* Row p of sample n, v being row `slot` of each block's three rows: gg
- * (cl_gg) += resize^T(grad * v), or with the fused norm's backward (v =
- * x - mean) the sums S1 += resize^T(grad) and S2 += resize^T(grad * v)
- * (cl_s), when asked for; with a fused training norm, each block's sums of
- * v and v^2 added to part (a unit's, two per block, 9 apart) */
-INLINE void cl_row_sums(const struct conv_gather_args *a, const float *xr,
-                        int64_t n, int64_t p, int slot, vd *part) {
-  const int64_t C = a->C, W = a->W, L = a->levels, stride = (W + 2) * LANES;
-  const int64_t wL = a->w[L], mg = a->N * a->h[L] * wL * LANES;
-  const int64_t blocks = cl_blocks(a);
-  const int fuse = a->norm_invstd != NULL;
-  if (fuse || a->grad_gate || (a->dx && !a->dcontext)) {
-    const float *row = a->grad + (n * a->H + p) * W * C;
-    const int64_t at = (n * a->h[L] + a->row_index[p]) * wL;
-    for (int64_t q = 0; q < W; ++q) {
-      const int64_t cell = (at + a->col_index[q]) * LANES;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t c0 = b * LANES;
-        const vf g = load_lanes(row + q * C + c0, (int)min64(LANES, C - c0));
-        const vf v = V(xr + (3 * b + slot) * stride + (q + 1) * LANES);
-        if (fuse) {
+      const int active = (int)min64(LANES, C - c0);
+      const vf y = load_lanes(xrow + q * C + c0, active) * st->A + st->B;
+      if (GG || S) {
+        const vf g = load_lanes(grow + q * C + c0, active);
+        if (S) {
           float *s1 = a->cl_s + 2 * b * mg + cell;
           V(s1) += g;
-          V(s1 + mg) += g * v;
+          V(s1 + mg) += g * y;
         } else {
-          V(a->cl_gg + b * mg + cell) += g * v;
+          V(a->cl_gg + b * mg + cell) += g * y;
         }
+      }
+      if (SUMS) {
+        acc[2 * b] += y;
+        acc[2 * b + 1] += y * y;
       }
     }
   }
-  if (a->norm_batch)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float *r = xr + (3 * b + slot) * stride + LANES;
-      vf s1 = splat(0.f), s2 = splat(0.f);
-      for (int64_t q = 0; q < W; ++q) {
-        const vf v = V(r + q * LANES);
-        s1 += v;
-        s2 += v * v;
-      }
-      part[9 * b] += widen(s1);
-      part[9 * b + 1] += widen(s2);
-    }
+  for (int64_t b = 0; SUMS && b < blocks; ++b) {
+    part[9 * b] += widen(acc[2 * b]);
+    part[9 * b + 1] += widen(acc[2 * b + 1]);
+  }
 }
 
-/* Before the chain, units [first, last): level 1's convolution of each
- * block into cl_z (unless level1_in gives it) and cl_row_sums of the
- * unit's rows. What they read per block (cl_init): y = A * x + B with A, B
- * the affine given; with a fused training norm y' = x - pivot (A = 1,
- * B = -pivot, as conv_gather_blocks' NCHW pass: its sums stay exact where
- * x sits far from 0); with the fused norm's statistics x' = x - mean (then
- * cl_z holds z', level 1 of x'), from which the chain makes y's level 1,
- * gg and the norm backward's sums at low resolution, so that the second
- * pass writes the norm's input gradient at once. */
+/* Level 1's output at (i, j) (z: block 0's, block b's m1 floats on), every
+ * block: the 3x3 stride-2 convolution of y = A x + B read straight from
+ * x's rows r[0..2] = 2i - 1 .. 2i + 1 around column q = 2j; TOP, BOTTOM,
+ * LEFT, RIGHT: whether the taps' outer rows and columns lie in the map
+ * (else y is 0 there; constants where called) */
+INLINE void cl_conv_cell(const struct conv_gather_args *a,
+                         const float *const *r, int64_t q, float *z,
+                         int TOP, int BOTTOM, int LEFT, int RIGHT) {
+  const int64_t C = a->C, blocks = cl_blocks(a);
+  const int64_t m1 = a->N * a->h[1] * a->w[1] * LANES;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const struct cl_block *st = a->clb + b;
+    const int64_t c0 = b * LANES;
+    const int active = (int)min64(LANES, C - c0);
+    /* the taps in conv_row_forward's order (the same sums) */
+    vf s = splat(0.f);
+#pragma GCC unroll 3
+    for (int ra = 0; ra < 3; ++ra) {
+      if ((ra == 0 && !TOP) || (ra == 2 && !BOTTOM)) continue;
+#pragma GCC unroll 3
+      for (int cb = 0; cb < 3; ++cb) {
+        if ((cb == 0 && !LEFT) || (cb == 2 && !RIGHT)) continue;
+        const vf x = load_lanes(r[ra] + (q + cb - 1) * C + c0, active);
+        s += st->K1[3 * ra + cb] * (x * st->A + st->B);
+      }
+    }
+    V(z + b * m1) = s;
+  }
+}
+
+/* Level 1's output row i of sample n (cl_conv_cell along the row) */
+INLINE void cl_conv_row(const struct conv_gather_args *a, const float *const *r,
+                        float *z, int TOP, int BOTTOM) {
+  const int64_t W = a->W, w1 = a->w[1];
+  for (int64_t j = 0; j < w1; ++j) {
+    float *zj = z + j * LANES;
+    const int left = j > 0, right = 2 * j + 1 < W;
+    if (left && right)
+      cl_conv_cell(a, r, 2 * j, zj, TOP, BOTTOM, 1, 1);
+    else if (left)
+      cl_conv_cell(a, r, 2 * j, zj, TOP, BOTTOM, 1, 0);
+    else if (right)
+      cl_conv_cell(a, r, 2 * j, zj, TOP, BOTTOM, 0, 1);
+    else
+      cl_conv_cell(a, r, 2 * j, zj, TOP, BOTTOM, 0, 0);
+  }
+}
+
+/* Before the chain, units [first, last): cl_row_sums of the unit's rows
+ * and level 1's convolution (into cl_z) of its output rows i (2i in
+ * p0..p1), each after the sums of the rows it reads that are the unit's.
+ * What they read per block (cl_init): y = A * x + B with A, B the affine
+ * given; with a fused training norm y' = x - pivot (A = 1, B = -pivot, as
+ * conv_gather_blocks' NCHW pass: its sums stay exact where x sits far
+ * from 0); with the fused norm's statistics x' = x - mean (then cl_z holds
+ * z', level 1 of x'), from which the chain makes y's level 1, gg and the
+ * norm backward's sums at low resolution, so that the second pass writes
+ * the norm's input gradient at once. */
 CLONED static void cl_prepass_units(const void *args_, int64_t first,
                                     int64_t last, float *buf) {
   const struct conv_gather_args *a = (const struct conv_gather_args *)args_;
-  const int64_t N = a->N, W = a->W, h1 = a->h[1], w1 = a->w[1];
-  const int64_t m1 = N * h1 * w1 * LANES, stride = (W + 2) * LANES;
+  const int64_t H = a->H, W = a->W, C = a->C, h1 = a->h[1], w1 = a->w[1];
   const int64_t blocks = cl_blocks(a);
-  float *xr = buf + a->off_a[0];
+  const int S = a->norm_invstd != NULL;
+  const int GG = !S && (a->grad_gate != NULL || (a->dx && !a->dcontext));
+  const int SUMS = a->norm_batch;
+  vf *acc = (vf *)(buf + a->off_a[0]);
   for (int64_t u = first; u < last; ++u) {
     int64_t p0, p1;
     const int64_t n = cl_unit(a, u, &p0, &p1);
     vd *part = a->cl_part + u * blocks * 9;
     for (int64_t b = 0; b < blocks; ++b)
       part[9 * b] = part[9 * b + 1] = (vd){0};
-    /* output rows 2i in p0..p1; an odd p0 is row 2i - 1 of the first */
-    const int64_t i0 = (p0 + 1) / 2, i1 = p1 / 2;
-    if (i0 > i1) { /* the unit is one odd row */
-      cl_load_row(a, xr, n, p0, cl_slot(p0));
-      cl_row_sums(a, xr, n, p0, cl_slot(p0), part);
-      continue;
-    }
-    cl_load_row(a, xr, n, 2 * i0 - 1, cl_slot(2 * i0 - 1));
-    if (2 * i0 - 1 == p0) cl_row_sums(a, xr, n, p0, cl_slot(p0), part);
-    for (int64_t i = i0; i <= i1; ++i) {
-      const int s0 = cl_slot(2 * i - 1), s1 = cl_slot(2 * i),
-                s2 = cl_slot(2 * i + 1);
-      cl_load_row(a, xr, n, 2 * i, s1);
-      cl_load_row(a, xr, n, 2 * i + 1, s2);
-      cl_row_sums(a, xr, n, 2 * i, s1, part);
-      if (2 * i + 1 <= p1) cl_row_sums(a, xr, n, 2 * i + 1, s2, part);
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float *x3 = xr + 3 * b * stride;
-        conv_row_forward(x3 + s0 * stride, x3 + s1 * stride,
-                         x3 + s2 * stride, a->clb[b].K1,
-                         a->cl_z + b * m1 + (n * h1 + i) * w1 * LANES, w1);
+    int64_t p = p0;
+    for (int64_t i = (p0 + 1) / 2; i <= p1 / 2 + 1; ++i) {
+      /* the sums of the unit's rows up to 2i + 1, then output row i */
+      for (; p <= min64(p1, 2 * i + 1); ++p) {
+        if (S && SUMS) cl_row_sums(a, n, p, acc, part, 0, 1, 1);
+        else if (S) cl_row_sums(a, n, p, acc, part, 0, 1, 0);
+        else if (GG && SUMS) cl_row_sums(a, n, p, acc, part, 1, 0, 1);
+        else if (GG) cl_row_sums(a, n, p, acc, part, 1, 0, 0);
+        else if (SUMS) cl_row_sums(a, n, p, acc, part, 0, 0, 1);
       }
+      if (2 * i > p1) break;
+      const float *x = a->x + n * H * W * C;
+      const int top = i > 0, bottom = 2 * i + 1 < H;
+      const float *r[3] = {x + (2 * i - top) * W * C, x + 2 * i * W * C,
+                           x + (2 * i + bottom) * W * C};
+      float *z = a->cl_z + (n * h1 + i) * w1 * LANES;
+      if (top && bottom) cl_conv_row(a, r, z, 1, 1);
+      else if (top) cl_conv_row(a, r, z, 1, 0);
+      else if (bottom) cl_conv_row(a, r, z, 0, 1);
+      else cl_conv_row(a, r, z, 0, 0);
     }
   }
 }
