@@ -890,7 +890,8 @@ def _same_in_both_layouts(call, x, others):
         torch.testing.assert_close(g, w, **TOL, msg=field)
 
 
-@pytest.mark.parametrize('size', ((20, 18), (13, 9), (7, 7), (1, 5)))
+@pytest.mark.parametrize('size',
+                         ((20, 18), (13, 9), (7, 7), (1, 5), (32, 32)))
 @pytest.mark.parametrize('train', (False, True))
 def test_conv_gather_reads_channels_last(size, train):
     """On channels-last x the gather's kernel (forward with the norm and
@@ -898,7 +899,9 @@ def test_conv_gather_reads_channels_last(size, train):
     gives on contiguous x, for 11 and 20 channels (a part block after none
     or two whole ones), also when a first call with the norm's statistics
     hands its first pass to the backward; grad and the shortcut in the
-    other layout are copied to x's; other layouts are refused."""
+    other layout are copied to x's; other layouts are refused. At 32 x 32
+    the per-block buffers at the gate's size (2 x 8 x 8 positions, 4 KB)
+    lie one cache line more apart (cl_pitch)."""
     for channels in (11, 20):
         gather = _conv_gather(channels, 4, train=train)
         params = gather.native_params(torch.randn(2, channels, *size))

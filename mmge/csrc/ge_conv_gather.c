@@ -202,6 +202,9 @@ struct conv_gather_args {
    * thread: a row's sums, 9 per block (off_a[0]) */
   struct cl_block *clb;
   float *cl_z, *cl_gg, *cl_gate, *cl_s;
+  /* their strides from block to block (cl_pitch): z's, gg's and gate's,
+   * s's (S1 and S2 of a block mg apart) */
+  int64_t cl_pz, cl_pg, cl_ps;
   int64_t *cl_rows, cl_units;
   vd *cl_part;
 };
@@ -521,6 +524,16 @@ INLINE vd dot_cells(const float *u, const float *v, int64_t cells) {
  * (cl_gather_taps). The per-block chain (conv_gather_blocks) runs between
  * the passes, on what they keep per block (the cl_ fields). */
 
+/* A block's buffers' stride, at least n floats, in whole cache lines; not
+ * a multiple of 4 KB (64 lines), which would put a position of every block
+ * in one L1 cache set: a pass over the blocks at one position (the gate's
+ * sums S1, S2 of stage 2's 28 x 28 maps, 4 KB per block) would miss the
+ * L1 cache at each */
+static int64_t cl_pitch(int64_t n) {
+  const int64_t lines = (n + 15) / 16;
+  return (lines % 64 ? lines : lines + 1) * 16;
+}
+
 /* rows per unit, at least (then up to the next gate row) */
 #define CL_BAND 8
 
@@ -587,11 +600,11 @@ INLINE void cl_row_sums(const struct conv_gather_args *a, int64_t n,
       if (GG || S) {
         const vf g = load_lanes(grow + q * C + c0, active);
         if (S) {
-          float *s1 = a->cl_s + 2 * b * mg + cell;
+          float *s1 = a->cl_s + b * a->cl_ps + cell;
           V(s1) += g;
           V(s1 + mg) += g * y;
         } else {
-          V(a->cl_gg + b * mg + cell) += g * y;
+          V(a->cl_gg + b * a->cl_pg + cell) += g * y;
         }
       }
       if (SUMS) {
@@ -606,7 +619,7 @@ INLINE void cl_row_sums(const struct conv_gather_args *a, int64_t n,
   }
 }
 
-/* Level 1's output at (i, j) (z: block 0's, block b's m1 floats on), every
+/* Level 1's output at (i, j) (z: block 0's, block b's cl_pz floats on), every
  * block: the 3x3 stride-2 convolution of y = A x + B read straight from
  * x's rows r[0..2] = 2i - 1 .. 2i + 1 around column q = 2j; TOP, BOTTOM,
  * LEFT, RIGHT: whether the taps' outer rows and columns lie in the map
@@ -615,7 +628,6 @@ INLINE void cl_conv_cell(const struct conv_gather_args *a,
                          const float *const *r, int64_t q, float *z,
                          int TOP, int BOTTOM, int LEFT, int RIGHT) {
   const int64_t C = a->C, blocks = cl_blocks(a);
-  const int64_t m1 = a->N * a->h[1] * a->w[1] * LANES;
   for (int64_t b = 0; b < blocks; ++b) {
     const struct cl_block *st = a->clb + b;
     const int64_t c0 = b * LANES;
@@ -632,7 +644,7 @@ INLINE void cl_conv_cell(const struct conv_gather_args *a,
         s += st->K1[3 * ra + cb] * (x * st->A + st->B);
       }
     }
-    V(z + b * m1) = s;
+    V(z + b * a->cl_pz) = s;
   }
 }
 
@@ -735,19 +747,16 @@ INLINE void cl_input_grad_cell(const struct conv_gather_args *a,
                                const float *const *dz, const int64_t *at,
                                const int taps[2][2], int rows, int cols,
                                vf *acc) {
-  const int64_t C = a->C, L = a->levels;
-  const int64_t mg = a->N * a->h[L] * a->w[L] * LANES;
-  const int64_t m1 = a->N * a->h[1] * a->w[1] * LANES;
-  const int64_t blocks = cl_blocks(a);
+  const int64_t C = a->C, blocks = cl_blocks(a);
   const int fuse = a->norm_invstd != NULL, train = fuse && a->norm_train;
   for (int64_t b = 0; b < blocks; ++b) {
     const struct cl_block *st = a->clb + b;
     const int64_t c0 = b * LANES;
     const int active = (int)min64(LANES, C - c0);
-    const float *dzb[2] = {dz[0] + b * m1, dz[1] + b * m1};
+    const float *dzb[2] = {dz[0] + b * a->cl_pz, dz[1] + b * a->cl_pz};
     const vf xv = load_lanes(xrow + q * C + c0, active);
     vf d = load_lanes(grow + q * C + c0, active) *
-               V(a->cl_gate + b * mg + cell) +
+               V(a->cl_gate + b * a->cl_pg + cell) +
            cl_gather_taps(dzb, at, taps, rows, cols, st->K1,
                           xv * st->A + st->B, acc + 9 * b);
     if (train)
@@ -861,7 +870,7 @@ static void cl_init(const struct conv_gather_args *a) {
       lanes_of(&st->ninvstd, a->norm_invstd, c0, active, 1, 1.f);
       lane_affine(NULL, NULL, active, &st->A, &zero);
       st->B = -st->nmean;
-      memset(a->cl_s + 2 * b * mg, 0, sizeof(float) * 2 * mg);
+      memset(a->cl_s + b * a->cl_ps, 0, sizeof(float) * 2 * mg);
     } else if (a->norm_batch) {
       vf pivot = splat(0.f);
       for (int k = 0; k < active; ++k) pivot[k] = a->x[c0 + k];
@@ -872,7 +881,7 @@ static void cl_init(const struct conv_gather_args *a) {
                   a->scale ? a->shift + c0 : NULL, active, &st->A, &st->B);
     }
     if (need_gg && !a->norm_invstd)
-      memset(a->cl_gg + b * mg, 0, sizeof(float) * mg);
+      memset(a->cl_gg + b * a->cl_pg, 0, sizeof(float) * mg);
   }
 }
 
@@ -933,7 +942,7 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
         pivot[k] = a->x[a->cl ? c0 + k : (c0 + k) * H * W];
       vd sums[2] = {{0}, {0}};
       if (a->cl) {
-        memcpy(z1, a->cl_z + block * m1, sizeof(float) * m1);
+        memcpy(z1, a->cl_z + block * a->cl_pz, sizeof(float) * m1);
         sums[0] = a->clb[block].sums[0];
         sums[1] = a->clb[block].sums[1];
       } else {
@@ -969,15 +978,15 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
        * and gg = A * S2 + (A * mean + B) * S1 (cl_prepass) */
       const struct cl_block *st = a->clb + block;
       const vf Bm = A * st->nmean + B;
-      memcpy(z1, a->cl_z + block * m1, sizeof(float) * m1);
+      memcpy(z1, a->cl_z + block * a->cl_pz, sizeof(float) * m1);
       level1_affine(z1, K[1], A, Bm, N, H, W, a->h[1], a->w[1]);
-      const float *S1 = a->cl_s + 2 * block * mg, *S2 = S1 + mg;
+      const float *S1 = a->cl_s + block * a->cl_ps, *S2 = S1 + mg;
       if (need_gg)
         for (int64_t t = 0; t < N * mL; ++t)
           V(gg + t * LANES) = A * V(S2 + t * LANES) + Bm * V(S1 + t * LANES);
     } else if (a->cl) {
-      memcpy(z1, a->cl_z + block * m1, sizeof(float) * m1);
-      if (need_gg) memcpy(gg, a->cl_gg + block * mg, sizeof(float) * mg);
+      memcpy(z1, a->cl_z + block * a->cl_pz, sizeof(float) * m1);
+      if (need_gg) memcpy(gg, a->cl_gg + block * a->cl_pg, sizeof(float) * mg);
     } else {
       for (int64_t n = 0; n < N; ++n) {
         load_input(a, P, n, c0, active, A, B, need_gg ? G : NULL, gg, NULL);
@@ -989,10 +998,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       /* channels-last with the norm's statistics: what the first pass
        * made, z', S1 and S2, for a second call to take instead of its
        * first pass */
-      memcpy(a->level1_out + block * (m1 + 2 * mg), a->cl_z + block * m1,
+      memcpy(a->level1_out + block * (m1 + 2 * mg), a->cl_z + block * a->cl_pz,
              sizeof(float) * m1);
       memcpy(a->level1_out + block * (m1 + 2 * mg) + m1,
-             a->cl_s + 2 * block * mg, sizeof(float) * 2 * mg);
+             a->cl_s + block * a->cl_ps, sizeof(float) * 2 * mg);
     } else if (a->level1_out) {
       memcpy(a->level1_out + block * m1, buf + a->off_z[1],
              sizeof(float) * m1);
@@ -1153,16 +1162,16 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
          * dy = grad * resize(gate) + level 1's backward of dz1 sums to
          * gate . S1 + dz1 . taps, and dy * (x - mean) to gate . S2 +
          * dz1 . z' (cl_prepass) */
-        const float *S1 = a->cl_s + 2 * block * mg, *S2 = S1 + mg;
+        const float *S1 = a->cl_s + block * a->cl_ps, *S2 = S1 + mg;
         st->nsum = dot_cells(gate, S1, N * mL) +
                    level1_taps_dot(dz1, K[1], N, H, W, a->h[1], a->w[1]);
         st->nsumx = (dot_cells(gate, S2, N * mL) +
-                     dot_cells(dz1, a->cl_z + block * m1,
+                     dot_cells(dz1, a->cl_z + block * a->cl_pz,
                                N * a->h[1] * a->w[1])) *
                     widen(st->ninvstd);
       }
-      memcpy(a->cl_z + block * m1, dz1, sizeof(float) * m1);
-      memcpy(a->cl_gate + block * mg, gate, sizeof(float) * mg);
+      memcpy(a->cl_z + block * a->cl_pz, dz1, sizeof(float) * m1);
+      memcpy(a->cl_gate + block * a->cl_pg, gate, sizeof(float) * mg);
       /* y's affine for the second pass (cl_init's may be x - mean's) */
       st->A = A;
       st->B = B;
@@ -1337,9 +1346,12 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
     const int need_gg = grad_gate != NULL || (dx && !dcontext);
     const size_t head = sizeof(struct cl_block) * (size_t)blocks +
                         sizeof(vd) * (size_t)(N * units * blocks * 9);
+    a.cl_pz = cl_pitch(m1);
+    a.cl_pg = cl_pitch(mg);
+    a.cl_ps = cl_pitch(2 * mg);
     const int64_t floats =
-        blocks * (m1 + (need_gg ? mg : 0) + (dx ? mg : 0) +
-                  (norm_invstd ? 2 * mg : 0));
+        blocks * (a.cl_pz + (need_gg ? a.cl_pg : 0) + (dx ? a.cl_pg : 0) +
+                  (norm_invstd ? a.cl_ps : 0));
     cl_memory = aligned_alloc(
         64, (head + sizeof(float) * (size_t)floats + 63) / 64 * 64);
     if (!cl_memory) {
@@ -1350,14 +1362,14 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
     a.cl_part = (vd *)(a.clb + blocks);
     float *f = (float *)((char *)cl_memory + head);
     a.cl_z = f;
-    f += blocks * m1;
+    f += blocks * a.cl_pz;
     if (need_gg) {
       a.cl_gg = f;
-      f += blocks * mg;
+      f += blocks * a.cl_pg;
     }
     if (dx) {
       a.cl_gate = f;
-      f += blocks * mg;
+      f += blocks * a.cl_pg;
     }
     if (norm_invstd) a.cl_s = f;
     a.cl_rows = starts;
@@ -1395,9 +1407,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       /* the first pass's z', S1 and S2, from a first call's level1_out */
       const int64_t m1 = N * h1 * w1 * LANES, mg = N * hL * wL * LANES;
       for (int64_t b = 0; b < blocks; ++b) {
-        memcpy(a.cl_z + b * m1, level1_in + b * (m1 + 2 * mg),
+        memcpy(a.cl_z + b * a.cl_pz, level1_in + b * (m1 + 2 * mg),
                sizeof(float) * m1);
-        memcpy(a.cl_s + 2 * b * mg, level1_in + b * (m1 + 2 * mg) + m1,
+        memcpy(a.cl_s + b * a.cl_ps, level1_in + b * (m1 + 2 * mg) + m1,
                sizeof(float) * 2 * mg);
       }
     }
