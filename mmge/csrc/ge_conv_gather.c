@@ -573,7 +573,6 @@ INLINE int64_t cl_unit(const struct conv_gather_args *a, int64_t u,
   return u / a->cl_units;
 }
 
-
 /* Row p of sample n, position by position for every block, y = A x + B
  * read from x: gg (cl_gg) += resize^T(grad * y) (GG), or with the fused
  * norm's backward (y = x - mean) S1 += resize^T(grad) and
@@ -649,8 +648,9 @@ INLINE void cl_conv_cell(const struct conv_gather_args *a,
 }
 
 /* Level 1's output row i of sample n (cl_conv_cell along the row) */
-INLINE void cl_conv_row(const struct conv_gather_args *a, const float *const *r,
-                        float *z, int TOP, int BOTTOM) {
+INLINE void cl_conv_row(const struct conv_gather_args *a,
+                        const float *const *r, float *z, int TOP,
+                        int BOTTOM) {
   const int64_t W = a->W, w1 = a->w[1];
   for (int64_t j = 0; j < w1; ++j) {
     float *zj = z + j * LANES;
