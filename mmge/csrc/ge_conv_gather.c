@@ -718,7 +718,7 @@ CLONED static void cl_prepass_units(const void *args_, int64_t first,
 /* Level 1's convolution backward at one input position, gathered: the
  * output positions whose taps cover input row p are (i, a) with
  * p = 2i + a - 1 (p even: (p/2, 1); p odd: ((p-1)/2, 2) and, inside the
- * map, ((p+1)/2, 0)), and the same for the columns; ROWS, COLS of them
+ * map, ((p+1)/2, 0)), and the same for the columns; rows, cols of them
  * (1 or 2; compile-time constants where called). dz[r] points at row
  * ri[r] of the output gradient, taps[r][c] = 3 a_r + b_c, at[c] the
  * column's offset. Returns the input gradient sum_t K[t] dz(t) and adds
@@ -786,13 +786,11 @@ CLONED static void cl_postpass_units(const void *args_, int64_t first,
     vd *part = a->cl_part + u * blocks * 9;
     for (int64_t t = 0; t < blocks * 9; ++t) part[t] = (vd){0};
     for (int64_t p = p0; p <= p1; ++p) {
-      /* the output rows (and their taps' rows a) covering row p */
+      /* the output rows (and their taps' rows a) covering row p: p / 2
+       * (tap row 1) when p is even */
       int64_t ri[2] = {p / 2, p / 2};
       int ra[2] = {1, 1}, rows = 1;
-      if (p % 2 == 0) {
-        ri[0] = p / 2;
-        ra[0] = 1;
-      } else {
+      if (p % 2) {
         ri[0] = (p - 1) / 2;
         ra[0] = 2;
         ri[1] = (p + 1) / 2;
@@ -1066,8 +1064,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
         }
       }
     }
-    if (a->context) store_small(a->context, ctx, N, C, c0, mL, active, a->small_cl);
-    if (a->grad_gate) store_small(a->grad_gate, gg, N, C, c0, mL, active, a->small_cl);
+    if (a->context)
+      store_small(a->context, ctx, N, C, c0, mL, active, a->small_cl);
+    if (a->grad_gate)
+      store_small(a->grad_gate, gg, N, C, c0, mL, active, a->small_cl);
     if (a->excite) {
       /* the caller excites after every block: GE-theta-plus's MLP mixes
        * channels, and one pass over whole tensors streams faster than a
