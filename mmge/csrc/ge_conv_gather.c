@@ -52,49 +52,24 @@ INLINE void zero_border(float *plane, int64_t h, int64_t w) {
   }
 }
 
-/* One output row (wo positions) of conv_forward, and of conv_backward, from
- * three padded input rows r0..r2 (r[0..2]), their gradient d[0..2] (d
- * NULL: none) */
-INLINE void conv_row_forward(const float *r0, const float *r1,
-                             const float *r2, const vf *K, float *out,
-                             int64_t wo) {
-  for (int64_t j = 0; j < wo; ++j) {
-    const int64_t at = 2 * j * LANES;
-    V(out + j * LANES) =
-        K[0] * V(r0 + at) + K[1] * V(r0 + at + LANES) +
-        K[2] * V(r0 + at + 2 * LANES) + K[3] * V(r1 + at) +
-        K[4] * V(r1 + at + LANES) + K[5] * V(r1 + at + 2 * LANES) +
-        K[6] * V(r2 + at) + K[7] * V(r2 + at + LANES) +
-        K[8] * V(r2 + at + 2 * LANES);
-  }
-}
-
-INLINE void conv_row_backward(const float *const *r, float *const *d,
-                              const vf *K, const float *dz, int64_t wo,
-                              vd *dK) {
-  vf s[9];
-  for (int t = 0; t < 9; ++t) s[t] = splat(0.f);
-  for (int64_t j = 0; j < wo; ++j) {
-    const vf g = V(dz + j * LANES);
-    for (int64_t a = 0; a < 3; ++a)
-      for (int64_t b = 0; b < 3; ++b) {
-        const int64_t at = (2 * j + b) * LANES;
-        s[3 * a + b] += g * V(r[a] + at);
-        if (d) V(d[a] + at) += K[3 * a + b] * g;
-      }
-  }
-  for (int t = 0; t < 9; ++t) dK[t] += widen(s[t]);
-}
-
 /* out (ho, wo) <- depthwise 3x3 stride-2 convolution (kernels K[0..9)) of a
  * padded map of width w */
 INLINE void conv_forward(const float *plane, int64_t w, const vf *K,
                          float *out, int64_t ho, int64_t wo) {
   const int64_t stride = (w + 2) * LANES;
   for (int64_t i = 0; i < ho; ++i) {
-    const float *r0 = plane + 2 * i * stride;
-    conv_row_forward(r0, r0 + stride, r0 + 2 * stride, K,
-                     out + i * wo * LANES, wo);
+    const float *r0 = plane + 2 * i * stride, *r1 = r0 + stride,
+                *r2 = r1 + stride;
+    float *o = out + i * wo * LANES;
+    for (int64_t j = 0; j < wo; ++j) {
+      const int64_t at = 2 * j * LANES;
+      V(o + j * LANES) =
+          K[0] * V(r0 + at) + K[1] * V(r0 + at + LANES) +
+          K[2] * V(r0 + at + 2 * LANES) + K[3] * V(r1 + at) +
+          K[4] * V(r1 + at + LANES) + K[5] * V(r1 + at + 2 * LANES) +
+          K[6] * V(r2 + at) + K[7] * V(r2 + at + LANES) +
+          K[8] * V(r2 + at + 2 * LANES);
+    }
   }
 }
 
@@ -107,13 +82,19 @@ INLINE void conv_backward(const float *plane, float *dplane, int64_t w,
                           int64_t wo, vd *dK) {
   const int64_t stride = (w + 2) * LANES;
   for (int64_t i = 0; i < ho; ++i) {
-    const float *r[3];
-    float *d[3];
-    for (int a = 0; a < 3; ++a) {
-      r[a] = plane + (2 * i + a) * stride;
-      d[a] = dplane ? dplane + (2 * i + a) * stride : NULL;
+    vf s[9];
+    for (int t = 0; t < 9; ++t) s[t] = splat(0.f);
+    for (int64_t j = 0; j < wo; ++j) {
+      const vf d = V(dz + (i * wo + j) * LANES);
+      for (int64_t a = 0; a < 3; ++a) {
+        const int64_t at = (2 * i + a) * stride + 2 * j * LANES;
+        for (int64_t b = 0; b < 3; ++b) {
+          s[3 * a + b] += d * V(plane + at + b * LANES);
+          if (dplane) V(dplane + at + b * LANES) += K[3 * a + b] * d;
+        }
+      }
     }
-    conv_row_backward(r, dplane ? d : NULL, K, dz + i * wo * LANES, wo, dK);
+    for (int t = 0; t < 9; ++t) dK[t] += widen(s[t]);
   }
 }
 
@@ -631,7 +612,7 @@ INLINE void cl_conv_cell(const struct conv_gather_args *a,
     const struct cl_block *st = a->clb + b;
     const int64_t c0 = b * LANES;
     const int active = (int)min64(LANES, C - c0);
-    /* the taps in conv_row_forward's order (the same sums) */
+    /* the taps in conv_forward's order (the same sums) */
     vf s = splat(0.f);
 #pragma GCC unroll 3
     for (int ra = 0; ra < 3; ++ra) {
