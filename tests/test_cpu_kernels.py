@@ -492,6 +492,88 @@ def test_conv_gather_backward_from_a_kept_first_level():
                                          level1=level1)
 
 
+def _mlp_reference(context, grad_gate, mlp):
+    """GE-theta-plus's MLP on ``context``'s cells in float64 autograd: the
+    gate, the context's gradient for ``grad_gate``, and the gradients of
+    the MLP's tensors (None where a bias is None), as float32 tensors."""
+    n, c, h, w = context.shape
+    rows = context.double().permute(0, 2, 3, 1).reshape(-1, c)
+    rows.requires_grad_(True)
+    tensors = [None if t is None else t.double().requires_grad_(True)
+               for t in mlp[:4]]
+    w1, b1, w2, b2 = tensors
+    hidden = F.linear(rows, w1.flatten(1), b1)
+    gate = F.linear(hidden.relu() if mlp.relu else hidden, w2.flatten(1),
+                    b2).sigmoid()
+    wrt = [rows] + [t for t in tensors if t is not None]
+    grads = iter(torch.autograd.grad(
+        gate, wrt, grad_gate.double().permute(0, 2, 3, 1).reshape(-1, c)))
+
+    def nchw(t):
+        return t.view(n, h, w, c).permute(0, 3, 1, 2).float()
+
+    dcontext = nchw(next(grads))
+    return (nchw(gate.detach()), dcontext,
+            [None if t is None else next(grads).float() for t in tensors])
+
+
+@pytest.mark.parametrize('layout', ('contiguous', 'channels_last'))
+# (no map of one row: with extent 8 the last level's norm then sees 2 values,
+# and its gradient is rounding of larger terms that cancel)
+@pytest.mark.parametrize('size', ((20, 18), (13, 9), (56, 56), (9, 40)))
+def test_conv_gather_backward_runs_the_mlps_backward(layout, size):
+    """GE-theta-plus's backward in one call: given the MLP, the kernel runs
+    its forward and backward between the gather's forward and backward.
+    Every gradient is the two-call path's with the MLP's gate and
+    gradients from float64 autograd; the MLP's own gradients are
+    autograd's too. With and without the norm's statistics, a ReLU between
+    the MLP's layers or none, biases or none, 11 and 20 channels (hidden
+    widths 2 and 5: units split unevenly over threads); the MLP is refused
+    together with a gate, a context gradient or a kept first level."""
+    fmt = torch.channels_last if layout == 'channels_last' else \
+        torch.contiguous_format
+    for channels in (11, 20):
+        gather = _conv_gather(channels, 8, last_act=True)
+        x, grad = (torch.randn(2, channels, *size).contiguous(
+            memory_format=fmt) for _ in range(2))
+        params = gather.native_params(x)
+        scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+        stats = cpu_kernels.NormStats(x.mean((0, 2, 3)),
+                                      torch.rand(channels) + 0.5, True)
+        hidden = channels // 4
+        torch.manual_seed(3)
+        w1, w2 = torch.randn(hidden, channels, 1, 1), torch.randn(
+            channels, hidden, 1, 1)
+        b1, b2 = torch.randn(hidden), torch.randn(channels)
+        for relu, biases, with_stats in ((True, True, True),
+                                         (False, True, False),
+                                         (True, False, False)):
+            mlp = cpu_kernels.MLPParams(w1, b1 if biases else None, w2,
+                                        b2 if biases else None, relu)
+            st = stats if with_stats else None
+            first = cpu_kernels.conv_gather(x, params, scale, shift, grad,
+                                            channels_last=True)
+            gate, dcontext, mlp_grads = _mlp_reference(
+                first.context, first.grad_gate, mlp)
+            want = cpu_kernels.conv_gather_backward(
+                x, params, grad, scale, shift, gate, dcontext, stats=st)
+            got = cpu_kernels.conv_gather_backward(x, params, grad, scale,
+                                                   shift, stats=st, mlp=mlp)
+            assert got.dx.is_contiguous(memory_format=fmt)
+            want = want._replace(
+                **dict(zip(cpu_kernels.MLP_GRADS, mlp_grads)))
+            for field, g, e in zip(got._fields, got, want):
+                assert (g is None) == (e is None), field
+                if g is not None:
+                    close_to_scale(g, e.view_as(g), field)
+        for extra in (dict(gate=gate, dcontext=dcontext),
+                      dict(level1=cpu_kernels.conv_gather(
+                          x, params, scale, shift, keep_level1=True).level1)):
+            with pytest.raises(ValueError, match='takes mlp without gate'):
+                cpu_kernels.conv_gather_backward(x, params, grad, scale,
+                                                 shift, mlp=mlp, **extra)
+
+
 @pytest.mark.parametrize('affine', (True, False))
 def test_norm_affine_is_the_eval_batch_norm(affine):
     """invstd, scale and shift of a batch norm with running statistics, as
@@ -873,11 +955,23 @@ def test_pool_kernels_read_channels_last(size, extent):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def _same_in_both_layouts(call, x, others):
+def close_to_scale(got, want, msg):
+    """float32 results of different summation orders: within TOL's atol
+    times the larger of 1 and ``want``'s largest magnitude (a value near
+    zero in a field of sums of hundreds carries their rounding), and
+    TOL's rtol."""
+    atol = TOL['atol'] * max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, atol=atol, rtol=TOL['rtol'],
+                               msg=msg)
+
+
+def _same_in_both_layouts(call, x, others, to_scale=False):
     """``call(x, *others)`` with x channels-last (and ``others``, the
     full-resolution operands, in the other layout: copied to x's) returns
     the values of the call on contiguous tensors, its full-resolution
-    outputs channels-last."""
+    outputs channels-last; with ``to_scale``, compared by
+    :func:`close_to_scale` (gradients through GE-theta-plus's MLP, whose
+    input, the gate's gradient, rounds differently in each layout)."""
     fmt = torch.channels_last
     want = call(x, *others)
     got = call(x.contiguous(memory_format=fmt), *others)
@@ -887,7 +981,10 @@ def _same_in_both_layouts(call, x, others):
             continue
         if g.dim() == 4 and g.shape[-2:] == x.shape[-2:]:
             assert g.is_contiguous(memory_format=fmt), field
-        torch.testing.assert_close(g, w, **TOL, msg=field)
+        if to_scale:
+            close_to_scale(g, w, field)
+        else:
+            torch.testing.assert_close(g, w, **TOL, msg=field)
 
 
 @pytest.mark.parametrize('size',
@@ -946,8 +1043,13 @@ def test_conv_gather_reads_channels_last(size, train):
                                             keep_level1=True).level1
                     if kept else None),
                 x, (grad, ))
+        # GE-theta-plus's backward in one call, the MLP inside
+        _same_in_both_layouts(
+            lambda x, g: cpu_kernels.conv_gather_backward(
+                x, params, g, scale, shift, stats=stats, mlp=mlp),
+            x, (grad, ), to_scale=True)
         # channels-last, a first call given the norm's statistics makes the
-        # second's first pass (GE-theta-plus's backward)
+        # second's first pass (GE-theta-plus's backward, MLP on autograd)
         _same_in_both_layouts(
             lambda x, g: cpu_kernels.conv_gather_backward(
                 x, params, g, scale, shift, gate, gate * 0.1,
@@ -969,10 +1071,10 @@ def test_conv_gather_excite_only_in_a_forward_call():
     x = torch.randn(2, 8, 16, 16)
     params = gather.native_params(x)
     spec = cpu_kernels.Excitation()
-    with pytest.raises(ValueError, match='only in a forward call'):
+    with pytest.raises(ValueError, match='excite runs in a forward call'):
         cpu_kernels.conv_gather(x, params, grad=torch.randn_like(x),
                                 excite=spec)
-    with pytest.raises(ValueError, match='only in a forward call'):
+    with pytest.raises(ValueError, match='excite runs in a forward call'):
         cpu_kernels.conv_gather(x, params, keep_level1=True, excite=spec)
     running = cpu_kernels.FusedNorm(None, None, 1e-5, torch.zeros(8),
                                     torch.ones(8))
@@ -1011,8 +1113,14 @@ def test_conv_gather_split_over_threads_gives_the_same_values(layout):
     """Each channel block runs on one thread in a fixed order, and
     channels-last's row passes add their units' sums in unit order: one
     thread and two give bit-equal results, with and without the fused
-    norm."""
+    norm, and with GE-theta-plus's MLP (forward and backward; its 10
+    hidden units split 5 and 5, so one thread's range ends in an unpaired
+    unit)."""
     gather = _conv_gather(43, 8, last_act=True)
+    torch.manual_seed(4)
+    mlp = cpu_kernels.MLPParams(torch.randn(10, 43, 1, 1), torch.randn(10),
+                                torch.randn(43, 10, 1, 1), torch.randn(43),
+                                True)
     fmt = torch.channels_last if layout == 'channels_last' else \
         torch.contiguous_format
     x, grad = (torch.randn(2, 43, 56, 56).contiguous(memory_format=fmt)
@@ -1034,7 +1142,13 @@ def test_conv_gather_split_over_threads_gives_the_same_values(layout):
                 cpu_kernels.conv_gather_backward(x, params, grad, scale,
                                                  shift) +
                 cpu_kernels.conv_gather_backward(x, params, grad, scale,
-                                                 shift, stats=stats))
+                                                 shift, stats=stats) +
+                cpu_kernels.conv_gather(x, params, norm=fused,
+                                        excite=cpu_kernels.Excitation(
+                                            mlp=mlp)) +
+                cpu_kernels.conv_gather_backward(x, params, grad, scale,
+                                                 shift, stats=stats,
+                                                 mlp=mlp))
     finally:
         torch.set_num_threads(threads)
     _bit_equal(*results)

@@ -1236,6 +1236,54 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
   }
 }
 
+/* GE-theta-plus's backward, the blocks' part: the chain forward to the
+ * context and the gate's gradient (as rows, (N * hL * wL, C)), then the
+ * MLP's backward over all channels (ge_mlp_backward: the gate, the
+ * context's gradient and its parameters'), then the blocks again from
+ * level 1 on (channels-last: from the first pass's buffers; else from a
+ * copy of level 1 made the first time) with that gate and gradient.
+ * Returns 0, or 1 when out of memory. */
+static int mlp_backward_blocks(struct conv_gather_args *a,
+                               const struct ge_excite_spec *mlp,
+                               int threads) {
+  const int64_t N = a->N, C = a->C, L = a->levels;
+  const int64_t rows = N * a->h[L] * a->w[L], blocks = (C + LANES - 1) / LANES;
+  const int64_t m1 = a->cl ? 0 : N * a->h[1] * a->w[1] * LANES;
+  const int64_t plane = N * a->H * a->W * LANES;
+  float *buf = (float *)malloc(sizeof(float) *
+                               (size_t)(4 * rows * C + blocks * m1));
+  if (!buf) return 1;
+  float *ctx = buf, *gg = ctx + rows * C, *gate = gg + rows * C;
+  float *dctx = gate + rows * C, *level1 = dctx + rows * C;
+  float *dx = a->dx;
+  const int small_cl = a->small_cl;
+  a->small_cl = 1;
+  a->dx = NULL;
+  a->context = ctx;
+  a->grad_gate = gg;
+  a->level1_out = m1 ? level1 : NULL;
+  int status = for_planes(conv_gather_blocks, a, blocks, plane, a->scratch,
+                          threads);
+  if (!status)
+    status = ge_mlp_backward(ctx, gg, rows, C, mlp->mlp_hidden, mlp->mlp_w1,
+                             mlp->mlp_b1, mlp->mlp_w2, mlp->mlp_b2,
+                             mlp->mlp_relu, gate, dctx, mlp->mlp_dw1,
+                             mlp->mlp_db1, mlp->mlp_dw2, mlp->mlp_db2,
+                             threads);
+  a->dx = dx;
+  a->context = a->grad_gate = a->level1_out = NULL;
+  a->level1_in = m1 ? level1 : NULL;
+  a->gate = gate;
+  a->dcontext = dctx;
+  if (!status)
+    status = for_planes(conv_gather_blocks, a, blocks, plane, a->scratch,
+                        threads);
+  a->small_cl = small_cl;
+  a->gate = a->dcontext = a->level1_in = NULL;
+  free(buf);
+  return status;
+}
+
 /* The gather (and with dx its backward) of the channels of x; with
  * excite, the excite of its output too. Returns 0, 1 when memory could not
  * be allocated, 2 for more than MAX_LEVELS levels, 3 for level1_in with an
@@ -1287,8 +1335,16 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
   if (norm_rvar && (scale || norm_batch || !norm_rmean)) return 4;
   for (int l = 0; l < levels; ++l)
     if (!weight[l] || (!train[l] && (!rmean[l] || !rvar[l]))) return 5;
-  if (excite && (grad || dx || level1_in || level1_out || !excite->out))
+  /* a forward excite writes out; a backward one is GE-theta-plus's MLP,
+   * whose gate and context gradient the call makes itself */
+  if (excite && (dx ? !excite->mlp_w1 || excite->out || excite->identity ||
+                          excite->relu || gate || dcontext || level1_in ||
+                          level1_out || context || grad_gate
+                    : grad || level1_in || level1_out || !excite->out))
     return 6;
+  /* from here on excite is the forward's */
+  const struct ge_excite_spec *mlp_backward = dx ? excite : NULL;
+  if (dx) excite = NULL;
   struct conv_gather_args a = {
       .x = x, .scale = scale, .shift = shift, .weight = weight, .gamma = gamma,
       .beta = beta, .rmean = rmean, .rvar = rvar, .eps = eps,
@@ -1398,7 +1454,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       for (int64_t b = 0; b < blocks; ++b)
         for (int t = 0; t < 2; ++t) a.clb[b].sums[t] = cl_sum(&a, b, t);
   }
-  if (!status)
+  if (!status && mlp_backward)
+    status = mlp_backward_blocks(&a, mlp_backward, threads);
+  else if (!status)
     status = for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
                         threads);
   if (!status && x_cl && dx) {

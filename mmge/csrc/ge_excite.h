@@ -1,8 +1,9 @@
 /*
  * The entry points that ge_conv_gather.c calls when it excites what it
- * gathered in the same call (GE's inference and training forward):
- * ge_excite and ge_excite_nhwc (ge_cpu.c), GE-theta-plus's MLP gate
- * ge_mlp_gate (ge_mlp.c), ge_norm_affine (ge_cpu.c) for a norm with
+ * gathered in the same call (GE's inference and training forward, and
+ * GE-theta-plus's backward): ge_excite and ge_excite_nhwc (ge_cpu.c),
+ * GE-theta-plus's MLP gate ge_mlp_gate and its backward ge_mlp_backward
+ * (ge_mlp.c), ge_norm_affine (ge_cpu.c) for a norm with
  * running statistics, and what that call is asked for, struct
  * ge_excite_spec.
  */
@@ -17,13 +18,18 @@
  * (GE-theta) or, with mlp_w1, ge_mlp_gate's (GE-theta-plus, its MLP
  * mlp_w1 (mlp_hidden, C), mlp_b1, mlp_w2 (C, mlp_hidden), mlp_b2, a ReLU
  * in between with mlp_relu). identity and out: (N, C, H, W) in x's
- * layout, identity NULL for none. */
+ * layout, identity NULL for none. In a backward call (GE-theta-plus's,
+ * with dx) there is no identity, out or relu: the call runs the MLP's
+ * backward between the gather's forward and backward and writes the
+ * gradients of its weights and biases to mlp_dw1, mlp_db1, mlp_dw2,
+ * mlp_db2 (each NULL for not wanted). */
 struct ge_excite_spec {
   const float *identity;
   float *out;
   const float *mlp_w1, *mlp_b1, *mlp_w2, *mlp_b2;
   int64_t mlp_hidden;
   int mlp_relu, relu;
+  float *mlp_dw1, *mlp_db1, *mlp_dw2, *mlp_db2;
 };
 
 /* ge_cpu.c's excite over whole tensors (see there) */
@@ -48,6 +54,16 @@ int ge_excite_nhwc(const float *x, const float *scale, const float *shift,
 int ge_mlp_gate(const float *in, int64_t R, int64_t C, int64_t hidden,
                 const float *w1, const float *b1, const float *w2,
                 const float *b2, int relu, float *gate, int threads);
+
+/* ge_mlp.c: that MLP's backward for the gate's gradient gg (R, C): the
+ * gate (R, C) again, the gradient of its input, dctx (R, C), and those of
+ * w1, b1, w2 and b2 (each NULL for not wanted). Returns 0, or 1 when out
+ * of memory. */
+int ge_mlp_backward(const float *in, const float *gg, int64_t R, int64_t C,
+                    int64_t hidden, const float *w1, const float *b1,
+                    const float *w2, const float *b2, int relu, float *gate,
+                    float *dctx, float *dw1, float *db1, float *dw2,
+                    float *db2, int threads);
 
 /* ge_cpu.c: a batch norm with running statistics as the per-channel
  * affine the kernels apply, out (3, C): invstd, scale, shift (see there) */

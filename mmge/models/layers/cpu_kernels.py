@@ -43,7 +43,7 @@ results equal the ATen ops' up to float32 rounding
 import ctypes
 import functools
 import importlib.util
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch.nn.modules import module as torch_module
@@ -259,8 +259,10 @@ def _check(status: int, name: str) -> None:
                          f'kernels, or its running statistics where it does '
                          f'not train')
     if status == 6:
-        raise ValueError(f'mmge native kernel {name}: the excite runs only '
-                         f'in a forward call')
+        raise ValueError(f'mmge native kernel {name}: the excite runs in '
+                         f'a forward call, or in a backward one as an MLP '
+                         f'alone (no identity, out, relu, gate, dcontext '
+                         f'or level1)')
     if status:
         raise MemoryError(f'mmge native kernel {name}: out of memory for '
                           f'its scratch buffers')
@@ -716,7 +718,8 @@ class _ExciteSpec(ctypes.Structure):
     _fields_ = [('identity', _PTR), ('out', _PTR), ('mlp_w1', _PTR),
                 ('mlp_b1', _PTR), ('mlp_w2', _PTR), ('mlp_b2', _PTR),
                 ('mlp_hidden', _I64), ('mlp_relu', ctypes.c_int),
-                ('relu', ctypes.c_int)]
+                ('relu', ctypes.c_int), ('mlp_dw1', _PTR), ('mlp_db1', _PTR),
+                ('mlp_dw2', _PTR), ('mlp_db2', _PTR)]
 
 
 class NormStats(NamedTuple):
@@ -776,6 +779,12 @@ class ConvGatherGrads(NamedTuple):
         norm_dweight (Tensor | None): With the norm's statistics, its
             weight's gradient, (C, ).
         norm_dbias (Tensor | None): Its bias's gradient, (C, ).
+        mlp_dweight1 (Tensor | None): With ``mlp``, the gradient of its
+            first weight, (hidden, C).
+        mlp_dbias1 (Tensor | None): Of its first bias (when it has one),
+            (hidden, ).
+        mlp_dweight2 (Tensor | None): Of its second weight, (C, hidden).
+        mlp_dbias2 (Tensor | None): Of its second bias, (C, ).
     """
     dx: torch.Tensor
     dweight: torch.Tensor
@@ -783,18 +792,29 @@ class ConvGatherGrads(NamedTuple):
     dbeta: torch.Tensor
     norm_dweight: Optional[torch.Tensor]
     norm_dbias: Optional[torch.Tensor]
+    mlp_dweight1: Optional[torch.Tensor] = None
+    mlp_dbias1: Optional[torch.Tensor] = None
+    mlp_dweight2: Optional[torch.Tensor] = None
+    mlp_dbias2: Optional[torch.Tensor] = None
+
+
+#: the MLP's gradients a backward call with an MLP writes, in
+#: ``struct ge_excite_spec``'s order
+MLP_GRADS = ('mlp_dweight1', 'mlp_dbias1', 'mlp_dweight2', 'mlp_dbias2')
 
 
 def _excite_spec(excite: Optional[Excitation],
-                 out: Optional[torch.Tensor]) -> Optional[_ExciteSpec]:
+                 out: Dict[str, Optional[torch.Tensor]]
+                 ) -> Optional[_ExciteSpec]:
     if excite is None:
         return None
     mlp = excite.mlp
     weights = (None, ) * 4 if mlp is None else mlp[:4]
-    return _ExciteSpec(_ptr(excite.identity), _ptr(out),
+    return _ExciteSpec(_ptr(excite.identity), _ptr(out['out']),
                        *[_ptr(t) for t in weights],
                        0 if mlp is None else mlp.weight1.shape[0],
-                       int(mlp is not None and mlp.relu), int(excite.relu))
+                       int(mlp is not None and mlp.relu), int(excite.relu),
+                       *[_ptr(out[k]) for k in MLP_GRADS])
 
 
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
@@ -874,6 +894,12 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
         'norm_dbias': (c, ),
         'out': (n, c, height, width),
     }
+    if excite is not None and excite.mlp is not None:
+        hidden = excite.mlp.weight1.shape[0]
+        out.update(mlp_dweight1=(hidden, c), mlp_dbias1=(hidden, ),
+                   mlp_dweight2=(c, hidden), mlp_dbias2=(c, ))
+    else:
+        out.update(dict.fromkeys(MLP_GRADS, ()))
     out = {k: (torch.empty_like(x) if k in ('dx', 'out') else
                x.new_empty(v)) if k in outputs else None
            for k, v in out.items()}
@@ -886,7 +912,7 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
     mean = invstd = None
     train = 0
     gamma, beta, rmean, rvar, eps = _norm_vectors(norm, c)
-    spec = _excite_spec(excite, out['out'])
+    spec = _excite_spec(excite, out)
     if stats is not None:
         mean, invstd = _vector(stats.mean, c), _vector(stats.invstd, c)
         train = int(stats.train)
@@ -982,7 +1008,8 @@ def conv_gather_backward(
         gate: Optional[torch.Tensor] = None,
         dcontext: Optional[torch.Tensor] = None,
         level1: Optional[torch.Tensor] = None,
-        stats: Optional[NormStats] = None) -> ConvGatherGrads:
+        stats: Optional[NormStats] = None,
+        mlp: Optional[MLPParams] = None) -> ConvGatherGrads:
     """Backward of ``out = y * resize(gate)`` with ``gate`` made from
     ``conv_gather(y)``: the gradients of ``y`` (both terms) and of the
     gather's parameters; with ``stats``, of ``x`` through the batch norm
@@ -990,8 +1017,11 @@ def conv_gather_backward(
 
     The gather is recomputed from ``x`` (with the same batch statistics).
     Without ``gate`` and ``dcontext`` the gate is ``sigmoid(context)``
-    (GE-theta); else ``gate`` is the gate that was applied and ``dcontext``
-    the gradient of the context (GE-theta-plus, whose MLP runs in between).
+    (GE-theta), or with ``mlp`` ``sigmoid(mlp(context))`` (GE-theta-plus:
+    the MLP's backward runs inside the call, between the gather's forward
+    and backward); else ``gate`` is the gate that was applied and
+    ``dcontext`` the gradient of the context (GE-theta-plus whose MLP ran
+    in between, on a first call's ``grad_gate``).
 
     Args:
         x (Tensor): (N, C, H, W), :func:`usable`.
@@ -1011,6 +1041,9 @@ def conv_gather_backward(
         stats (NormStats, optional): The statistics of the batch norm that
             made ``y`` (``scale`` is its weight times ``invstd``, ``shift``
             its bias minus ``mean * scale``).
+        mlp (MLPParams, optional): GE-theta-plus's MLP, run forward and
+            backward inside the call; not with ``gate``, ``dcontext`` or
+            ``level1``. Its weights' and biases' gradients are returned.
 
     Returns:
         ConvGatherGrads: The gradients.
@@ -1018,9 +1051,15 @@ def conv_gather_backward(
     if (gate is None) != (dcontext is None):
         raise ValueError('conv_gather_backward takes gate and dcontext '
                          'together, or neither')
+    if mlp is not None and (gate is not None or level1 is not None):
+        raise ValueError('conv_gather_backward takes mlp without gate, '
+                         'dcontext and level1 (it makes them itself)')
     want = ('dx', 'dweight', 'dgamma', 'dbeta') + (
         ('norm_dweight', 'norm_dbias') if stats is not None else ())
+    if mlp is not None:
+        want += tuple(k for k, t in zip(MLP_GRADS, mlp[:4]) if t is not None)
     out = _conv_gather(x, params, scale, shift, grad, gate, dcontext, want,
                        level1, stats=stats,
-                       small_cl=gate is not None and channels_last(gate))
+                       small_cl=gate is not None and channels_last(gate),
+                       excite=None if mlp is None else Excitation(mlp=mlp))
     return ConvGatherGrads(*[out[k] for k in ConvGatherGrads._fields])

@@ -391,9 +391,11 @@ class GEFunction(torch.autograd.Function):
         :func:`cpu_kernels.input_grad`, then ATen's batch norm backward.
         GE-theta and GE-theta-plus: :func:`cpu_kernels.conv_gather_backward`
         recomputes the gather, runs it backwards and runs the norm's
-        backward; GE-theta-plus's MLP runs in between
-        (:meth:`Excite.gate_backward`: it is small, at the context's
-        resolution), after a first kernel call for the gate's gradient.
+        backward; GE-theta-plus's MLP runs in between, forward and
+        backward, inside the same call (:func:`native_mlp`); an MLP the
+        kernel does not run goes through :meth:`Excite.gate_backward`
+        between a first kernel call for the gate's gradient and the
+        backward's.
 
         Args:
             ctx: The autograd context.
@@ -423,9 +425,10 @@ class GEFunction(torch.autograd.Function):
             state = ctx.norm_state
             stats = None if norm is None else cpu_kernels.NormStats(
                 state['mean'], state['invstd'], state['train'])
-            mlp = layer.excite.mlp
-            if mlp is not None:
-                # channels-last: the first call also makes the second's
+            mlp = native_mlp(layer.excite)
+            if layer.excite.mlp is not None and mlp is None:
+                # an MLP the kernel does not run, on autograd between two
+                # calls; channels-last, the first also makes the second's
                 # first pass (given the norm's statistics)
                 first = cpu_kernels.conv_gather(
                     inp, plan, scale, shift, grad, keep_level1=True,
@@ -440,8 +443,18 @@ class GEFunction(torch.autograd.Function):
                 by_param.update(zip(map(id, weights), grads))
                 gate, dcontext = gate.float(), dcontext.float()
             grads = cpu_kernels.conv_gather_backward(
-                inp, plan, grad, scale, shift, gate, dcontext, level1, stats)
+                inp, plan, grad, scale, shift, gate, dcontext, level1, stats,
+                mlp=mlp)
             grad_x = grads.dx
+            if mlp is not None:
+                # the MLP's backward ran inside the call
+                first, second = (m.conv for m in layer.excite.mlp)
+                for p, g in ((first.weight, grads.mlp_dweight1),
+                             (first.bias, grads.mlp_dbias1),
+                             (second.weight, grads.mlp_dweight2),
+                             (second.bias, grads.mlp_dbias2)):
+                    if p is not None and p.requires_grad:
+                        by_param[id(p)] = g.view_as(p)
             for level, m in enumerate(layer.gather.convs):
                 by_param[id(m.conv.weight)] = grads.dweight[level].view_as(
                     m.conv.weight)
