@@ -529,7 +529,10 @@ def test_conv_gather_backward_runs_the_mlps_backward(layout, size):
     autograd's too. With and without the norm's statistics, a ReLU between
     the MLP's layers or none, biases or none, 11 and 20 channels (hidden
     widths 2 and 5: units split unevenly over threads); the MLP is refused
-    together with a gate, a context gradient or a kept first level."""
+    together with a gate, a context gradient or a kept first level. Given
+    the context its forward kept (``keep_context``), the call gives the
+    same values without gathering it again; a context without the MLP, of
+    another shape or dtype is refused."""
     fmt = torch.channels_last if layout == 'channels_last' else \
         torch.contiguous_format
     for channels in (11, 20):
@@ -566,12 +569,37 @@ def test_conv_gather_backward_runs_the_mlps_backward(layout, size):
                 assert (g is None) == (e is None), field
                 if g is not None:
                     close_to_scale(g, e.view_as(g), field)
+            # given the context its forward kept, the call does not gather
+            # it again: the same values (bit for bit where the forward's
+            # gather is the backward's, without the norm's statistics)
+            context = cpu_kernels.conv_gather(
+                x, params, scale, shift,
+                excite=cpu_kernels.Excitation(mlp=mlp),
+                keep_context=True).context
+            assert context.is_contiguous(memory_format=torch.channels_last)
+            kept = cpu_kernels.conv_gather_backward(
+                x, params, grad, scale, shift, stats=st, mlp=mlp,
+                context=context)
+            if st is None:
+                _bit_equal(kept, got)
+            else:
+                for field, g, e in zip(got._fields, kept, got):
+                    if g is not None:
+                        close_to_scale(g, e, field)
         for extra in (dict(gate=gate, dcontext=dcontext),
                       dict(level1=cpu_kernels.conv_gather(
                           x, params, scale, shift, keep_level1=True).level1)):
             with pytest.raises(ValueError, match='takes mlp without gate'):
                 cpu_kernels.conv_gather_backward(x, params, grad, scale,
                                                  shift, mlp=mlp, **extra)
+        for kwargs in (dict(context=context), dict(
+                mlp=mlp, context=context[:, :, :1]), dict(
+                    mlp=mlp, context=context.double())):
+            with pytest.raises(ValueError, match='takes context with mlp'):
+                cpu_kernels.conv_gather_backward(x, params, grad, scale,
+                                                 shift, **kwargs)
+        with pytest.raises(ValueError, match='keep_context is for a call'):
+            cpu_kernels.conv_gather(x, params, keep_context=True)
 
 
 @pytest.mark.parametrize('affine', (True, False))

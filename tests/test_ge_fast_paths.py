@@ -239,14 +239,32 @@ def test_default_mode_keeps_only_its_input(variant):
     _, saved = _saved_storages(lambda: layer(x))
     params = {p.data_ptr() for p in layer.parameters()}
     activations = [t for t in saved if t.data_ptr() not in params]
-    assert len(activations) == 1
-    assert activations[0].data_ptr() == x.data_ptr()
+    assert [t.data_ptr() for t in activations].count(x.data_ptr()) == 1
+    assert _own_context(variant, activations, x, False) == \
+        len(activations) - 1
+
+
+def _own_context(variant, activations, x, memory_efficient):
+    """How many of ``activations`` are GE-theta-plus's context (extent 4:
+    (N, C, H / 4, W / 4)), which it keeps outside the memory-saving mode on
+    the native kernels for its backward's MLP; asserts that no other
+    variant or mode keeps one."""
+    from mmge.models.layers import cpu_kernels
+    n, c, h, w = x.shape
+    contexts = [t for t in activations
+                if tuple(t.shape) == (n, c, h // 4, w // 4)]
+    kept = variant == 'theta_plus' and not memory_efficient and \
+        cpu_kernels.available()
+    assert len(contexts) == int(kept)
+    return len(contexts)
 
 
 def _keeps_only_the_norms_input(variant, memory_efficient, fmt):
     """A conv, then GE after its norm, in memory layout ``fmt``: what
     autograd keeps is the conv's input and output (which the norm would
-    keep without GE), nothing of GE's own; the output stays in ``fmt``."""
+    keep without GE), nothing of GE's own but GE-theta-plus's context
+    outside the memory-saving mode (:func:`_own_context`); the output stays
+    in ``fmt``."""
     layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
                          memory_efficient=memory_efficient)
     norm = nn.BatchNorm2d(8)
@@ -266,8 +284,11 @@ def _keeps_only_the_norms_input(variant, memory_efficient, fmt):
     params = {p.data_ptr() for m in (layer, norm, conv)
               for p in m.parameters()}
     activations = [t for t in saved if t.data_ptr() not in params]
-    assert sorted(t.data_ptr() for t in activations) == sorted(
+    context = _own_context(variant, activations, c_box[0], memory_efficient)
+    assert sorted(t.data_ptr() for t in activations
+                  if t.shape == inp.shape) == sorted(
         [inp.data_ptr(), c_box[0].data_ptr()])
+    assert len(activations) == 2 + context
 
 
 @pytest.mark.parametrize('variant', VARIANTS)

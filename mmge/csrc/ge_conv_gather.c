@@ -169,6 +169,9 @@ struct conv_gather_args {
    * (2, C) */
   const struct ge_excite_spec *excite;
   float *ctx_rows, *affine;
+  /* the blocks make the gate's gradient only (to grad_gate), no chain:
+   * GE-theta-plus's backward given the forward's context */
+  int gg_only;
   /* map sizes per level (level 0: the input) and scratch offsets */
   int64_t h[MAX_LEVELS + 1], w[MAX_LEVELS + 1];
   int64_t off_z[MAX_LEVELS + 1], off_dz[MAX_LEVELS + 1];
@@ -957,8 +960,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
        * and gg = A * S2 + (A * mean + B) * S1 (cl_prepass) */
       const struct cl_block *st = a->clb + block;
       const vf Bm = A * st->nmean + B;
-      memcpy(z1, a->cl_z + block * a->cl_pz, sizeof(float) * m1);
-      level1_affine(z1, K[1], A, Bm, N, H, W, a->h[1], a->w[1]);
+      if (!a->gg_only) {
+        memcpy(z1, a->cl_z + block * a->cl_pz, sizeof(float) * m1);
+        level1_affine(z1, K[1], A, Bm, N, H, W, a->h[1], a->w[1]);
+      }
       const float *S1 = a->cl_s + block * a->cl_ps, *S2 = S1 + mg;
       if (need_gg)
         for (int64_t t = 0; t < N * mL; ++t)
@@ -984,6 +989,10 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     } else if (a->level1_out) {
       memcpy(a->level1_out + block * m1, buf + a->off_z[1],
              sizeof(float) * m1);
+    }
+    if (a->gg_only) {
+      store_small(a->grad_gate, gg, N, C, c0, mL, active, a->small_cl);
+      continue;
     }
 
     /* the chain: norm, activation, next convolution */
@@ -1237,7 +1246,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
 }
 
 /* GE-theta-plus's backward, the blocks' part: the chain forward to the
- * context and the gate's gradient (as rows, (N * hL * wL, C)), then the
+ * context and the gate's gradient (as rows, (N * hL * wL, C)), or given
+ * the forward's context (mlp_context) the gate's gradient alone, then the
  * MLP's backward over all channels (ge_mlp_backward: the gate, the
  * context's gradient and its parameters'), then the blocks again from
  * level 1 on (channels-last: from the first pass's buffers; else from a
@@ -1259,13 +1269,16 @@ static int mlp_backward_blocks(struct conv_gather_args *a,
   const int small_cl = a->small_cl;
   a->small_cl = 1;
   a->dx = NULL;
-  a->context = ctx;
+  a->context = mlp->mlp_context ? NULL : ctx;
+  a->gg_only = mlp->mlp_context != NULL;
   a->grad_gate = gg;
   a->level1_out = m1 ? level1 : NULL;
   int status = for_planes(conv_gather_blocks, a, blocks, plane, a->scratch,
                           threads);
+  a->gg_only = 0;
   if (!status)
-    status = ge_mlp_backward(ctx, gg, rows, C, mlp->mlp_hidden, mlp->mlp_w1,
+    status = ge_mlp_backward(mlp->mlp_context ? mlp->mlp_context : ctx, gg,
+                             rows, C, mlp->mlp_hidden, mlp->mlp_w1,
                              mlp->mlp_b1, mlp->mlp_w2, mlp->mlp_b2,
                              mlp->mlp_relu, gate, dctx, mlp->mlp_dw1,
                              mlp->mlp_db1, mlp->mlp_dw2, mlp->mlp_db2,

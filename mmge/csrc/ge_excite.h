@@ -22,7 +22,9 @@
  * with dx) there is no identity, out or relu: the call runs the MLP's
  * backward between the gather's forward and backward and writes the
  * gradients of its weights and biases to mlp_dw1, mlp_db1, mlp_dw2,
- * mlp_db2 (each NULL for not wanted). */
+ * mlp_db2 (each NULL for not wanted); mlp_context, when given, is the
+ * context the forward gathered (rows (N * hL * wL, C)), which the call
+ * then does not gather again. */
 struct ge_excite_spec {
   const float *identity;
   float *out;
@@ -30,6 +32,7 @@ struct ge_excite_spec {
   int64_t mlp_hidden;
   int mlp_relu, relu;
   float *mlp_dw1, *mlp_db1, *mlp_dw2, *mlp_db2;
+  const float *mlp_context;
 };
 
 /* ge_cpu.c's excite over whole tensors (see there) */

@@ -701,16 +701,20 @@ class Excitation(NamedTuple):
     """The excite :func:`conv_gather` runs after the gather, in the same
     call: ``y * resize(gate) (+ identity)``, then a ReLU when asked, the
     gate being ``sigmoid(context)`` or, with ``mlp``, ``sigmoid(mlp(
-    context))``.
+    context))``. (:func:`conv_gather_backward` passes its MLP and
+    context this way too.)
 
     Attributes:
         identity (Tensor | None): The block's shortcut, (N, C, H, W).
         relu (bool): The block's ReLU after it.
         mlp (MLPParams | None): GE-theta-plus's MLP.
+        context (Tensor | None): Backward only: the context the forward
+            gathered, channels-last in memory.
     """
     identity: Optional[torch.Tensor] = None
     relu: bool = False
     mlp: Optional[MLPParams] = None
+    context: Optional[torch.Tensor] = None
 
 
 class _ExciteSpec(ctypes.Structure):
@@ -719,7 +723,7 @@ class _ExciteSpec(ctypes.Structure):
                 ('mlp_b1', _PTR), ('mlp_w2', _PTR), ('mlp_b2', _PTR),
                 ('mlp_hidden', _I64), ('mlp_relu', ctypes.c_int),
                 ('relu', ctypes.c_int), ('mlp_dw1', _PTR), ('mlp_db1', _PTR),
-                ('mlp_dw2', _PTR), ('mlp_db2', _PTR)]
+                ('mlp_dw2', _PTR), ('mlp_db2', _PTR), ('mlp_context', _PTR)]
 
 
 class NormStats(NamedTuple):
@@ -814,7 +818,8 @@ def _excite_spec(excite: Optional[Excitation],
                        *[_ptr(t) for t in weights],
                        0 if mlp is None else mlp.weight1.shape[0],
                        int(mlp is not None and mlp.relu), int(excite.relu),
-                       *[_ptr(out[k]) for k in MLP_GRADS])
+                       *[_ptr(out[k]) for k in MLP_GRADS],
+                       _ptr(excite.context))
 
 
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
@@ -951,7 +956,8 @@ def conv_gather(x: torch.Tensor,
                 norm: Optional[FusedNorm] = None,
                 channels_last: bool = False,
                 excite: Optional[Excitation] = None,
-                stats: Optional['NormStats'] = None) -> ConvGatherResult:
+                stats: Optional['NormStats'] = None,
+                keep_context: bool = False) -> ConvGatherResult:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
     of ``y = norm(x)``, or of ``x``; with ``excite``, its excite too.
 
@@ -982,20 +988,27 @@ def conv_gather(x: torch.Tensor,
             then also holds the sums of the kernel's first pass over ``x``
             and ``grad``, which :func:`conv_gather_backward` with the same
             ``level1`` and ``stats`` does not make again.
+        keep_context (bool): With ``excite``, return the context too,
+            channels-last in memory (GE-theta-plus's backward takes it as
+            ``context``). Defaults to False.
 
     Returns:
         ConvGatherResult: The context (or the excite's output) and
         statistics.
     """
     batch_norm = norm is not None and norm.running_var is None
+    if keep_context and excite is None:
+        raise ValueError('conv_gather returns the context anyway without '
+                         'excite: keep_context is for a call with excite')
     want = (('out', ) if excite is not None else ('context', )) + (
+        ('context', ) if keep_context else ()) + (
         ('mean', 'var') if any(params.train) else ()) + (
             ('grad_gate', ) if grad is not None else ()) + (
                 ('level1', ) if keep_level1 else ()) + (
                     ('norm_mean', 'norm_var') if batch_norm else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want,
-                       norm=norm, stats=stats, small_cl=channels_last,
-                       excite=excite)
+                       norm=norm, stats=stats,
+                       small_cl=channels_last or keep_context, excite=excite)
     return ConvGatherResult(*[out[k] for k in ConvGatherResult._fields])
 
 
@@ -1009,7 +1022,8 @@ def conv_gather_backward(
         dcontext: Optional[torch.Tensor] = None,
         level1: Optional[torch.Tensor] = None,
         stats: Optional[NormStats] = None,
-        mlp: Optional[MLPParams] = None) -> ConvGatherGrads:
+        mlp: Optional[MLPParams] = None,
+        context: Optional[torch.Tensor] = None) -> ConvGatherGrads:
     """Backward of ``out = y * resize(gate)`` with ``gate`` made from
     ``conv_gather(y)``: the gradients of ``y`` (both terms) and of the
     gather's parameters; with ``stats``, of ``x`` through the batch norm
@@ -1044,6 +1058,9 @@ def conv_gather_backward(
         mlp (MLPParams, optional): GE-theta-plus's MLP, run forward and
             backward inside the call; not with ``gate``, ``dcontext`` or
             ``level1``. Its weights' and biases' gradients are returned.
+        context (Tensor, optional): With ``mlp``: the context the forward
+            gathered (``conv_gather(..., keep_context=True)``), (N, C, h,
+            w); the call then does not gather it again.
 
     Returns:
         ConvGatherGrads: The gradients.
@@ -1054,6 +1071,17 @@ def conv_gather_backward(
     if mlp is not None and (gate is not None or level1 is not None):
         raise ValueError('conv_gather_backward takes mlp without gate, '
                          'dcontext and level1 (it makes them itself)')
+    if context is not None:
+        n, c, height, width = x.shape
+        size = (n, c, *conv_gather_size(height, width, len(params.weight)))
+        if mlp is None or tuple(context.shape) != size or not (
+                context.is_cpu and context.dtype is torch.float32):
+            raise ValueError(
+                f'conv_gather_backward takes context with mlp, as a float32 '
+                f'CPU tensor of shape {size}; got '
+                f'{tuple(context.shape)} {context.dtype} with mlp '
+                f'{"given" if mlp is not None else "None"}')
+        context = context.contiguous(memory_format=torch.channels_last)
     want = ('dx', 'dweight', 'dgamma', 'dbeta') + (
         ('norm_dweight', 'norm_dbias') if stats is not None else ())
     if mlp is not None:
@@ -1061,5 +1089,6 @@ def conv_gather_backward(
     out = _conv_gather(x, params, scale, shift, grad, gate, dcontext, want,
                        level1, stats=stats,
                        small_cl=gate is not None and channels_last(gate),
-                       excite=None if mlp is None else Excitation(mlp=mlp))
+                       excite=None if mlp is None else Excitation(
+                           mlp=mlp, context=context))
     return ConvGatherGrads(*[out[k] for k in ConvGatherGrads._fields])

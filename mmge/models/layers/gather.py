@@ -313,7 +313,8 @@ class ConvGather(nn.Module):
             shift: Optional[torch.Tensor] = None,
             norm: Optional[cpu_kernels.FusedNorm] = None,
             channels_last: bool = False,
-            excite: Optional[cpu_kernels.Excitation] = None
+            excite: Optional[cpu_kernels.Excitation] = None,
+            keep_context: bool = False
     ) -> cpu_kernels.ConvGatherResult:
         """The gather of ``scale[c] * x + shift[c]``, of ``norm(x)``, or of
         ``x``, on the native kernel (with ``excite``, the excite too),
@@ -330,16 +331,20 @@ class ConvGather(nn.Module):
             channels_last (bool): The context channels-last in memory.
             excite (Excitation, optional): The excite to run in the same
                 call (:func:`cpu_kernels.conv_gather`).
+            keep_context (bool): With ``excite``, return the context too
+                (channels-last). Defaults to False.
 
         Returns:
             ConvGatherResult: ``context`` is the context, (N, C,
             ceil(H/e), ceil(W/e)), or with ``excite`` ``out`` the excite's
-            output; with a training ``norm``, ``norm_mean`` and
+            output (and the context with ``keep_context``); with a training
+            ``norm``, ``norm_mean`` and
             ``norm_var`` are its batch statistics.
         """
         result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm,
                                          channels_last=channels_last,
-                                         excite=excite)
+                                         excite=excite,
+                                         keep_context=keep_context)
         n, _, h, w = x.shape
         for level, (m, train) in enumerate(zip(self.convs, params.train)):
             h, w = -(-h // 2), -(-w // 2)

@@ -19,7 +19,10 @@ GE-theta-plus's whole gather runs in one kernel, forward and backward, and
 in the forward the same call makes the gate (the MLP included) and the
 excite.
 Given a plain ``BatchNorm2d`` (in both modes) this path keeps the norm's
-input and makes GE's input on the fly inside the kernels; for GE-theta and
+input and makes GE's input on the fly inside the kernels (GE-theta-plus,
+outside the memory-saving mode, also keeps its context, 1 / 4^levels of
+the input, which its backward's MLP then need not gather again); for
+GE-theta and
 GE-theta-plus the gather's kernel also runs the norm itself, forward (its
 batch statistics from the same pass) and backward, so the norm's output is
 never materialised (:func:`native_norm_excite`); without autograd
@@ -227,11 +230,13 @@ def native_mlp(excite: nn.Module) -> Optional[cpu_kernels.MLPParams]:
     return params if cpu_kernels.usable(*params[:4]) else None
 
 
-def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
-                       plan: cpu_kernels.ConvGatherParams,
-                       inp: torch.Tensor, identity: Optional[torch.Tensor],
-                       relu: bool = False, want_state: bool = True
-                       ) -> Tuple[torch.Tensor, Optional[Dict[str, object]]]:
+def native_norm_excite(
+        layer: nn.Module, norm: Optional[nn.Module],
+        plan: cpu_kernels.ConvGatherParams, inp: torch.Tensor,
+        identity: Optional[torch.Tensor], relu: bool = False,
+        want_state: bool = True, keep_context: bool = False
+) -> Tuple[torch.Tensor, Optional[Dict[str, object]],
+           Optional[torch.Tensor]]:
     """GE-theta's or GE-theta-plus's output for ``y = norm(inp)`` (or
     ``inp``), with ``y`` never materialised.
 
@@ -252,12 +257,16 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         relu (bool): Then a ReLU, in the excite's pass.
         want_state (bool): Return the norm's state (a backward needs it).
             Defaults to True.
+        keep_context (bool): Also return GE-theta-plus's context where the
+            kernel runs its MLP (:func:`native_mlp`), for the backward not
+            to gather it again. Defaults to False.
 
     Returns:
-        tuple: ``y * resize(gate) (+ identity)`` and the norm's state (as
+        tuple: ``y * resize(gate) (+ identity)``, the norm's state (as
         :func:`batch_norm_forward`'s; None without a norm or without
-        ``want_state``). The running statistics are updated as the
-        modules' forward would.
+        ``want_state``) and the context (channels-last in memory; None
+        unless kept). The running statistics are updated as the modules'
+        forward would.
     """
     fused = state = None
     batch = norm is not None and uses_batch_stats(norm)
@@ -268,11 +277,13 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
         fused = cpu_kernels.FusedNorm(norm.weight, norm.bias, norm.eps,
                                       norm.running_mean, norm.running_var)
     mlp = native_mlp(layer.excite)
+    context = None
     if layer.excite.mlp is None or mlp is not None:
         result = layer.gather.native_forward(
             inp, plan, norm=fused,
-            excite=cpu_kernels.Excitation(identity, relu, mlp))
-        out = result.out
+            excite=cpu_kernels.Excitation(identity, relu, mlp),
+            keep_context=keep_context and mlp is not None)
+        out, context = result.out, result.context
     else:
         # the context channels-last: the MLP's rows as they are
         result = layer.gather.native_forward(inp, plan, norm=fused,
@@ -290,7 +301,7 @@ def native_norm_excite(layer: nn.Module, norm: Optional[nn.Module],
                                                            state['shift'])
         out = cpu_kernels.excite(inp, gate, identity, scale=scale,
                                  shift=shift, relu=relu)
-    return out, state
+    return out, state, context
 
 
 class GEFunction(torch.autograd.Function):
@@ -313,6 +324,7 @@ class GEFunction(torch.autograd.Function):
                 *params: torch.Tensor) -> torch.Tensor:
         ctx.layer, ctx.norm, ctx.plan = layer, norm, plan
         ctx.with_identity = identity is not None
+        context = None
         if plan is None:
             x = inp if norm is None else norm(inp)
             # the norm's output is this call's own: gated in place
@@ -327,15 +339,20 @@ class GEFunction(torch.autograd.Function):
             out = native_excite(x, pool_gate(layer, inp, scale, shift),
                                 identity, own=norm is not None)
         else:
-            # GE-theta(-plus): the norm's output is never materialised
-            out, ctx.norm_state = native_norm_excite(layer, norm, plan, inp,
-                                                     identity)
+            # GE-theta(-plus): the norm's output is never materialised;
+            # outside the memory-saving mode GE-theta-plus keeps its context
+            # (1 / 4^levels of the input) for the backward's MLP
+            out, ctx.norm_state, context = native_norm_excite(
+                layer, norm, plan, inp, identity,
+                keep_context=not layer.memory_efficient)
             ctx.affine = (None, None) if norm is None else \
                 (ctx.norm_state['scale'], ctx.norm_state['shift'])
         # the parameters' identities as given: under checkpointing the
         # saved tensors unpack as other objects
         ctx.param_ids = [id(p) for p in params]
-        ctx.save_for_backward(inp, *params)
+        ctx.kept_context = context is not None
+        ctx.save_for_backward(inp, *params, *(
+            (context, ) if context is not None else ()))
         return out
 
     @staticmethod
@@ -343,7 +360,7 @@ class GEFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if ctx.plan is not None:  # grad has the output's dtype and device
             return GEFunction.native_backward(ctx, grad)
-        inp, *params = ctx.saved_tensors
+        inp, *params = ctx.saved_tensors  # no context kept without a plan
         layer, norm = ctx.layer, ctx.norm
         with torch.enable_grad():
             leaf = inp.detach().requires_grad_(ctx.needs_input_grad[3])
@@ -405,6 +422,7 @@ class GEFunction(torch.autograd.Function):
             tuple: Gradients of :meth:`forward`'s inputs.
         """
         inp, = ctx.saved_tensors[:1]
+        context = ctx.saved_tensors[-1] if ctx.kept_context else None
         layer, norm, plan = ctx.layer, ctx.norm, ctx.plan
         # in the input's layout (the gather's kernel reads channels-last
         # too); a no-op where it already is
@@ -444,7 +462,7 @@ class GEFunction(torch.autograd.Function):
                 gate, dcontext = gate.float(), dcontext.float()
             grads = cpu_kernels.conv_gather_backward(
                 inp, plan, grad, scale, shift, gate, dcontext, level1, stats,
-                mlp=mlp)
+                mlp=mlp, context=context)
             grad_x = grads.dx
             if mlp is not None:
                 # the MLP's backward ran inside the call
