@@ -527,15 +527,16 @@ def test_conv_gather_backward_runs_the_mlps_backward(layout, size):
     Every gradient is the two-call path's with the MLP's gate and
     gradients from float64 autograd; the MLP's own gradients are
     autograd's too. With and without the norm's statistics, a ReLU between
-    the MLP's layers or none, biases or none, 11 and 20 channels (hidden
-    widths 2 and 5: units split unevenly over threads); the MLP is refused
+    the MLP's layers or none, biases or none, 3, 11 and 20 channels (hidden
+    widths 1, 2 and 5: a part block alone, units split unevenly over
+    threads); the MLP is refused
     together with a gate, a context gradient or a kept first level. Given
     the context its forward kept (``keep_context``), the call gives the
     same values without gathering it again; a context without the MLP, of
     another shape or dtype is refused."""
     fmt = torch.channels_last if layout == 'channels_last' else \
         torch.contiguous_format
-    for channels in (11, 20):
+    for channels in (3, 11, 20):
         gather = _conv_gather(channels, 8, last_act=True)
         x, grad = (torch.randn(2, channels, *size).contiguous(
             memory_format=fmt) for _ in range(2))
@@ -543,7 +544,7 @@ def test_conv_gather_backward_runs_the_mlps_backward(layout, size):
         scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
         stats = cpu_kernels.NormStats(x.mean((0, 2, 3)),
                                       torch.rand(channels) + 0.5, True)
-        hidden = channels // 4
+        hidden = max(1, channels // 4)
         torch.manual_seed(3)
         w1, w2 = torch.randn(hidden, channels, 1, 1), torch.randn(
             channels, hidden, 1, 1)
