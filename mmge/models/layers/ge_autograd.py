@@ -178,8 +178,9 @@ def native_inference(layer: nn.Module, norm: Optional[nn.Module],
     if plan is None:
         return None
     if plan != POOL:
-        return native_norm_excite(layer, norm, plan, inp, identity, relu,
-                                  want_state=False)[0]
+        return native_norm_excite(layer, norm, plan,
+                                  native_mlp(layer.excite), inp, identity,
+                                  relu, want_state=False)[0]
     if norm is not None and uses_batch_stats(norm):
         return None
     fused = None if norm is None else cpu_kernels.FusedNorm(
@@ -232,7 +233,8 @@ def native_mlp(excite: nn.Module) -> Optional[cpu_kernels.MLPParams]:
 
 def native_norm_excite(
         layer: nn.Module, norm: Optional[nn.Module],
-        plan: cpu_kernels.ConvGatherParams, inp: torch.Tensor,
+        plan: cpu_kernels.ConvGatherParams,
+        mlp: Optional[cpu_kernels.MLPParams], inp: torch.Tensor,
         identity: Optional[torch.Tensor], relu: bool = False,
         want_state: bool = True, keep_context: bool = False
 ) -> Tuple[torch.Tensor, Optional[Dict[str, object]],
@@ -252,6 +254,8 @@ def native_norm_excite(
         layer (nn.Module): The GE layer.
         norm (nn.Module | None): The plain batch norm feeding it, if any.
         plan (ConvGatherParams): :func:`native_plan`'s answer.
+        mlp (MLPParams | None): :func:`native_mlp` of the layer's excite
+            (the caller's, who may keep it for the backward).
         inp (Tensor): (N, C, H, W).
         identity (Tensor | None): The shortcut.
         relu (bool): Then a ReLU, in the excite's pass.
@@ -276,7 +280,6 @@ def native_norm_excite(
     elif norm is not None:
         fused = cpu_kernels.FusedNorm(norm.weight, norm.bias, norm.eps,
                                       norm.running_mean, norm.running_var)
-    mlp = native_mlp(layer.excite)
     context = None
     if layer.excite.mlp is None or mlp is not None:
         result = layer.gather.native_forward(
@@ -342,8 +345,11 @@ class GEFunction(torch.autograd.Function):
             # GE-theta(-plus): the norm's output is never materialised;
             # outside the memory-saving mode GE-theta-plus keeps its context
             # (1 / 4^levels of the input) for the backward's MLP
+            # the backward takes the forward's answer (None under autocast:
+            # the MLP then runs on autograd there too)
+            ctx.mlp = native_mlp(layer.excite)
             out, ctx.norm_state, context = native_norm_excite(
-                layer, norm, plan, inp, identity,
+                layer, norm, plan, ctx.mlp, inp, identity,
                 keep_context=not layer.memory_efficient)
             ctx.affine = (None, None) if norm is None else \
                 (ctx.norm_state['scale'], ctx.norm_state['shift'])
@@ -422,7 +428,7 @@ class GEFunction(torch.autograd.Function):
             tuple: Gradients of :meth:`forward`'s inputs.
         """
         inp, = ctx.saved_tensors[:1]
-        context = ctx.saved_tensors[-1] if ctx.kept_context else None
+        kept_context = ctx.saved_tensors[-1] if ctx.kept_context else None
         layer, norm, plan = ctx.layer, ctx.norm, ctx.plan
         # in the input's layout (the gather's kernel reads channels-last
         # too); a no-op where it already is
@@ -443,7 +449,7 @@ class GEFunction(torch.autograd.Function):
             state = ctx.norm_state
             stats = None if norm is None else cpu_kernels.NormStats(
                 state['mean'], state['invstd'], state['train'])
-            mlp = native_mlp(layer.excite)
+            mlp = ctx.mlp
             if layer.excite.mlp is not None and mlp is None:
                 # an MLP the kernel does not run, on autograd between two
                 # calls; channels-last, the first also makes the second's
@@ -462,7 +468,7 @@ class GEFunction(torch.autograd.Function):
                 gate, dcontext = gate.float(), dcontext.float()
             grads = cpu_kernels.conv_gather_backward(
                 inp, plan, grad, scale, shift, gate, dcontext, level1, stats,
-                mlp=mlp, context=context)
+                mlp=mlp, context=kept_context)
             grad_x = grads.dx
             if mlp is not None:
                 # the MLP's backward ran inside the call
