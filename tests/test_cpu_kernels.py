@@ -440,6 +440,46 @@ def test_conv_gather_is_the_modules(size, extent, train, monkeypatch):
     _buffers_close(gather, ref)
 
 
+@pytest.mark.parametrize('case', ('cumulative', 'untracked', 'float64',
+                                  'one_in_eval'))
+def test_conv_gather_updates_running_stats_as_the_modules(case,
+                                                          monkeypatch):
+    """The kernel updates the training levels' running statistics and
+    num_batches_tracked itself (float32 ones of a norm in training mode),
+    as the modules do over two calls: a cumulative momentum (None), a norm
+    that does not track, float64 running statistics (left to Python), a
+    level in eval mode among training ones."""
+    norm_cfg = dict(type='BN', momentum=None) if case == 'cumulative' \
+        else dict(type='BN')
+    gather = _conv_gather(11, 8, norm_cfg=norm_cfg)
+    norms = [m for m in gather.modules() if isinstance(m, nn.BatchNorm2d)]
+    if case == 'untracked':
+        norms[1].track_running_stats = False
+        for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+            norms[1]._buffers[name] = None
+    if case == 'one_in_eval':
+        norms[1].eval()
+    ref = copy.deepcopy(gather)
+    if case == 'float64':  # the reference's stay float32 (ATen's need)
+        for name in ('running_mean', 'running_var'):
+            norms[1]._buffers[name] = norms[1]._buffers[name].double()
+    for step in range(2):
+        x = torch.randn(4, 11, 30, 23)
+        calls = count_calls(monkeypatch, 'conv_gather')
+        with torch.no_grad():
+            gather(x)
+        assert calls, 'the kernel was not used'
+        monkeypatch.undo()
+        with torch.no_grad():
+            ref(x)
+    for norm, want in zip(norms, [m for m in ref.modules()
+                                  if isinstance(m, nn.BatchNorm2d)]):
+        for (name, b), w in zip(norm.named_buffers(), want.buffers()):
+            torch.testing.assert_close(b.double(), w.double(), atol=2e-5,
+                                       rtol=1e-4, msg=name)
+    assert int(norms[0].num_batches_tracked) == 2
+
+
 @pytest.mark.parametrize('size', ((56, 56), (13, 9), (7, 7)))
 def test_conv_gather_of_an_affine_map_and_the_gates_gradient(size):
     """The kernel gathers ``scale * x + shift`` made on the fly, returns

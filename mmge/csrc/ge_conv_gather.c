@@ -163,6 +163,14 @@ struct conv_gather_args {
   double norm_eps;
   int norm_batch, norm_train;
   float *norm_mean, *norm_var, *norm_dgamma, *norm_dbeta;
+  /* a forward's update of the training levels' running statistics, per
+   * level (the arrays NULL, or an entry NULL: none): run_mean, run_var
+   * (C each) become (1 - momentum) * themselves + momentum * the batch's
+   * mean and unbiased variance, and run_count (num_batches_tracked) is
+   * incremented, as a batch norm module's forward does */
+  float *const *run_mean, *const *run_var;
+  int64_t *const *run_count;
+  const double *run_momentum;
   /* the excite in the same call (forward only; see ge_excite_spec) and
    * the buffers the blocks fill for it: the context (GE-theta: its
    * sigmoid) channels-last, (N * hL * wL, C), and y's scale and shift
@@ -1027,6 +1035,15 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
             a->mean[(l - 1) * C + c0 + k] = (float)mu[k];
             a->var[(l - 1) * C + c0 + k] = (float)v[k];
           }
+        if (a->run_mean && a->run_mean[l - 1]) {
+          const double w = a->run_momentum[l - 1];
+          const double unbiased = (double)m / (double)(m - 1);
+          float *rm = a->run_mean[l - 1] + c0, *rv = a->run_var[l - 1] + c0;
+          for (int k = 0; k < active; ++k) {
+            rm[k] = (float)(w * mu[k] + (1. - w) * rm[k]);
+            rv[k] = (float)(w * v[k] * unbiased + (1. - w) * rv[k]);
+          }
+        }
       }
       bsc[l] = gamma[l] * invstd[l];
       bsh[l] = beta[l] - mean[l] * bsc[l];
@@ -1307,8 +1324,12 @@ static int mlp_backward_blocks(struct conv_gather_args *a,
  * scale and shift made once here by ge_norm_affine and then used as scale
  * and shift),
  * 5 for a level without its kernels or, when it does not train, its
- * running statistics, 6 for an excite with a backward input or output or
- * without out. With x_cl, x, grad, dx and the excite's identity and out
+ * running statistics, 6 for an excite used wrongly (a forward one with a
+ * backward input or output, or without out; a backward one, GE-theta-plus's
+ * MLP, without the MLP or with identity, out, relu, gate, dcontext, level1,
+ * context or grad_gate), 7 for running statistics to update (run_mean...)
+ * in a call with grad or dx, or for a level that does not train or lacks
+ * run_var, or without run_momentum. With x_cl, x, grad, dx and the excite's identity and out
  * are channels-last, (N, H, W, C) in memory; else contiguous. With x_cl, a
  * forward call with grad and level1_out may take the norm's statistics
  * (norm_mean_in, norm_invstd): its level1_out then holds, per block, z',
@@ -1332,6 +1353,8 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    int norm_train, float *norm_mean, float *norm_var,
                    float *norm_dgamma, float *norm_dbeta,
                    const float *norm_rmean, const float *norm_rvar,
+                   float *const *run_mean, float *const *run_var,
+                   int64_t *const *run_count, const double *run_momentum,
                    const struct ge_excite_spec *excite, int small_cl,
                    int x_cl, int threads) {
   if (levels < 1 || levels > MAX_LEVELS) return 2;
@@ -1346,6 +1369,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                             : !(x_cl && level1_out && grad))))
     return 4;
   if (norm_rvar && (scale || norm_batch || !norm_rmean)) return 4;
+  if (run_mean && (grad || dx)) return 7;
+  for (int l = 0; run_mean && l < levels; ++l)
+    if (run_mean[l] && (!train[l] || !run_var[l] || !run_momentum)) return 7;
   for (int l = 0; l < levels; ++l)
     if (!weight[l] || (!train[l] && (!rmean[l] || !rvar[l]))) return 5;
   /* a forward excite writes out; a backward one is GE-theta-plus's MLP,
@@ -1370,7 +1396,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,
       .norm_eps = norm_eps, .norm_batch = norm_batch, .norm_train = norm_train,
       .norm_mean = norm_mean, .norm_var = norm_var, .norm_dgamma = norm_dgamma,
-      .norm_dbeta = norm_dbeta, .excite = excite, .small_cl = small_cl,
+      .norm_dbeta = norm_dbeta, .run_mean = run_mean, .run_var = run_var,
+      .run_count = run_count, .run_momentum = run_momentum,
+      .excite = excite, .small_cl = small_cl,
       .cl = x_cl};
   const int64_t blocks = (C + LANES - 1) / LANES, plane = N * H * W * LANES;
   const int64_t h1 = (H + 1) / 2, w1 = (W + 1) / 2;
@@ -1472,6 +1500,8 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
   else if (!status)
     status = for_planes(conv_gather_blocks, &a, blocks, plane, a.scratch,
                         threads);
+  for (int l = 0; !status && run_mean && l < levels; ++l)
+    if (run_mean[l] && run_count && run_count[l]) ++*run_count[l];
   if (!status && x_cl && dx) {
     /* the norm backward's outputs and mean terms (its sums from the
      * chain), the second pass, then level 1's kernels' gradient */

@@ -88,7 +88,7 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_int]
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
         [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
-        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 7 + [ctypes.c_int] * 3
+        [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 11 + [ctypes.c_int] * 3
     lib.ge_pool_forward_nhwc.argtypes = [_PTR] * 4 + [_I64] * 5 + \
         [ctypes.c_int]
     lib.ge_input_grad_nhwc.argtypes = [_PTR] * 6 + [_I64] * 7 + \
@@ -258,6 +258,10 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f'mmge native kernel {name}: a level lacks its '
                          f'kernels, or its running statistics where it does '
                          f'not train')
+    if status == 7:
+        raise ValueError(f'mmge native kernel {name}: running statistics '
+                         f'are updated in a forward call only, for levels '
+                         f'that train')
     if status == 6:
         raise ValueError(f'mmge native kernel {name}: the excite runs in '
                          f'a forward call, or in a backward one as an MLP '
@@ -741,6 +745,25 @@ class NormStats(NamedTuple):
     train: bool
 
 
+class RunningUpdate(NamedTuple):
+    """The running statistics a forward :func:`conv_gather` updates
+    itself, per level (None where it does not), as a batch norm module's
+    forward would: ``mean`` and ``var`` become ``(1 - momentum)`` times
+    themselves plus ``momentum`` times the batch's mean and unbiased
+    variance, and ``count`` (``num_batches_tracked``) grows by one.
+
+    Attributes:
+        mean (tuple[Tensor | None]): The running means (float32, (C, )).
+        var (tuple[Tensor | None]): The running variances.
+        count (tuple[Tensor | None]): ``num_batches_tracked`` (int64).
+        momentum (tuple[float]): Each level's momentum.
+    """
+    mean: Tuple[Optional[torch.Tensor], ...]
+    var: Tuple[Optional[torch.Tensor], ...]
+    count: Tuple[Optional[torch.Tensor], ...]
+    momentum: Tuple[float, ...]
+
+
 class ConvGatherResult(NamedTuple):
     """What :func:`conv_gather` returns (None where not asked for).
 
@@ -824,10 +847,10 @@ def _excite_spec(excite: Optional[Excitation],
 
 def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
                  level1=None, norm=None, stats=None, small_cl=False,
-                 excite=None):
+                 excite=None, running=None):
     args, out, keep = conv_gather_args(x, params, scale, shift, grad, gate,
                                        dcontext, outputs, level1, norm,
-                                       stats, small_cl, excite)
+                                       stats, small_cl, excite, running)
     _check(_library().ge_conv_gather(*args), 'ge_conv_gather')
     del keep
     return out
@@ -835,7 +858,7 @@ def _conv_gather(x, params, scale, shift, grad, gate, dcontext, outputs,
 
 def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
                      level1=None, norm=None, stats=None, small_cl=False,
-                     excite=None) -> Tuple[list, dict, tuple]:
+                     excite=None, running=None) -> Tuple[list, dict, tuple]:
     """The arguments of a ``ge_conv_gather`` call, and the tensors it
     writes. ``x`` is the first argument and the excite's spec
     (``ctypes.byref`` of an :class:`_ExciteSpec`, or None) the fourth
@@ -846,7 +869,7 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
 
     Args:
         x, params, scale, shift, grad, gate, dcontext, level1, norm,
-            stats, excite: As :func:`conv_gather` and
+            stats, excite, running: As :func:`conv_gather` and
             :func:`conv_gather_backward` take them.
         outputs (tuple[str]): The outputs to allocate, by
             :class:`ConvGatherResult`'s and :class:`ConvGatherGrads`' field
@@ -937,13 +960,18 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
         train,
         *[_ptr(out[k]) for k in ('norm_mean', 'norm_var', 'norm_dweight',
                                  'norm_dbias')],
-        _ptr(rmean), _ptr(rvar), None if spec is None else ctypes.byref(spec),
+        _ptr(rmean), _ptr(rvar),
+        *((None, ) * 4 if running is None else (
+            _pointers(running.mean), _pointers(running.var),
+            _pointers(running.count),
+            (ctypes.c_double * levels)(*running.momentum))),
+        None if spec is None else ctypes.byref(spec),
         int(small_cl), int(x_cl), torch.get_num_threads()
     ]
     # the tensors behind the addresses, made here or not: alive while the
     # caller holds them
     keep = (x, scale, shift, grad, gate, dcontext, level1, rows, cols, gamma,
-            beta, rmean, rvar, mean, invstd, params, excite)
+            beta, rmean, rvar, mean, invstd, params, excite, running)
     return args, out, keep
 
 
@@ -957,7 +985,8 @@ def conv_gather(x: torch.Tensor,
                 channels_last: bool = False,
                 excite: Optional[Excitation] = None,
                 stats: Optional['NormStats'] = None,
-                keep_context: bool = False) -> ConvGatherResult:
+                keep_context: bool = False,
+                running: Optional[RunningUpdate] = None) -> ConvGatherResult:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
     of ``y = norm(x)``, or of ``x``; with ``excite``, its excite too.
 
@@ -991,6 +1020,8 @@ def conv_gather(x: torch.Tensor,
         keep_context (bool): With ``excite``, return the context too,
             channels-last in memory (GE-theta-plus's backward takes it as
             ``context``). Defaults to False.
+        running (RunningUpdate, optional): Update these running statistics
+            of the training levels in the call (not with ``grad``).
 
     Returns:
         ConvGatherResult: The context (or the excite's output) and
@@ -1008,7 +1039,8 @@ def conv_gather(x: torch.Tensor,
                     ('norm_mean', 'norm_var') if batch_norm else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want,
                        norm=norm, stats=stats,
-                       small_cl=channels_last or keep_context, excite=excite)
+                       small_cl=channels_last or keep_context, excite=excite,
+                       running=running)
     return ConvGatherResult(*[out[k] for k in ConvGatherResult._fields])
 
 

@@ -341,17 +341,53 @@ class ConvGather(nn.Module):
             ``norm``, ``norm_mean`` and
             ``norm_var`` are its batch statistics.
         """
+        running, rest = self._running_update(params)
         result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm,
                                          channels_last=channels_last,
                                          excite=excite,
-                                         keep_context=keep_context)
+                                         keep_context=keep_context,
+                                         running=running)
         n, _, h, w = x.shape
-        for level, (m, train) in enumerate(zip(self.convs, params.train)):
+        for level, m in enumerate(self.convs._modules.values()):
             h, w = -(-h // 2), -(-w // 2)
-            if train:
-                update_running_stats(m.norm, result.mean[level],
-                                     result.var[level], n * h * w)
+            if level in rest:
+                update_running_stats(m._modules[m.norm_name],
+                                     result.mean[level], result.var[level],
+                                     n * h * w)
         return result
+
+    def _running_update(
+        self, params: cpu_kernels.ConvGatherParams
+    ) -> Tuple[Optional[cpu_kernels.RunningUpdate], Tuple[int, ...]]:
+        """The training levels' running statistics the kernel updates in
+        its call (float32 running statistics of a norm in training mode;
+        the momentum as :func:`update_running_stats` takes it), and the
+        training levels left to :func:`update_running_stats` after it."""
+        means, variances, counts, momenta, rest = [], [], [], [], []
+        for level, (m, train) in enumerate(
+                zip(self.convs._modules.values(), params.train)):
+            norm = m._modules[m.norm_name]
+            buffers = norm._buffers
+            mean, var = buffers.get('running_mean'), buffers.get('running_var')
+            count = buffers.get('num_batches_tracked')
+            kernel = train and norm.training and norm.track_running_stats \
+                and cpu_kernels.usable(mean, var) and mean is not None \
+                and var is not None
+            if train and not kernel:
+                rest.append(level)
+            momentum = norm.momentum
+            if kernel and momentum is None:
+                # cumulative: 1 / num_batches_tracked after the increment
+                momentum = 0.0 if count is None else 1.0 / (int(count) + 1)
+            means.append(mean if kernel else None)
+            variances.append(var if kernel else None)
+            counts.append(count if kernel else None)
+            momenta.append(float(momentum) if kernel else 0.0)
+        if not any(t is not None for t in means):
+            return None, tuple(rest)
+        return cpu_kernels.RunningUpdate(tuple(means), tuple(variances),
+                                         tuple(counts),
+                                         tuple(momenta)), tuple(rest)
 
     def extra_repr(self) -> str:
         s = f'extent={self.extent!r}'
