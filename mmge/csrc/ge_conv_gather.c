@@ -1329,8 +1329,9 @@ static int mlp_backward_blocks(struct conv_gather_args *a,
  * MLP, without the MLP or with identity, out, relu, gate, dcontext, level1,
  * context or grad_gate), 7 for running statistics to update (run_mean...)
  * in a call with grad or dx, or for a level that does not train or lacks
- * run_var, or without run_momentum. With x_cl, x, grad, dx and the excite's identity and out
- * are channels-last, (N, H, W, C) in memory; else contiguous. With x_cl, a
+ * run_var, or without run_momentum. With x_cl, x, grad, dx and the
+ * excite's identity and out are channels-last, (N, H, W, C) in memory;
+ * else contiguous. With x_cl, a
  * forward call with grad and level1_out may take the norm's statistics
  * (norm_mean_in, norm_invstd): its level1_out then holds, per block, z',
  * S1 and S2 (see cl_prepass_units; N * h1 * w1 + 2 * N * hL * wL cells of

@@ -6,7 +6,10 @@
  * calls they cost far more than their FLOPs right after a block's
  * convolutions have evicted the caches (six calls, a permute and a copy).
  * Here they are two loops of dot products, split over the hidden units,
- * then over the output channels, on PyTorch's OpenMP threads.
+ * then over the output channels, on PyTorch's OpenMP threads. Its
+ * backward (ge_mlp_backward, which ge_conv_gather runs inside
+ * GE-theta-plus's backward call) makes the gate again, then the gradients
+ * of the context and of the weights and biases.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -107,20 +110,26 @@ CLONED static void mlp_hidden(const void *args_, int64_t first, int64_t last,
               a->hidden, first, last);
 }
 
+/* n <= LANES floats at p as a vector (the rest 0), and back */
+INLINE vf load_n(const float *p, int64_t n) {
+  vf v = splat(0.f);
+  memcpy(&v, p, sizeof(float) * n);
+  return v;
+}
+
+INLINE void store_n(float *p, vf v, int64_t n) {
+  memcpy(p, &v, sizeof(float) * n);
+}
+
 /* v[c] <- sigmoid(v[c]) for c in [first, last); with gg and dout also
  * dout[c] = gg[c] * g * (1 - g), the gradient through the sigmoid */
 INLINE void sigmoid_cols(float *v, const float *gg, float *dout,
                          int64_t first, int64_t last) {
   for (int64_t c = first; c < last; c += LANES) {
     const int64_t n = min64(LANES, last - c);
-    vf x = splat(0.f), d = splat(0.f);
-    memcpy(&x, v + c, sizeof(float) * n);
-    x = sigmoid(x);
-    memcpy(v + c, &x, sizeof(float) * n);
-    if (!dout) continue;
-    memcpy(&d, gg + c, sizeof(float) * n);
-    d = d * x * (1.f - x);
-    memcpy(dout + c, &d, sizeof(float) * n);
+    const vf g = sigmoid(load_n(v + c, n));
+    store_n(v + c, g, n);
+    if (dout) store_n(dout + c, load_n(gg + c, n) * g * (1.f - g), n);
   }
 }
 
@@ -161,17 +170,6 @@ struct mlp_bwd_args {
   int relu;
   float *hid, *dh, *dout;
 };
-
-/* n <= LANES floats at p as a vector (the rest 0), and back */
-INLINE vf load_n(const float *p, int64_t n) {
-  vf v = splat(0.f);
-  memcpy(&v, p, sizeof(float) * n);
-  return v;
-}
-
-INLINE void store_n(float *p, vf v, int64_t n) {
-  memcpy(p, &v, sizeof(float) * n);
-}
 
 /* LANES columns (n <= LANES) at c of four sums of K scaled rows,
  * out[q][c ..] = sum over k < K of coef[k * cs + q * ci] *

@@ -22,13 +22,12 @@ Given a plain ``BatchNorm2d`` (in both modes) this path keeps the norm's
 input and makes GE's input on the fly inside the kernels (GE-theta-plus,
 outside the memory-saving mode, also keeps its context, 1 / 4^levels of
 the input, which its backward's MLP then need not gather again); for
-GE-theta and
-GE-theta-plus the gather's kernel also runs the norm itself, forward (its
-batch statistics from the same pass) and backward, so the norm's output is
-never materialised (:func:`native_norm_excite`); without autograd
-(:func:`native_inference`) no variant materialises it. There, where the
-whole layer is one kernel call, :mod:`.prepared_inference` replays that call
-from the second forward on.
+GE-theta and GE-theta-plus the gather's kernel also runs the norm itself,
+forward (its batch statistics from the same pass) and backward, so the
+norm's output is never materialised (:func:`native_norm_excite`); without
+autograd (:func:`native_inference`) no variant materialises it. There,
+where the whole layer is one kernel call, :mod:`.prepared_inference`
+replays that call from the second forward on.
 """
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -342,11 +341,11 @@ class GEFunction(torch.autograd.Function):
             out = native_excite(x, pool_gate(layer, inp, scale, shift),
                                 identity, own=norm is not None)
         else:
-            # GE-theta(-plus): the norm's output is never materialised;
-            # outside the memory-saving mode GE-theta-plus keeps its context
-            # (1 / 4^levels of the input) for the backward's MLP
-            # the backward takes the forward's answer (None under autocast:
-            # the MLP then runs on autograd there too)
+            # GE-theta(-plus): the norm's output is never materialised.
+            # Outside the memory-saving mode GE-theta-plus keeps its context
+            # (1 / 4^levels of the input) for the backward's MLP; the
+            # backward also takes native_mlp's answer from here (None under
+            # autocast: the MLP then runs on autograd there too)
             ctx.mlp = native_mlp(layer.excite)
             out, ctx.norm_state, context = native_norm_excite(
                 layer, norm, plan, ctx.mlp, inp, identity,
