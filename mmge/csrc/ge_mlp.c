@@ -171,6 +171,11 @@ struct mlp_bwd_args {
   float *hid, *dh, *dout;
 };
 
+/* the scaled rows' sums run in float over chunks of this many rows,
+ * added up in double: sums over thousands of rows (a detector's context)
+ * keep float32's precision */
+#define ROW_CHUNK 64
+
 /* LANES columns (n <= LANES) at c of four sums of K scaled rows,
  * out[q][c ..] = sum over k < K of coef[k * cs + q * ci] *
  * rows[k * width + c ..] for q < 4, each in k order (independent chains,
@@ -179,31 +184,41 @@ INLINE void scaled_rows4(const float *coef, int64_t cs, int64_t ci,
                          const float *rows, int64_t width, int64_t K,
                          int64_t c, int64_t n, float *out,
                          int64_t out_width) {
-  vf acc[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
-  for (int64_t k = 0; k < K; ++k) {
-    const vf row = n == LANES ? load(rows + k * width + c)
-                              : load_n(rows + k * width + c, n);
-    const float *f = coef + k * cs;
-    for (int q = 0; q < 4; ++q) acc[q] += f[q * ci] * row;
+  vd total[4] = {{0}, {0}, {0}, {0}};
+  for (int64_t k0 = 0; k0 < K; k0 += ROW_CHUNK) {
+    vf acc[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
+    for (int64_t k = k0; k < min64(K, k0 + ROW_CHUNK); ++k) {
+      const vf row = n == LANES ? load(rows + k * width + c)
+                                : load_n(rows + k * width + c, n);
+      const float *f = coef + k * cs;
+      for (int q = 0; q < 4; ++q) acc[q] += f[q * ci] * row;
+    }
+    for (int q = 0; q < 4; ++q) total[q] += widen(acc[q]);
   }
-  for (int q = 0; q < 4; ++q) store_n(out + q * out_width + c, acc[q], n);
+  for (int q = 0; q < 4; ++q)
+    store_n(out + q * out_width + c, __builtin_convertvector(total[q], vf),
+            n);
 }
 
 /* the same for one sum */
 INLINE void scaled_rows1(const float *coef, int64_t cs, const float *rows,
                          int64_t width, int64_t K, int64_t c, int64_t n,
                          float *out) {
-  vf acc = splat(0.f);
-  for (int64_t k = 0; k < K; ++k)
-    acc += coef[k * cs] * (n == LANES ? load(rows + k * width + c)
-                                      : load_n(rows + k * width + c, n));
-  store_n(out + c, acc, n);
+  vd total = {0};
+  for (int64_t k0 = 0; k0 < K; k0 += ROW_CHUNK) {
+    vf acc = splat(0.f);
+    for (int64_t k = k0; k < min64(K, k0 + ROW_CHUNK); ++k)
+      acc += coef[k * cs] * (n == LANES ? load(rows + k * width + c)
+                                        : load_n(rows + k * width + c, n));
+    total += widen(acc);
+  }
+  store_n(out + c, __builtin_convertvector(total, vf), n);
 }
 
 /* out[i][c] = sum over k < K of coef[k * cs + i * ci] * rows[k * width +
  * c] for i < count and c in [first, last): sums of K scaled rows, each in
- * k order whatever the range, four of them at a time, each output row
- * written from start to end */
+ * k order (by ROW_CHUNK) whatever the range, four of them at a time, each
+ * output row written from start to end */
 INLINE void scaled_rows(const float *coef, int64_t cs, int64_t ci,
                         const float *rows, int64_t width, int64_t K,
                         int64_t first, int64_t last, int64_t count,
