@@ -426,8 +426,9 @@ class GEFunction(torch.autograd.Function):
         Returns:
             tuple: Gradients of :meth:`forward`'s inputs.
         """
-        inp, = ctx.saved_tensors[:1]
-        kept_context = ctx.saved_tensors[-1] if ctx.kept_context else None
+        saved = ctx.saved_tensors  # once: checkpointing unpacks them once
+        inp = saved[0]
+        kept_context = saved[-1] if ctx.kept_context else None
         layer, norm, plan = ctx.layer, ctx.norm, ctx.plan
         # in the input's layout (the gather's kernel reads channels-last
         # too); a no-op where it already is
