@@ -578,3 +578,68 @@ def test_onnx_export_with_dynamic_height_and_width(what, tmp_path):
             assert a.shape == tuple(b.shape)
             torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4,
                                        atol=1e-4)
+
+
+@pytest.mark.parametrize('channels_last', (False, True))
+@pytest.mark.parametrize('memory_efficient', (False, True))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_bf16_autocast_recomputes_as_the_forward(variant, memory_efficient,
+                                                 channels_last):
+    """Under autocast GE's input is bfloat16 (a convolution's output) while
+    its weights stay float32: the backward's recomputation runs under the
+    forward's autocast, so it does not fail on the mixed dtypes, and the
+    layer is as close to float64 as autograd through the formula under the
+    same autocast is."""
+    torch.manual_seed(0)
+    layer = GatherExcite(16, variant=variant, extent=4,
+                         memory_efficient=memory_efficient).train()
+    norm = nn.BatchNorm2d(16).train()
+    x = torch.randn(2, 16, 21, 19).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    identity = torch.randn_like(x)
+    w = torch.randn(x.shape, dtype=torch.float64)
+    results = {}
+    for path in ('layer', 'formula', 'float64'):
+        mods = [copy.deepcopy(m) for m in (layer, norm)]
+        inp, idn = x.clone(), identity.clone()
+        if path == 'float64':
+            mods = [m.double() for m in mods]
+            inp, idn = inp.double(), idn.double()
+        inp.requires_grad_(True)
+        idn.requires_grad_(True)
+        with torch.autocast('cpu', dtype=torch.bfloat16,
+                            enabled=path != 'float64'):
+            out = mods[0](inp, idn, norm=mods[1]) if path == 'layer' else \
+                formula(mods[0], inp, idn, norm=mods[1])
+        assert out.dtype == (torch.float64 if path == 'float64' else
+                             torch.bfloat16)
+        (out.double() * w).sum().backward()
+        results[path] = [out, inp.grad, idn.grad] + [
+            p.grad for m in mods for p in m.parameters()]
+    for got, rounded, exact in zip(*results.values()):
+        assert got.dtype == rounded.dtype
+        err = (got.double() - exact).abs().max().item()
+        # bfloat16 rounding: the two paths order some sums differently
+        bound = (rounded.double() - exact).abs().max().item()
+        assert err <= 2 * bound + 1e-3 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize('memory_efficient', (False, True))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_ge_resnet_trains_under_bf16_autocast(variant, memory_efficient):
+    """A GE-ResNet training step under bfloat16 autocast (MMEngine's
+    AmpOptimWrapper(dtype='bfloat16')), where every GE layer's input is a
+    bfloat16 convolution's output: finite gradients of every parameter, in
+    its own dtype."""
+    torch.manual_seed(0)
+    model = GEResNet(18, ge_cfg=dict(variant=variant, extent=4,
+                                     memory_efficient=memory_efficient),
+                     norm_eval=False).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)[-1]
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype, name
+        assert torch.isfinite(p.grad).all(), name

@@ -29,7 +29,8 @@ autograd (:func:`native_inference`) no variant materialises it. There,
 where the whole layer is one kernel call, :mod:`.prepared_inference`
 replays that call from the second forward on.
 """
-from typing import Dict, List, Optional, Tuple, Union
+import contextlib
+from typing import ContextManager, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -64,6 +65,33 @@ def call_frozen(module: nn.Module, *args) -> torch.Tensor:
     if not buffers:
         return module(*args)
     return torch.func.functional_call(module, buffers, args)
+
+
+def autocast_state(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device_type`` (None when off).
+
+    A backward that recomputes part of the forward must run it under the
+    same autocast as the forward did: the recomputation then sees the
+    dtypes the forward saw (a bfloat16 input against float32 weights is
+    an error outside autocast) and makes the same values.
+
+    Args:
+        device_type (str): ``'cpu'``, ``'cuda'``, ...
+
+    Returns:
+        torch.dtype | None: The dtype, or None.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_as(device_type: str,
+                dtype: Optional[torch.dtype]) -> ContextManager:
+    """Autocast as :func:`autocast_state` found it (a no-op for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
 
 
 #: a native plan of GE-theta-minus (its pool has no parameters)
@@ -326,6 +354,8 @@ class GEFunction(torch.autograd.Function):
                 *params: torch.Tensor) -> torch.Tensor:
         ctx.layer, ctx.norm, ctx.plan = layer, norm, plan
         ctx.with_identity = identity is not None
+        # the backward recomputes under the forward's autocast
+        ctx.autocast = (inp.device.type, autocast_state(inp.device.type))
         context = None
         if plan is None:
             x = inp if norm is None else norm(inp)
@@ -367,7 +397,7 @@ class GEFunction(torch.autograd.Function):
             return GEFunction.native_backward(ctx, grad)
         inp, *params = ctx.saved_tensors  # no context kept without a plan
         layer, norm = ctx.layer, ctx.norm
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_as(*ctx.autocast):
             leaf = inp.detach().requires_grad_(ctx.needs_input_grad[3])
             x = leaf if norm is None else call_frozen(norm, leaf)
             gate = layer.excite.gate(call_frozen(layer.gather, x))
@@ -462,8 +492,9 @@ class GEFunction(torch.autograd.Function):
                                               first.grad_gate, first.level1)
                 weights = [p for p in layer.excite.parameters()
                            if p.requires_grad]
-                gate, dcontext, *grads = layer.excite.gate_backward(
-                    context, grad_gate)
+                with autocast_as(*ctx.autocast):
+                    gate, dcontext, *grads = layer.excite.gate_backward(
+                        context, grad_gate)
                 by_param.update(zip(map(id, weights), grads))
                 gate, dcontext = gate.float(), dcontext.float()
             grads = cpu_kernels.conv_gather_backward(
