@@ -98,6 +98,47 @@ def test_benchmark_rows_option():
     assert rows[2:] == ['plain', 'theta_minus mmge']
 
 
+def test_benchmark_device_amp_and_compile_options():
+    """--amp bf16 runs the forwards under bfloat16 autocast (the header
+    says so, and the saved tensors are then bfloat16: fewer bytes than the
+    float32 run's); --device cuda without a GPU stops with a message that
+    says so; --compile takes torch.compile's modes only."""
+    module = _ge_benchmark()
+    args = module.parse_args([])
+    assert (args.device, args.amp, args.compile) == ('cpu', 'none', 'none')
+    for bad in (['--amp', 'fp16'], ['--device', 'tpu'],
+                ['--compile', 'fast']):
+        with pytest.raises(SystemExit):
+            module.parse_args(bad)
+    assert module.parse_args(['--compile', 'reduce-overhead']).compile == \
+        'reduce-overhead'
+    common = ['tools/benchmark/ge_benchmark.py', '--batch', '2', '--size',
+              '32', '--repeats', '1', '--variants', 'theta', '--rows',
+              'mmge', 'memory-saving']
+    tables = {}
+    for amp in ('none', 'bf16'):
+        out = subprocess.run([sys.executable] + common + ['--amp', amp],
+                             cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        header = out.stdout.splitlines()[0]
+        assert ('bf16 autocast' in header) == (amp == 'bf16')
+        rows = [[c.strip() for c in line.split('|')[1:-1]]
+                for line in out.stdout.splitlines() if line.startswith('| ')]
+        tables[amp] = {r[0]: r for r in rows[2:]}
+        assert list(tables[amp]) == ['plain', 'theta mmge',
+                                     'theta mmge, memory-saving']
+    assert float(tables['bf16']['plain'][5]) < \
+        float(tables['none']['plain'][5])
+    import torch
+    if not torch.cuda.is_available():
+        out = subprocess.run([sys.executable] + common + ['--device', 'cuda'],
+                             cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode != 0
+        assert '--device cuda: torch sees no CUDA device' in out.stderr
+
+
 def test_benchmark_allocator_option(monkeypatch):
     """--allocator takes steady or default; steady sets glibc's mallopt
     (the header says so), and says so where it cannot."""

@@ -3,6 +3,7 @@
     python tools/benchmark/ge_benchmark.py [--batch 4] [--size 224]
         [--repeats 5] [--variants theta theta_minus theta_plus] [--extent 8]
         [--rows control SE formula timm mmge memory-saving] [--channels-last]
+        [--device cpu|cuda] [--amp bf16] [--compile default]
 
 For each model, the median over --repeats rounds of one training step
 (forward, loss, backward, SGD step), then over --repeats rounds of one
@@ -18,6 +19,15 @@ ratio in this run. --rows picks which of them run (plain always does).
 With --channels-last every model and the input are channels-last in
 memory (``torch.channels_last``), and the ratios are to the plain network
 in that layout.
+--device cuda runs everything on the GPU (cuDNN's autotuner on; every
+time is taken between two ``torch.cuda.synchronize()``); --amp bf16 runs
+each forward and loss under ``torch.autocast(dtype=torch.bfloat16)``, as
+MMEngine's ``AmpOptimWrapper(dtype='bfloat16')`` does, and the table then
+also gives each model's peak GPU memory in a training step. --compile MODE
+wraps every model in ``torch.compile(mode=MODE)`` (its compilations happen
+in the warm-up); the saved bytes are then counted on the eager modules
+(the compiled graphs choose what they save themselves: the peak memory
+column shows that).
 
 Every time is also given as a ratio to the plain network. The plain
 network runs between every two other runs (plain, A, plain, B, plain, ...,
@@ -64,6 +74,16 @@ def parse_args(argv=None):
     parser.add_argument(
         '--channels-last', action='store_true',
         help='models and input channels-last in memory')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
+                        help='where the models run (default: cpu)')
+    parser.add_argument(
+        '--amp', choices=('none', 'bf16'), default='none',
+        help='bf16: forward and loss under torch.autocast(bfloat16)')
+    parser.add_argument(
+        '--compile', default='none',
+        choices=('none', 'default', 'reduce-overhead', 'max-autotune',
+                 'max-autotune-no-cudagraphs'),
+        help='torch.compile every model in this mode (default: none)')
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads (default: torch\'s choice)')
     parser.add_argument(
@@ -206,22 +226,47 @@ def bracketed_ratios(runs: List[Tuple[str, float]]) -> Dict[str, List[float]]:
     return ratios
 
 
-def train_step(model, x, opt):
+def sync(x: torch.Tensor) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def autocast(x: torch.Tensor, amp: str):
+    """The forward's precision context: bf16 autocast, or none."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16,
+                          enabled=amp == 'bf16')
+
+
+def train_step(model, x, opt, amp='none'):
     model.train()
+    sync(x)
     start = time.perf_counter()
-    loss = model(x)[-1].float().mean()
+    with autocast(x, amp):
+        loss = model(x)[-1].float().mean()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync(x)
     return time.perf_counter() - start
 
 
-def infer(model, x):
+def infer(model, x, amp='none'):
     model.eval()
+    sync(x)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(x, amp):
         model(x)
+    sync(x)
     return time.perf_counter() - start
+
+
+def peak_train_memory(model, x, opt, amp='none') -> int:
+    """Peak bytes the CUDA allocator holds in one training step."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(x.device)
+    train_step(model, x, opt, amp)
+    return torch.cuda.max_memory_allocated(x.device)
 
 
 def main(argv=None):
@@ -248,9 +293,14 @@ def main(argv=None):
         if 'memory-saving' in args.rows:
             rows[f'{v} mmge, memory-saving'] = dict(
                 type='GatherExcite', memory_efficient=True, **cfg)
+    if args.device == 'cuda':
+        if not torch.cuda.is_available():
+            raise SystemExit('--device cuda: torch sees no CUDA device '
+                             f'(torch {torch.__version__})')
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    models = {name: build(cfg) for name, cfg in rows.items()}
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    models = {name: build(cfg).to(args.device) for name, cfg in rows.items()}
     layout = 'NCHW'
     if args.channels_last:
         layout = 'channels-last'
@@ -259,9 +309,15 @@ def main(argv=None):
             m.to(memory_format=torch.channels_last)
     opts = {n: torch.optim.SGD(m.parameters(), lr=1e-4)
             for n, m in models.items()}
-    for name, m in models.items():  # warm-up
-        train_step(m, x, opts[name])
-        infer(m, x)
+    eager = models
+    if args.compile != 'none':
+        models = {n: torch.compile(m, mode=args.compile)
+                  for n, m in models.items()}
+    amp = args.amp
+    for name, m in models.items():  # warm-up (and cuDNN's autotuning)
+        for _ in range(3 if x.is_cuda else 1):
+            train_step(m, x, opts[name], amp)
+            infer(m, x, amp)
     # training rounds, then inference rounds (an inference right after a
     # training step pays for the memory that step freed, unevenly)
     order = schedule([n for n in models if n != 'plain'], args.repeats)
@@ -271,21 +327,37 @@ def main(argv=None):
         runs = []
         for name in order:
             m = models[name]
-            seconds = train_step(m, x, opts[name]) if step == 'train' \
-                else infer(m, x)
+            seconds = train_step(m, x, opts[name], amp) \
+                if step == 'train' else infer(m, x, amp)
             times[name][step].append(seconds)
             runs.append((name, seconds))
         ratios[step] = bracketed_ratios(runs)
     from mmge.utils import saved_tensor_bytes
-    memory = {n: saved_tensor_bytes(lambda m=m: m.train()(x)[-1])
-              for n, m in models.items()}
+
+    def forward(m):
+        with autocast(x, amp):
+            return m.train()(x)[-1]
+
+    memory = {n: saved_tensor_bytes(lambda m=m: forward(m))
+              for n, m in eager.items()}
+    peak = {n: peak_train_memory(m, x, opts[n], amp)
+            for n, m in models.items()} if x.is_cuda else None
+    where = f'{torch.get_num_threads()} threads'
+    if x.is_cuda:
+        where = f'{torch.cuda.get_device_name(x.device)}, cuDNN autotuned'
+    precision = ', bf16 autocast' if amp == 'bf16' else ''
+    if args.compile != 'none':
+        precision += f', torch.compile(mode={args.compile!r})'
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
-          f'{layout}, extent {args.extent}, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, median of {args.repeats} '
+          f'{layout}{precision}, extent {args.extent}, torch '
+          f'{torch.__version__}, {where}, median of {args.repeats} '
           f'rounds, each run between two plain runs, {allocator}\n')
-    print('| model | train step (s) | / plain | inference (s) | / plain | '
-          'saved for backward (MB) | / plain |')
-    print('| --- | --- | --- | --- | --- | --- | --- |')
+    head = ('| model | train step (s) | / plain | inference (s) | / plain | '
+            'saved for backward (MB) | / plain |')
+    if peak:
+        head += ' peak in training (MB) | / plain |'
+    print(head)
+    print('|' + ' --- |' * (head.count('|') - 1))
     for name in models:
         tr = statistics.median(times[name]['train'])
         inf = statistics.median(times[name]['infer'])
@@ -293,9 +365,13 @@ def main(argv=None):
             statistics.median(ratios[step][name]) if name != 'plain' else 1.0
             for step in ('train', 'infer'))
         mb = memory[name] / 2**20
-        print(f'| {name} | {tr:.3f} | {tr_ratio:.3f}x | {inf:.3f} | '
-              f'{inf_ratio:.3f}x | {mb:.0f} | '
-              f'{memory[name] / memory["plain"]:.3f}x |')
+        line = (f'| {name} | {tr:.4f} | {tr_ratio:.3f}x | {inf:.4f} | '
+                f'{inf_ratio:.3f}x | {mb:.0f} | '
+                f'{memory[name] / memory["plain"]:.3f}x |')
+        if peak:
+            line += (f' {peak[name] / 2**20:.0f} | '
+                     f'{peak[name] / peak["plain"]:.3f}x |')
+        print(line)
 
 
 if __name__ == '__main__':
