@@ -643,3 +643,61 @@ def test_ge_resnet_trains_under_bf16_autocast(variant, memory_efficient):
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == p.dtype, name
         assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize('momentum', (0.1, None))
+@pytest.mark.parametrize('memory_efficient', (False, True))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_recomputing_backward_updates_running_stats_once(
+        variant, memory_efficient, momentum):
+    """The ATen path (float64 here; CUDA and autocast take it too)
+    recomputes the norm and the gather in backward: the norms' running
+    statistics and counts end as after one forward of the formula, and
+    the norms still track them afterwards."""
+    torch.manual_seed(0)
+    layer = GatherExcite(8, variant=variant, extent=4,
+                         memory_efficient=memory_efficient).double().train()
+    norm = nn.BatchNorm2d(8, momentum=momentum).double().train()
+    for m in (layer, norm):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = momentum
+    ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+    x = torch.randn(2, 8, 13, 11, dtype=torch.float64, requires_grad=True)
+    layer(x, norm=norm).sum().backward()
+    formula(ref_layer, x.detach(), norm=ref_norm).sum()
+    bns = [(a, b) for m, r in ((layer, ref_layer), (norm, ref_norm))
+           for a, b in zip(m.modules(), r.modules())
+           if isinstance(a, nn.BatchNorm2d)]
+    assert len(bns) == {'theta_minus': 1}.get(variant, 3)
+    for a, b in bns:
+        assert a.track_running_stats
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_call_frozen_copies_other_buffers():
+    """A module with a buffer that is not a batch norm's runs on a copy of
+    its buffers: what its forward writes is dropped."""
+    from mmge.models.layers.ge_autograd import call_frozen
+
+    class Counting(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer('calls', torch.zeros(()))
+            self.norm = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            self.calls += 1
+            return self.norm(x) * self.calls
+
+    module = Counting().train()
+    x = torch.randn(4, 3)
+    out = call_frozen(module, x)
+    torch.testing.assert_close(out, module.norm(x))  # calls was 1 inside
+    assert int(module.calls) == 0
+    assert int(module.norm.num_batches_tracked) == 1  # only the direct call
+    torch.testing.assert_close(module.norm.running_mean,
+                               0.1 * x.mean(0))
