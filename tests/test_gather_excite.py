@@ -344,3 +344,36 @@ def test_excite_gate_backward_is_autograds(act, frozen):
     torch.testing.assert_close(got[0], gate.detach())
     for a, b in zip(got[1:], expect):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('variant,extent,size', (('theta', 8, 8),
+                                                 ('theta_plus', 'global', 7)))
+def test_inductor_compiles_a_one_cell_gate(variant, extent, size):
+    """Inductor (the default backend) builds the training step of a layer
+    whose gate is 1x1 (a map of at most the extent, as ResNet-50's last
+    stage at 224x224, or a global extent), with the block's norm, shortcut
+    and ReLU, and its outputs and gradients are eager's. Torch 2.13's
+    Inductor fails to build the CPU code for the backward of a nearest
+    resize from 1x1; the compiled formula broadcasts such a gate instead."""
+    import copy
+
+    import torch.nn as nn
+    torch.manual_seed(0)
+    # float64: the last level's norm sees two values, and its gradient is
+    # the rounding of larger terms that cancel
+    layer = GatherExcite(16, variant=variant, extent=extent,
+                         feat_size=(size, size)).double().train()
+    norm = nn.BatchNorm2d(16).double().train()
+    mods = [layer, norm, copy.deepcopy(layer), copy.deepcopy(norm)]
+    x = torch.randn(2, 16, size, size, dtype=torch.float64)
+    identity = torch.randn(2, 16, size, size, dtype=torch.float64)
+    results = []
+    for ge, bn, run in ((mods[0], mods[1], torch.compile),
+                        (mods[2], mods[3], lambda f: f)):
+        inp = x.clone().requires_grad_(True)
+        out = run(lambda t: ge(t, identity, norm=bn, relu=True))(inp)
+        out.square().sum().backward()
+        results.append([out, inp.grad] + [
+            p.grad for m in (ge, bn) for p in m.parameters()])
+    for got, expect in zip(*results):
+        torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-11)

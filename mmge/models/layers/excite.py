@@ -368,6 +368,13 @@ class Excite(nn.Module):
         """
         gate = self.gate(context)
         if torch.compiler.is_compiling():
+            if all(type(s) is int and s == 1 for s in gate.shape[-2:]):
+                # a 1x1 gate (a global extent, or a map of at most the
+                # extent) resizes to itself everywhere: a broadcast, the
+                # same values; Inductor's CPU code for the backward of a
+                # nearest resize from 1x1 fails to build (torch 2.13). Only
+                # sizes known as plain ints: no guard on a symbolic one
+                return x * gate
             # one traceable formula, valid for symbolic sizes too
             return x * F.interpolate(gate, size=x.shape[-2:], mode='nearest')
         return resize_multiply(x, gate)
