@@ -20,10 +20,11 @@ With --channels-last every model and the input are channels-last in
 memory (``torch.channels_last``), and the ratios are to the plain network
 in that layout.
 --device cuda runs everything on the GPU (cuDNN's autotuner on; every
-time is taken between two ``torch.cuda.synchronize()``); --amp bf16 runs
-each forward and loss under ``torch.autocast(dtype=torch.bfloat16)``, as
-MMEngine's ``AmpOptimWrapper(dtype='bfloat16')`` does, and the table then
-also gives each model's peak GPU memory in a training step. --compile MODE
+time is taken between two ``torch.cuda.synchronize()``), and the table
+then also gives each model's peak GPU memory in a training step; --amp
+bf16 runs each forward and loss under
+``torch.autocast(dtype=torch.bfloat16)``, as MMEngine's
+``AmpOptimWrapper(dtype='bfloat16')`` does. --compile MODE
 wraps every model in ``torch.compile(mode=MODE)`` (its compilations happen
 in the warm-up); the saved bytes are then counted on the eager modules
 (the compiled graphs choose what they save themselves: the peak memory
