@@ -658,10 +658,9 @@ def test_recomputing_backward_updates_running_stats_once(
     layer = GatherExcite(8, variant=variant, extent=4,
                          memory_efficient=memory_efficient).double().train()
     norm = nn.BatchNorm2d(8, momentum=momentum).double().train()
-    for m in (layer, norm):
-        for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.momentum = momentum
+    for bn in layer.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = momentum
     ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
     x = torch.randn(2, 8, 13, 11, dtype=torch.float64, requires_grad=True)
     layer(x, norm=norm).sum().backward()
