@@ -309,9 +309,8 @@ def test_memory_saving_mode_needs_the_norm():
 
 @pytest.mark.parametrize('dtype', (torch.float64, torch.float32))
 def test_ge_resnet_memory_saving_mode_same_values_less_memory(dtype):
-    """float64 takes the ATen path, where the default mode keeps GE's
-    input; float32 on the CPU takes the native path, which keeps the
-    norm's input in both modes."""
+    """float64 takes the ATen path, float32 on the CPU the native path;
+    after a plain batch norm both keep the norm's input in both modes."""
     torch.manual_seed(0)
     models = [
         GEResNet(50, ge_cfg=dict(variant='theta', extent=4,
@@ -334,17 +333,68 @@ def test_ge_resnet_memory_saving_mode_same_values_less_memory(dtype):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(grads[0], grads[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # GE's own full-resolution input per block is gone in the memory mode
-    if dtype == torch.float64:
-        assert saved[1] < saved[0]
-    else:
-        assert saved[1] == saved[0]
+    # neither mode keeps GE's own full-resolution input per block
+    assert saved[1] == saved[0]
     assert saved[1] <= 1.03 * saved[2]
     for name in ('running_mean', 'running_var'):
         for a, b in zip(models[0].modules(), models[1].modules()):
             if hasattr(a, name):
                 torch.testing.assert_close(getattr(a, name),
                                            getattr(b, name))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('norm_type', ('BN', 'GN'))
+@pytest.mark.parametrize('memory_efficient', (False, True))
+def test_which_input_the_aten_path_keeps(variant, norm_type,
+                                         memory_efficient):
+    """On the ATen path (float64 here; CUDA and autocast alike) a layer
+    given a plain batch norm keeps that norm's input in both modes and runs
+    the norm again in backward; after another norm the default mode keeps
+    GE's own input (the norm's output) instead. Values and gradients are
+    the formula's either way, and the running statistics move once."""
+    torch.manual_seed(0)
+    layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
+                         memory_efficient=memory_efficient).double()
+    norm = (nn.BatchNorm2d(8) if norm_type == 'BN' else
+            nn.GroupNorm(2, 8)).double()
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -0.5, 0.5)
+    ref_norm = copy.deepcopy(norm)
+    ref_layer = copy.deepcopy(layer)
+    inp = torch.randn(2, 8, 20, 20, dtype=torch.float64,
+                      requires_grad=True)
+    identity = torch.randn_like(inp, requires_grad=True)
+    out, saved = _saved_storages(lambda: layer(inp, identity, norm=norm))
+    params = {p.data_ptr() for m in (layer, norm) for p in m.parameters()}
+    full = [t for t in saved if t.data_ptr() not in params
+            and t.shape == inp.shape]
+    # the norm's input, and with GE's own input the norm's output too
+    # (which the norm's autograd saves the input beside)
+    keeps_own = norm_type == 'GN' and not memory_efficient
+    assert len(full) == 1 + keeps_own
+    assert inp.data_ptr() in [t.data_ptr() for t in full]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    leaves = [inp, identity, *layer.parameters(), *norm.parameters()]
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    x = ref_norm(inp)
+    context = ref_layer.gather(x)
+    if ref_layer.excite.mlp is not None:
+        context = ref_layer.excite.mlp(context)
+    ref = x * F.interpolate(context, size=x.shape[-2:]).sigmoid() + identity
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    want = [inp.grad, identity.grad, *ref_layer.parameters(),
+            *ref_norm.parameters()]
+    want = want[:2] + [p.grad for p in want[2:]]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    for a, b in zip(list(layer.buffers()) + list(norm.buffers()),
+                    list(ref_layer.buffers()) + list(ref_norm.buffers())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_channels_last_stays_channels_last():

@@ -7,6 +7,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from . import cpu_kernels
+from .batch_norm import is_plain_batch_norm
 from .excite import (Excite, channels_last, check_channels,
                      check_reduction, resize_multiply)
 from .ge_autograd import GEFunction, native_inference, native_plan
@@ -97,14 +98,19 @@ class GatherExcite(BaseModule):
         memory_efficient (bool): The memory-saving mode: in training, keep
             for backward the input of the norm layer that feeds GE (which
             the network keeps anyway) and recompute GE's input from it,
-            instead of keeping GE's input. Needs that norm layer in
-            :meth:`forward` (``GEResNet``, ``GEResLayer`` and
-            ``GEShuffleNetV1`` pass it). Either way the gather and the gate
-            are recomputed in backward, not stored. With a local extent on
-            float32 CPU tensors after a plain ``BatchNorm2d``, every
-            variant keeps the norm's input in both modes: the native
-            kernels make GE's input on the fly (see ``cpu_kernels``).
-            Defaults to False.
+            whatever that norm is (SyncBN and GroupNorm too), instead of
+            keeping GE's input; GE-theta-plus does not keep its context
+            either. Needs that norm layer in :meth:`forward`
+            (``GEResNet``, ``GEResLayer`` and ``GEShuffleNetV1`` pass
+            it). Either way the gather and the gate are recomputed in
+            backward, not stored. Given a plain ``BatchNorm2d`` (mmcv's
+            ``'BN'``), both modes keep the norm's input: on float32 CPU
+            tensors with a local extent the native kernels make GE's
+            input on the fly (see ``cpu_kernels``), elsewhere (CUDA,
+            autocast) the norm runs again in backward. Outside this mode
+            GE keeps its own input only after another norm or none, and
+            GE-theta-plus on the native kernels keeps its context
+            (1 / 4^levels of the input). Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config.
 
     Example:
@@ -206,9 +212,14 @@ class GatherExcite(BaseModule):
                 self._prepared = None
         plan = native_plan(self, norm, x, identity)
         if norm is not None and not self.memory_efficient and \
-                plan is None and torch.is_grad_enabled():
-            # keep GE's own input; the native path makes GE's input on the
-            # fly from the norm's in both modes, so it keeps the latter
+                plan is None and torch.is_grad_enabled() and \
+                not is_plain_batch_norm(norm):
+            # another norm (SyncBN's forward communicates, GroupNorm's
+            # costs more than a batch norm's affine): keep GE's own input
+            # rather than run it again in backward. After a plain batch
+            # norm both modes keep the norm's input, which the network
+            # keeps anyway (the native path makes GE's input on the fly;
+            # elsewhere GEFunction runs the norm again in backward)
             x, norm = norm(x), None
             plan = native_plan(self, norm, x, identity)
         if torch.compiler.is_compiling():
