@@ -215,3 +215,37 @@ def test_block_benchmark_prints_every_map_and_variant():
     assert [r[0] for r in totals] == ['theta', 'theta_minus']
     assert all(_ratio(r[2]) > 0 for r in totals)
 
+
+
+def test_op_count_prints_every_row():
+    """op_count.py counts one training step's ATen operations per row; on
+    the GPU's path (bf16 autocast) GE's default mode keeps the gather's
+    maps and makes fewer operations than the memory-saving mode, which
+    makes the gather again."""
+    rows = _table([
+        'tools/benchmark/op_count.py', '--batch', '2', '--size', '64',
+        '--variants', 'theta', 'theta_minus', '--rows', 'formula', 'mmge',
+        'memory-saving'
+    ])
+    by_name = {r[0]: r for r in rows}
+    assert list(by_name) == [
+        'plain', 'theta formula', 'theta mmge', 'theta mmge, memory-saving',
+        'theta_minus formula', 'theta_minus mmge',
+        'theta_minus mmge, memory-saving'
+    ]
+    assert by_name['plain'][2] == '1.000x' and by_name['plain'][4] == '1.000x'
+    for name, (_, total, ratio, kernels, kernel_ratio) in by_name.items():
+        assert 0 < int(kernels) < int(total)
+        assert name == 'plain' or _ratio(ratio) > 1 and _ratio(
+            kernel_ratio) > 1
+    for v in ('theta', 'theta_minus'):
+        assert int(by_name[f'{v} mmge'][3]) < \
+            int(by_name[f'{v} mmge, memory-saving'][3])
+
+
+def test_op_count_refuses_a_batch_of_one():
+    out = subprocess.run(
+        [sys.executable, 'tools/benchmark/op_count.py', '--batch', '1'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert '--batch must be at least 2' in out.stderr

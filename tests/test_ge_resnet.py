@@ -183,16 +183,19 @@ def test_out_indices():
 
 @pytest.mark.parametrize('depth', (18, 50))
 @pytest.mark.parametrize('variant', ('theta_minus', 'theta', 'theta_plus'))
-def test_with_cp_same_outputs_and_grads(depth, variant):
+@pytest.mark.parametrize('dtype', (torch.float32, torch.float64))
+def test_with_cp_same_outputs_and_grads(depth, variant, dtype):
     """Checkpointing (whose saved tensors unpack as other objects) loses no
-    gradient, on the native CPU path too."""
+    gradient, on the native CPU path (float32) and the ATen path (float64)
+    alike."""
     torch.manual_seed(1)
     ge_cfg = dict(variant=variant, extent=4)
     a = GEResNet(depth, with_cp=False, norm_eval=False, ge_cfg=ge_cfg)
     b = GEResNet(depth, with_cp=True, norm_eval=False, ge_cfg=ge_cfg)
     b.load_state_dict(a.state_dict())
     a.train(), b.train()
-    x = torch.randn(2, 3, 40, 40, requires_grad=True)
+    a.to(dtype), b.to(dtype)
+    x = torch.randn(2, 3, 40, 40, dtype=dtype, requires_grad=True)
     for m in (a, b):
         m(x)[-1].sum().backward()
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):

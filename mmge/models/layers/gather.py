@@ -209,15 +209,7 @@ class ConvGather(nn.Module):
             ValueError: For the global extent, if (H, W) is not the
                 ``feat_size`` the layer was built for.
         """
-        if self.feat_size is not None and tuple(x.shape[-2:]) != \
-                self.feat_size:
-            raise ValueError(
-                f'global-extent GE-theta was built for feature size '
-                f'{self.feat_size} but got {tuple(x.shape[-2:])}: its '
-                f'depthwise kernel equals the feature size, so the model is '
-                f'tied to one input size. Build it for this size (GEResNet '
-                f'input_size / GatherExcite feat_size), or use a local '
-                f'extent (2, 4, 8), which works at any size.')
+        self.check_size(x)
         if not (torch.is_grad_enabled() and x.requires_grad) and \
                 not cpu_kernels.hooked(self.convs):
             params = self.native_params(x)
@@ -237,6 +229,26 @@ class ConvGather(nn.Module):
         if first.with_activation:
             x = first.activate(x)
         return self.convs[1:](x)
+
+    def check_size(self, x: torch.Tensor) -> None:
+        """Refuse a map of another size than a global extent's.
+
+        Args:
+            x (Tensor): The gather's input, (N, C, H, W).
+
+        Raises:
+            ValueError: For the global extent, if (H, W) is not the
+                ``feat_size`` the layer was built for.
+        """
+        if self.feat_size is not None and tuple(x.shape[-2:]) != \
+                self.feat_size:
+            raise ValueError(
+                f'global-extent GE-theta was built for feature size '
+                f'{self.feat_size} but got {tuple(x.shape[-2:])}: its '
+                f'depthwise kernel equals the feature size, so the model is '
+                f'tied to one input size. Build it for this size (GEResNet '
+                f'input_size / GatherExcite feat_size), or use a local '
+                f'extent (2, 4, 8), which works at any size.')
 
     def native_params(self, x: torch.Tensor
                       ) -> Optional[cpu_kernels.ConvGatherParams]:

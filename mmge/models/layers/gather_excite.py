@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from . import cpu_kernels
+from . import cpu_kernels, input_recompute
 from .batch_norm import is_plain_batch_norm
 from .excite import (Excite, channels_last, check_channels,
                      check_reduction, resize_multiply)
@@ -97,20 +97,21 @@ class GatherExcite(BaseModule):
             Defaults to ``dict(type='ReLU')``.
         memory_efficient (bool): The memory-saving mode: in training, keep
             for backward the input of the norm layer that feeds GE (which
-            the network keeps anyway) and recompute GE's input from it,
-            whatever that norm is (SyncBN and GroupNorm too), instead of
-            keeping GE's input; GE-theta-plus does not keep its context
-            either. Needs that norm layer in :meth:`forward`
-            (``GEResNet``, ``GEResLayer`` and ``GEShuffleNetV1`` pass
-            it). Either way the gather and the gate are recomputed in
-            backward, not stored. Given a plain ``BatchNorm2d`` (mmcv's
-            ``'BN'``), both modes keep the norm's input: on float32 CPU
-            tensors with a local extent the native kernels make GE's
-            input on the fly (see ``cpu_kernels``), elsewhere (CUDA,
-            autocast) the norm runs again in backward. Outside this mode
-            GE keeps its own input only after another norm or none, and
-            GE-theta-plus on the native kernels keeps its context
-            (1 / 4^levels of the input). Defaults to False.
+            the network keeps anyway) and nothing else: GE's input, the
+            gather and the gate are made again in backward, whatever that
+            norm is (SyncBN and GroupNorm too). Needs that norm layer in
+            :meth:`forward` (``GEResNet``, ``GEResLayer`` and
+            ``GEShuffleNetV1`` pass it). Outside this mode, after a plain
+            ``BatchNorm2d`` (mmcv's ``'BN'``), GE keeps the norm's input
+            too and makes its own input again in backward; on float32
+            CPU tensors it keeps nothing else (but for GE-theta-plus's
+            context on the native kernels, 1 / 4^levels of the input);
+            elsewhere (CUDA, autocast, float64) it
+            keeps the gather's maps, at 1/2 resolution and below, instead
+            of making the gather again (fewer operations, which a GPU step
+            bound by the host pays for; :mod:`.input_recompute`). After
+            another norm, or none, it keeps its own input. Defaults to
+            False.
         init_cfg (dict | list[dict], optional): Initialization config.
 
     Example:
@@ -196,6 +197,9 @@ class GatherExcite(BaseModule):
                 'layer(x, identity, norm=...), as GEResNet, GEResLayer and '
                 'GEShuffleNetV1 do; as a plugin of mmdet\'s ResNet it only '
                 'sees the norm\'s output: use memory_efficient=False there')
+        if isinstance(self.gather, ConvGather):
+            # a global extent's size, before a norm counts the batch
+            self.gather.check_size(x)
         if identity is not None and identity.shape != x.shape:
             # the fused passes add a shortcut of x's own shape; one that
             # broadcasts is added after them
@@ -230,6 +234,15 @@ class GatherExcite(BaseModule):
             out = out if identity is None else out + identity
             return out.relu() if relu else out
         if torch.is_grad_enabled():
+            if norm is not None and plan is None and \
+                    not self.memory_efficient and \
+                    input_recompute.usable(self, norm, x):
+                # the default mode off the native kernels, after a plain
+                # batch norm: the gather's small maps kept, GE's input made
+                # again in backward (nothing asks for a gradient: autograd
+                # records nothing, and the values are the same)
+                out = input_recompute.forward(self, norm, x, identity)
+                return out.relu_() if relu else out
             params = tuple(
                 p for m in (self, norm) if m is not None
                 for p in m.parameters() if p.requires_grad)

@@ -1,0 +1,260 @@
+"""GE on autograd that keeps the gather's small maps and makes GE's input
+again in backward.
+
+The default mode's path where the native CPU kernels do not run (CUDA,
+autocast, float64) after a plain batch norm: ``x = norm(inp)`` feeds GE,
+and the network keeps ``inp`` anyway (the norm's autograd saves it). Of
+everything autograd would keep for GE, only two tensors are full-resolution
+copies of ``x``: the input of the gather's first operation (a strided
+depthwise convolution, or GE-theta-minus's pooling) and the multiplicand of
+the excite. Here those two operations save ``inp`` instead, and the first
+of their backwards to run makes ``x`` once more from it (one call of the
+norm, which writes no running statistics), for both. Everything else is
+plain autograd: the gather's levels, at 1/2 resolution and below, keep
+their maps (about 0.66 of ``x``'s size for three levels). So a layer costs
+about the operations of the formula as written, and keeps neither ``x``
+nor a resized gate. :class:`~.ge_autograd.GEFunction` (the memory-saving
+mode) keeps nothing and makes the whole gather again instead.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import cpu_kernels
+from .excite import resize_multiply, resize_multiply_grad
+from .gather import GLOBAL, ConvGather, PoolGather
+from .ge_autograd import autocast_as, autocast_state, call_frozen
+
+
+class RecomputedInput:
+    """GE's input ``x = norm(inp)``, made again in backward.
+
+    Shared by the operations of one layer call that read ``x`` in their
+    backward: the first to ask makes it, the last (:meth:`release`) lets it
+    go.
+
+    Args:
+        norm (nn.Module): The batch norm that made ``x``.
+        device_type (str): ``inp``'s device type, for the forward's autocast.
+    """
+
+    def __init__(self, norm: nn.Module, device_type: str) -> None:
+        self.norm = norm
+        self.autocast = (device_type, autocast_state(device_type))
+        self.value: Optional[torch.Tensor] = None
+
+    def get(self, inp: torch.Tensor) -> torch.Tensor:
+        """``norm(inp)`` as the forward made it, without writing the
+        norm's running statistics (made once, then kept until
+        :meth:`release`).
+
+        Args:
+            inp (Tensor): The norm's input.
+
+        Returns:
+            Tensor: ``x``.
+        """
+        if self.value is None:
+            with torch.no_grad(), autocast_as(*self.autocast):
+                self.value = call_frozen(self.norm, inp)
+        return self.value
+
+    def release(self) -> None:
+        """Let the kept ``x`` go."""
+        self.value = None
+
+
+class ExciteOfRecomputed(torch.autograd.Function):
+    """``x * resize(gate) (+ identity)``, saving ``inp`` and the small gate.
+
+    ``apply(x, gate, identity, inp, source)``, ``source`` the layer call's
+    :class:`RecomputedInput`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor,
+                identity: Optional[torch.Tensor], inp: torch.Tensor,
+                source: RecomputedInput) -> torch.Tensor:
+        ctx.source = source
+        ctx.with_identity = identity is not None
+        ctx.dtypes = x.dtype, None if identity is None else identity.dtype
+        ctx.save_for_backward(inp, gate)
+        return resize_multiply(x, gate, identity)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        inp, gate = ctx.saved_tensors
+        x_dtype, identity_dtype = ctx.dtypes
+        grad_x = grad_gate = grad_identity = None
+        if ctx.needs_input_grad[0]:
+            grad_x = resize_multiply(grad, gate).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            # runs before the gather's first backward, which reuses x
+            x = ctx.source.get(inp)
+            grad_gate = resize_multiply_grad(grad, x, gate).to(gate.dtype)
+        if ctx.with_identity and ctx.needs_input_grad[2]:
+            grad_identity = grad.to(identity_dtype)
+        return grad_x, grad_gate, grad_identity, None, None
+
+
+class ConvOfRecomputed(torch.autograd.Function):
+    """The gather's first convolution of ``x``, saving ``inp``.
+
+    ``apply(x, weight, inp, source, conv)``: ``conv`` is the ``nn.Conv2d``
+    (its stride, padding, dilation and groups; no bias) whose ``weight``
+    is passed so that autograd hands its gradient on.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+                inp: torch.Tensor, source: RecomputedInput,
+                conv: nn.Conv2d) -> torch.Tensor:
+        ctx.source, ctx.conv = source, conv
+        out = F.conv2d(x, weight, None, conv.stride, conv.padding,
+                       conv.dilation, conv.groups)
+        # the dtype the convolution ran in (bfloat16 under autocast)
+        ctx.dtype = out.dtype
+        ctx.save_for_backward(inp, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        inp, weight = ctx.saved_tensors
+        source, conv = ctx.source, ctx.conv
+        x = source.get(inp)
+        source.release()
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+        dtype = ctx.dtype
+        grad_x, grad_weight = convolution_backward(
+            grad.to(dtype), x.to(dtype), weight.to(dtype), conv, mask)
+        return (None if grad_x is None else grad_x.to(x.dtype),
+                None if grad_weight is None else grad_weight.to(
+                    weight.dtype), None, None, None)
+
+
+def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
+                         weight: torch.Tensor, conv: nn.Conv2d,
+                         mask: list) -> tuple:
+    """The input's and the weight's gradients of ``conv``'s convolution
+    (without bias) of ``x``, where ``mask`` asks for them.
+
+    On the CPU a large batch runs in parts, as :class:`ConvGather`'s
+    forward does: the depthwise input gradient slows down several times
+    once a call outgrows the cache.
+
+    Returns:
+        tuple: ``(grad_x, grad_weight)``, None where not asked for.
+    """
+    def run(g, inp):
+        return torch.ops.aten.convolution_backward(
+            g, inp, weight, None, conv.stride, conv.padding, conv.dilation,
+            False, [0, 0], conv.groups, mask)[:2]
+
+    if x.device.type != 'cpu' or x.shape[0] < 2 or \
+            x.numel() <= ConvGather.cpu_chunk:
+        return run(grad, x)
+    step = max(1, ConvGather.cpu_chunk // x[0].numel())
+    parts = [run(g, inp) for g, inp in zip(grad.split(step),
+                                           x.split(step))]
+    grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
+    grad_weight = torch.stack([p[1] for p in parts]).sum(0) \
+        if mask[1] else None
+    return grad_x, grad_weight
+
+
+class PoolOfRecomputed(torch.autograd.Function):
+    """GE-theta-minus's local pooling of ``x``, saving ``inp`` (the pool's
+    backward reads only ``x``'s shape and layout, but ATen's takes ``x``).
+
+    ``apply(x, inp, source, extent)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inp: torch.Tensor,
+                source: RecomputedInput, extent: int) -> torch.Tensor:
+        ctx.source, ctx.extent = source, extent
+        ctx.save_for_backward(inp)
+        return F.avg_pool2d(x, 2 * extent - 1, extent, extent - 1,
+                            count_include_pad=False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        inp, = ctx.saved_tensors
+        x = ctx.source.get(inp)
+        ctx.source.release()
+        e = ctx.extent
+        grad_x = torch.ops.aten.avg_pool2d_backward(
+            grad, x, [2 * e - 1] * 2, [e] * 2, [e - 1] * 2, False, False,
+            None)
+        return grad_x, None, None, None
+
+
+def first_conv(gather: nn.Module) -> Optional[nn.Module]:
+    """The first level of a :class:`ConvGather` whose convolution
+    :class:`ConvOfRecomputed` can run: a ``ConvModule`` in the order conv,
+    norm, act with an ``nn.Conv2d`` without bias, zero padding and no
+    explicit padding layer; else None."""
+    m = gather.convs[0]
+    conv = m._modules.get('conv')
+    if tuple(m.order) == ('conv', 'norm', 'act') and \
+            not m.with_explicit_padding and type(conv) is nn.Conv2d and \
+            conv.bias is None and conv.padding_mode == 'zeros' and \
+            isinstance(conv.padding, tuple):
+        return m
+    return None
+
+
+def usable(layer: nn.Module, norm: Optional[nn.Module],
+           inp: torch.Tensor) -> bool:
+    """Whether :func:`forward` runs this layer call: a 4-d input that the
+    native CPU kernels do not read (:func:`cpu_kernels.maps_usable`: where
+    they do, :class:`~.ge_autograd.GEFunction` runs the parts it can on
+    them), a :class:`PoolGather` or a :class:`ConvGather` with a
+    :func:`first_conv`, and no forward hook on the gather (its first
+    level's modules are not called as modules here)."""
+    gather = layer.gather
+    return inp.dim() == 4 and norm is not None and (
+        isinstance(gather, PoolGather) or (isinstance(gather, ConvGather)
+                                           and first_conv(gather) is not None)
+    ) and not cpu_kernels.maps_usable(inp) and \
+        not cpu_kernels.hooked(gather)
+
+
+def forward(layer: nn.Module, norm: nn.Module, inp: torch.Tensor,
+            identity: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x * resize(gate(x)) (+ identity)`` with ``x = norm(inp)``, on
+    autograd, keeping no full-resolution copy of ``x``.
+
+    Args:
+        layer (nn.Module): The GE layer (:func:`usable`).
+        norm (nn.Module): The plain batch norm feeding it.
+        inp (Tensor): The norm's input, (N, C, H, W).
+        identity (Tensor, optional): The shortcut, of ``inp``'s shape.
+
+    Returns:
+        Tensor: The gated features (plus ``identity``).
+    """
+    gather = layer.gather
+    source = RecomputedInput(norm, inp.device.type)
+    x = norm(inp)
+    if isinstance(gather, PoolGather):
+        if gather.extent == GLOBAL:
+            context = x.mean(dim=(2, 3), keepdim=True)  # saves no input
+        else:
+            context = PoolOfRecomputed.apply(x, inp, source, gather.extent)
+    else:
+        first = first_conv(gather)
+        context = ConvOfRecomputed.apply(x, first.conv.weight, inp, source,
+                                         first.conv)
+        context = first.norm(context)
+        if first.with_activation:
+            context = first.activate(context)
+        context = gather.convs[1:](context)
+    gate = layer.excite.gate(context)
+    return ExciteOfRecomputed.apply(x, gate, identity, inp, source)
