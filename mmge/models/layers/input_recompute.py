@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
+from .batch_norm import is_plain_batch_norm
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
 from .ge_autograd import autocast_as, autocast_state, call_frozen
@@ -212,14 +213,15 @@ def first_conv(gather: nn.Module) -> Optional[nn.Module]:
 
 def usable(layer: nn.Module, norm: Optional[nn.Module],
            inp: torch.Tensor) -> bool:
-    """Whether :func:`forward` runs this layer call: a 4-d input that the
-    native CPU kernels do not read (:func:`cpu_kernels.maps_usable`: where
+    """Whether :func:`forward` runs this layer call: a plain batch norm
+    (:func:`is_plain_batch_norm`), a 4-d input that the native CPU kernels
+    do not read (:func:`cpu_kernels.maps_usable`: where
     they do, :class:`~.ge_autograd.GEFunction` runs the parts it can on
     them), a :class:`PoolGather` or a :class:`ConvGather` with a
     :func:`first_conv`, and no forward hook on the gather (its first
     level's modules are not called as modules here)."""
     gather = layer.gather
-    return inp.dim() == 4 and norm is not None and (
+    return inp.dim() == 4 and is_plain_batch_norm(norm) and (
         isinstance(gather, PoolGather) or (isinstance(gather, ConvGather)
                                            and first_conv(gather) is not None)
     ) and not cpu_kernels.maps_usable(inp) and \
