@@ -49,7 +49,7 @@ import argparse
 import ctypes
 import statistics
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -160,6 +160,39 @@ def timm_ge(variant, extent):
             return self.ge(x)
 
     return dict(type=TimmLayer)
+
+
+def model_configs(rows: List[str], variants: List[str],
+                  extent: int) -> Dict[str, Optional[dict]]:
+    """The GE layer config of each model, by row name, in table order.
+
+    Args:
+        rows (list[str]): Which of :data:`ROWS` to include (plain always
+            is; timm's only when timm is importable).
+        variants (list[str]): GE variants.
+        extent (int): GE's extent.
+
+    Returns:
+        dict[str, dict | None]: ``ge_cfg`` for :func:`build` (None: plain).
+    """
+    configs: Dict[str, Optional[dict]] = {'plain': None}
+    if 'control' in rows:
+        configs['plain, control'] = None
+    if 'SE' in rows:
+        configs['SE'] = dict(type='SqueezeExcite')
+    for v in variants:
+        cfg = dict(variant=v, extent=extent)
+        if 'formula' in rows:
+            configs[f'{v} formula'] = dict(type=FormulaGE, **cfg)
+        timm_cfg = timm_ge(v, extent) if 'timm' in rows else None
+        if timm_cfg is not None:
+            configs[f'{v} timm'] = timm_cfg
+        if 'mmge' in rows:
+            configs[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
+        if 'memory-saving' in rows:
+            configs[f'{v} mmge, memory-saving'] = dict(
+                type='GatherExcite', memory_efficient=True, **cfg)
+    return configs
 
 
 def build(ge_cfg):
@@ -277,23 +310,7 @@ def main(argv=None):
     allocator = steady_allocator() if args.allocator == 'steady' else \
         'allocator as it is'
     import mmge  # noqa: F401
-    rows = {'plain': None}
-    if 'control' in args.rows:
-        rows['plain, control'] = None
-    if 'SE' in args.rows:
-        rows['SE'] = dict(type='SqueezeExcite')
-    for v in args.variants:
-        cfg = dict(variant=v, extent=args.extent)
-        if 'formula' in args.rows:
-            rows[f'{v} formula'] = dict(type=FormulaGE, **cfg)
-        timm_cfg = timm_ge(v, args.extent)
-        if timm_cfg is not None and 'timm' in args.rows:
-            rows[f'{v} timm'] = timm_cfg
-        if 'mmge' in args.rows:
-            rows[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
-        if 'memory-saving' in args.rows:
-            rows[f'{v} mmge, memory-saving'] = dict(
-                type='GatherExcite', memory_efficient=True, **cfg)
+    rows = model_configs(args.rows, args.variants, args.extent)
     if args.device == 'cuda':
         if not torch.cuda.is_available():
             raise SystemExit('--device cuda: torch sees no CUDA device '

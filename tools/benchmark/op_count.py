@@ -53,26 +53,23 @@ class OpCounter(TorchDispatchMode):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='ATen operations per training step, GE against plain')
-    parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--extent', type=int, default=8)
+    for name, default in (('batch', 2), ('size', 224), ('extent', 8)):
+        parser.add_argument(f'--{name}', type=int, default=default)
     parser.add_argument('--amp', choices=('bf16', 'none'), default='bf16',
                         help='bf16 (default): the GPU\'s path; none: '
                         'float32, on the native CPU kernels')
-    parser.add_argument('--variants', nargs='+',
-                        default=['theta', 'theta_minus', 'theta_plus'],
-                        choices=['theta', 'theta_minus', 'theta_plus'])
-    parser.add_argument('--rows', nargs='+',
-                        choices=('SE', 'formula', 'mmge', 'memory-saving'),
-                        default=['SE', 'formula', 'mmge', 'memory-saving'])
+    variants = ['theta', 'theta_minus', 'theta_plus']
+    parser.add_argument('--variants', nargs='+', default=variants,
+                        choices=variants)
+    rows = ['SE', 'formula', 'mmge', 'memory-saving']
+    parser.add_argument('--rows', nargs='+', choices=rows, default=rows)
     args = parser.parse_args(argv)
-    for name in ('batch', 'size', 'extent'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name} must be at least 1, '
-                         f'got {getattr(args, name)}')
     if args.batch < 2:
         parser.error('--batch must be at least 2: batch norms in training '
                      'need more than one value per channel')
+    if min(args.size, args.extent) < 1:
+        parser.error(f'--size and --extent must be positive, got '
+                     f'{args.size} and {args.extent}')
     return args
 
 
@@ -94,21 +91,10 @@ def count_step(model, x: torch.Tensor, amp: str) -> Tuple[int, int]:
 def main(argv=None) -> Dict[str, Tuple[int, int]]:
     args = parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from ge_benchmark import FormulaGE, build
+    from ge_benchmark import build, model_configs
 
     from mmge.models.layers.gather import ConvGather
-    rows = {'plain': None}
-    if 'SE' in args.rows:
-        rows['SE'] = dict(type='SqueezeExcite')
-    for v in args.variants:
-        cfg = dict(variant=v, extent=args.extent)
-        if 'formula' in args.rows:
-            rows[f'{v} formula'] = dict(type=FormulaGE, **cfg)
-        if 'mmge' in args.rows:
-            rows[f'{v} mmge'] = dict(type='GatherExcite', **cfg)
-        if 'memory-saving' in args.rows:
-            rows[f'{v} mmge, memory-saving'] = dict(
-                type='GatherExcite', memory_efficient=True, **cfg)
+    rows = model_configs(args.rows, args.variants, args.extent)
     chunk = ConvGather.cpu_chunk
     ConvGather.cpu_chunk = float('inf')  # as on a GPU: one call
     try:
