@@ -6,7 +6,9 @@ excite make: the layer's input, the gather's intermediate maps and the gate.
 recomputes the cheap rest (the gather runs at 1/2 resolution and below) in
 backward. Given the norm layer that feeds GE, it keeps that layer's input
 instead, which the plain network keeps anyway, so GE then stores nothing of
-its own (the memory-saving mode, ``GatherExcite(memory_efficient=True)``).
+its own (the memory-saving mode, ``GatherExcite(memory_efficient=True)``,
+and the default mode on float32 CPU tensors; off those, the default mode
+keeps the gather's maps instead of making them again: :mod:`.input_recompute`).
 Outputs and gradients are those of the plain formula; only what is stored
 between forward and backward changes.
 
