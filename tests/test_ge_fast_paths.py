@@ -387,11 +387,7 @@ def test_which_input_the_aten_path_keeps(variant, norm_type,
     got = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
-    x = ref_norm(inp)
-    context = ref_layer.gather(x)
-    if ref_layer.excite.mlp is not None:
-        context = ref_layer.excite.mlp(context)
-    ref = x * F.interpolate(context, size=x.shape[-2:]).sigmoid() + identity
+    ref = formula(ref_layer, inp, identity, ref_norm)
     ref.backward(grad)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     want = [inp.grad, identity.grad, *ref_layer.parameters(),

@@ -215,20 +215,38 @@ class ConvGather(nn.Module):
             params = self.native_params(x)
             if params is not None:
                 return self.native_forward(x, params).context
-        if x.device.type != 'cpu' or x.shape[0] < 2 or \
-                x.numel() <= self.cpu_chunk or torch.compiler.is_compiling():
+        step = None if torch.compiler.is_compiling() else \
+            self.cpu_batch_step(x)
+        if step is None:
             return self.convs(x)
         # The CPU depthwise convolution's input gradient slows down several
         # times once a call outgrows the cache (ResNet-50's first stage at
         # batch 4); the first, full-resolution convolution runs on chunks
         # of the batch and its norm layer on the whole batch.
         first = self.convs[0]
-        step = max(1, self.cpu_chunk // x[0].numel())
         x = torch.cat([first.conv(part) for part in x.split(step)])
         x = first.norm(x)
         if first.with_activation:
             x = first.activate(x)
         return self.convs[1:](x)
+
+    def cpu_batch_step(self, x: torch.Tensor) -> Optional[int]:
+        """How many samples of ``x`` each call of the first convolution
+        (forward or backward) takes on the CPU, or None for one call: the
+        CPU depthwise convolution slows down several times once a call
+        outgrows :attr:`cpu_chunk` input elements.
+
+        Args:
+            x (Tensor): The gather's input, (N, C, H, W).
+
+        Returns:
+            int | None: Samples per call; None off the CPU, for a batch of
+            one and for a call within :attr:`cpu_chunk`.
+        """
+        if x.device.type != 'cpu' or x.shape[0] < 2 or \
+                x.numel() <= self.cpu_chunk:
+            return None
+        return max(1, self.cpu_chunk // x[0].numel())
 
     def check_size(self, x: torch.Tensor) -> None:
         """Refuse a map of another size than a global extent's.

@@ -105,16 +105,17 @@ class ExciteOfRecomputed(torch.autograd.Function):
 class ConvOfRecomputed(torch.autograd.Function):
     """The gather's first convolution of ``x``, saving ``inp``.
 
-    ``apply(x, weight, inp, source, conv)``: ``conv`` is the ``nn.Conv2d``
-    (its stride, padding, dilation and groups; no bias) whose ``weight``
-    is passed so that autograd hands its gradient on.
+    ``apply(x, weight, inp, source, conv, step)``: ``conv`` is the
+    ``nn.Conv2d`` (its stride, padding, dilation and groups; no bias) whose
+    ``weight`` is passed so that autograd hands its gradient on; ``step``
+    is :meth:`ConvGather.cpu_batch_step` of ``x``, for the backward.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
-                inp: torch.Tensor, source: RecomputedInput,
-                conv: nn.Conv2d) -> torch.Tensor:
-        ctx.source, ctx.conv = source, conv
+                inp: torch.Tensor, source: RecomputedInput, conv: nn.Conv2d,
+                step: Optional[int]) -> torch.Tensor:
+        ctx.source, ctx.conv, ctx.step = source, conv, step
         out = F.conv2d(x, weight, None, conv.stride, conv.padding,
                        conv.dilation, conv.groups)
         # the dtype the convolution ran in (bfloat16 under autocast)
@@ -132,21 +133,23 @@ class ConvOfRecomputed(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
         dtype = ctx.dtype
         grad_x, grad_weight = convolution_backward(
-            grad.to(dtype), x.to(dtype), weight.to(dtype), conv, mask)
+            grad.to(dtype), x.to(dtype), weight.to(dtype), conv, mask,
+            ctx.step)
         return (None if grad_x is None else grad_x.to(x.dtype),
                 None if grad_weight is None else grad_weight.to(
-                    weight.dtype), None, None, None)
+                    weight.dtype), None, None, None, None)
 
 
 def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
-                         weight: torch.Tensor, conv: nn.Conv2d,
-                         mask: list) -> tuple:
+                         weight: torch.Tensor, conv: nn.Conv2d, mask: list,
+                         step: Optional[int] = None) -> tuple:
     """The input's and the weight's gradients of ``conv``'s convolution
     (without bias) of ``x``, where ``mask`` asks for them.
 
-    On the CPU a large batch runs in parts, as :class:`ConvGather`'s
-    forward does: the depthwise input gradient slows down several times
-    once a call outgrows the cache.
+    Args:
+        step (int, optional): Samples per call
+            (:meth:`ConvGather.cpu_batch_step`, as the forward ran); None
+            for one call.
 
     Returns:
         tuple: ``(grad_x, grad_weight)``, None where not asked for.
@@ -156,10 +159,8 @@ def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
             g, inp, weight, None, conv.stride, conv.padding, conv.dilation,
             False, [0, 0], conv.groups, mask)[:2]
 
-    if x.device.type != 'cpu' or x.shape[0] < 2 or \
-            x.numel() <= ConvGather.cpu_chunk:
+    if step is None:
         return run(grad, x)
-    step = max(1, ConvGather.cpu_chunk // x[0].numel())
     parts = [run(g, inp) for g, inp in zip(grad.split(step),
                                            x.split(step))]
     grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
@@ -253,7 +254,8 @@ def forward(layer: nn.Module, norm: nn.Module, inp: torch.Tensor,
     else:
         first = first_conv(gather)
         context = ConvOfRecomputed.apply(x, first.conv.weight, inp, source,
-                                         first.conv)
+                                         first.conv,
+                                         gather.cpu_batch_step(x))
         context = first.norm(context)
         if first.with_activation:
             context = first.activate(context)
