@@ -24,6 +24,7 @@ from mmcv.cnn import ConvModule
 from . import cpu_kernels
 from .batch_norm import (is_plain_batch_norm, update_running_stats,
                          uses_batch_stats)
+from .depthwise_conv import GatherConv2d, is_plain_conv
 
 Extent = Union[int, str]
 Size2d = Tuple[int, int]
@@ -191,7 +192,7 @@ class ConvGather(nn.Module):
         self.convs = nn.Sequential(*[
             ConvModule(
                 channels, channels, groups=channels, bias=False,
-                norm_cfg=norm_cfg,
+                conv_cfg=dict(type=GatherConv2d), norm_cfg=norm_cfg,
                 act_cfg=act_cfg if i < len(kernels) - 1 or last_act else None,
                 **k) for i, k in enumerate(kernels)
         ])
@@ -305,7 +306,7 @@ class ConvGather(nn.Module):
             norm = modules.get(m.norm_name) if m.with_norm else None
             if not (tuple(m.order) == ('conv', 'norm', 'act')
                     and not m.with_explicit_padding
-                    and type(conv) is nn.Conv2d
+                    and is_plain_conv(conv)
                     and conv.kernel_size == (3, 3) and conv.stride == (2, 2)
                     and conv.padding == (1, 1) and conv.dilation == (1, 1)
                     and conv.groups == c == conv.in_channels

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
 from .batch_norm import is_plain_batch_norm
+from .depthwise_conv import convolution_backward, is_plain_conv
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
 from .ge_autograd import autocast_as, autocast_state, call_frozen
@@ -131,42 +132,10 @@ class ConvOfRecomputed(torch.autograd.Function):
         x = source.get(inp)
         source.release()
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
-        dtype = ctx.dtype
         grad_x, grad_weight = convolution_backward(
-            grad.to(dtype), x.to(dtype), weight.to(dtype), conv, mask,
-            ctx.step)
-        return (None if grad_x is None else grad_x.to(x.dtype),
-                None if grad_weight is None else grad_weight.to(
-                    weight.dtype), None, None, None, None)
-
-
-def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
-                         weight: torch.Tensor, conv: nn.Conv2d, mask: list,
-                         step: Optional[int] = None) -> tuple:
-    """The input's and the weight's gradients of ``conv``'s convolution
-    (without bias) of ``x``, where ``mask`` asks for them.
-
-    Args:
-        step (int, optional): Samples per call
-            (:meth:`ConvGather.cpu_batch_step`, as the forward ran); None
-            for one call.
-
-    Returns:
-        tuple: ``(grad_x, grad_weight)``, None where not asked for.
-    """
-    def run(g, inp):
-        return torch.ops.aten.convolution_backward(
-            g, inp, weight, None, conv.stride, conv.padding, conv.dilation,
-            False, [0, 0], conv.groups, mask)[:2]
-
-    if step is None:
-        return run(grad, x)
-    parts = [run(g, inp) for g, inp in zip(grad.split(step),
-                                           x.split(step))]
-    grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
-    grad_weight = torch.stack([p[1] for p in parts]).sum(0) \
-        if mask[1] else None
-    return grad_x, grad_weight
+            grad, x.to(ctx.dtype), weight, conv, mask, ctx.step)
+        return (None if grad_x is None else grad_x.to(x.dtype), grad_weight,
+                None, None, None, None)
 
 
 class PoolOfRecomputed(torch.autograd.Function):
@@ -205,7 +174,7 @@ def first_conv(gather: nn.Module) -> Optional[nn.Module]:
     m = gather.convs[0]
     conv = m._modules.get('conv')
     if tuple(m.order) == ('conv', 'norm', 'act') and \
-            not m.with_explicit_padding and type(conv) is nn.Conv2d and \
+            not m.with_explicit_padding and is_plain_conv(conv) and \
             conv.bias is None and conv.padding_mode == 'zeros' and \
             isinstance(conv.padding, tuple):
         return m
