@@ -428,6 +428,50 @@ def test_default_aten_path_makes_ge_input_once_per_backward(variant):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('dtype', (torch.bfloat16, torch.float64))
+@pytest.mark.parametrize('channels_last', (False, True))
+@pytest.mark.parametrize('hooked', (False, True))
+def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked):
+    """GE's input made again in backward equals the forward's: from the
+    forward's batch statistics in one pass (bitwise in bfloat16), or, where
+    a hook watches the norm, by calling it again; in the input's layout, and
+    the running statistics move once."""
+    from mmge.models.layers.input_recompute import RecomputedInput
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(16, momentum=None).to(
+        torch.float64 if dtype is torch.float64 else torch.float32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    calls = []
+    if hooked:
+        norm.register_forward_hook(lambda *args: calls.append(1))
+    inp = (torch.randn(3, 16, 9, 11) * 3 + 1).to(dtype)
+    if channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    x, source = RecomputedInput.run(norm, inp)
+    want = F.batch_norm(inp, None, None, norm.weight, norm.bias, True, 0.0,
+                        norm.eps)
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+    stats = [t.clone() for t in norm.buffers()]
+    again = source.get(inp)
+    assert source.get(inp) is again  # made once, kept until released
+    assert (source.scale is None) == hooked
+    assert len(calls) == (2 if hooked else 0)
+    assert again.dtype is x.dtype
+    assert again.is_contiguous(memory_format=torch.channels_last) == \
+        channels_last
+    if dtype is torch.bfloat16:
+        assert torch.equal(again, x)
+    else:
+        torch.testing.assert_close(again, x, rtol=1e-14, atol=1e-14)
+    for a, b in zip(stats, norm.buffers()):
+        assert torch.equal(a, b)
+    assert int(norm.num_batches_tracked) == 1
+    source.release()
+    assert source.value is None
+
+
 @pytest.mark.parametrize('dtype', (torch.float32, torch.float64))
 @pytest.mark.parametrize('memory_efficient', (False, True))
 def test_global_theta_refuses_another_size_before_the_norm_runs(

@@ -8,15 +8,16 @@ everything autograd would keep for GE, only two tensors are full-resolution
 copies of ``x``: the input of the gather's first operation (a strided
 depthwise convolution, or GE-theta-minus's pooling) and the multiplicand of
 the excite. Here those two operations save ``inp`` instead, and the first
-of their backwards to run makes ``x`` once more from it (one call of the
-norm, which writes no running statistics), for both. Everything else is
+of their backwards to run makes ``x`` once more from it, for both: one pass
+with the norm's batch statistics from the forward (or, where hooks watch the
+norm, a call of the norm that writes no running statistics). Everything else is
 plain autograd: the gather's levels, at 1/2 resolution and below, keep
 their maps (about 0.66 of ``x``'s size for three levels). So a layer costs
 about the operations of the formula as written, and keeps neither ``x``
 nor a resized gate. :class:`~.ge_autograd.GEFunction` (the memory-saving
 mode) keeps nothing and makes the whole gather again instead.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
-from .batch_norm import is_plain_batch_norm
+from .batch_norm import batch_norm_forward, is_plain_batch_norm
 from .depthwise_conv import convolution_backward, is_plain_conv
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
@@ -36,17 +37,52 @@ class RecomputedInput:
 
     Shared by the operations of one layer call that read ``x`` in their
     backward: the first to ask makes it, the last (:meth:`release`) lets it
-    go.
+    go. Build it with :meth:`run`, which also runs the norm.
 
     Args:
-        norm (nn.Module): The batch norm that made ``x``.
-        device_type (str): ``inp``'s device type, for the forward's autocast.
+        dtype (torch.dtype): ``x``'s dtype.
+        scale (Tensor, optional): Per channel, ``x = scale * inp + shift``
+            (the norm's statistics of this call, as the forward used them).
+        shift (Tensor, optional): See ``scale``.
+        norm (nn.Module, optional): Without ``scale``, the norm to run
+            again (its running statistics left alone).
+        device_type (str): ``inp``'s device type, for the forward's
+            autocast (with ``norm``).
     """
 
-    def __init__(self, norm: nn.Module, device_type: str) -> None:
-        self.norm = norm
+    def __init__(self,
+                 dtype: torch.dtype,
+                 scale: Optional[torch.Tensor] = None,
+                 shift: Optional[torch.Tensor] = None,
+                 norm: Optional[nn.Module] = None,
+                 device_type: str = 'cpu') -> None:
+        self.dtype, self.scale, self.shift, self.norm = \
+            dtype, scale, shift, norm
         self.autocast = (device_type, autocast_state(device_type))
         self.value: Optional[torch.Tensor] = None
+
+    @classmethod
+    def run(cls, norm: nn.Module,
+            inp: torch.Tensor) -> Tuple[torch.Tensor, 'RecomputedInput']:
+        """``x = norm(inp)`` on autograd, and how to make it again.
+
+        Without hooks on ``norm`` it runs as
+        :func:`~.batch_norm.batch_norm_forward` (what its forward does),
+        whose batch statistics then make ``x`` again in one pass; with
+        hooks the module is called, and the backward calls it again.
+
+        Args:
+            norm (nn.Module): A plain batch norm.
+            inp (Tensor): Its input.
+
+        Returns:
+            tuple[Tensor, RecomputedInput]: ``x`` and its maker.
+        """
+        if cpu_kernels.hooked(norm):
+            x = norm(inp)
+            return x, cls(x.dtype, norm=norm, device_type=inp.device.type)
+        x, state = batch_norm_forward(norm, inp)
+        return x, cls(x.dtype, state['scale'], state['shift'])
 
     def get(self, inp: torch.Tensor) -> torch.Tensor:
         """``norm(inp)`` as the forward made it, without writing the
@@ -60,9 +96,32 @@ class RecomputedInput:
             Tensor: ``x``.
         """
         if self.value is None:
-            with torch.no_grad(), autocast_as(*self.autocast):
-                self.value = call_frozen(self.norm, inp)
+            self.value = self.make(inp)
         return self.value
+
+    def make(self, inp: torch.Tensor) -> torch.Tensor:
+        """``x`` from ``inp``: one pass with the forward's statistics, or
+        the norm run again.
+
+        Args:
+            inp (Tensor): The norm's input.
+
+        Returns:
+            Tensor: ``x``, in the forward's dtype and ``inp``'s layout.
+        """
+        with torch.no_grad():
+            if self.scale is None:
+                with autocast_as(*self.autocast):
+                    return call_frozen(self.norm, inp)
+            # scale * inp + shift through the batch norm's own kernel (with
+            # a mean of 0, a variance of 1 and no eps: exactly that affine
+            # map), which reads a low-precision input with float statistics
+            # in one vectorised pass; ATen's CPU addcmul of mixed dtypes
+            # takes ten times as long
+            x = F.batch_norm(inp, torch.zeros_like(self.scale),
+                             torch.ones_like(self.scale), self.scale,
+                             self.shift, False, 0.0, 0.0)
+            return x.to(self.dtype)
 
     def release(self) -> None:
         """Let the kept ``x`` go."""
@@ -213,8 +272,7 @@ def forward(layer: nn.Module, norm: nn.Module, inp: torch.Tensor,
         Tensor: The gated features (plus ``identity``).
     """
     gather = layer.gather
-    source = RecomputedInput(norm, inp.device.type)
-    x = norm(inp)
+    x, source = RecomputedInput.run(norm, inp)
     if isinstance(gather, PoolGather):
         if gather.extent == GLOBAL:
             context = x.mean(dim=(2, 3), keepdim=True)  # saves no input
