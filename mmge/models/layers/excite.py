@@ -124,6 +124,15 @@ def _widen(gate: torch.Tensor, width: int) -> torch.Tensor:
         -1, nearest_index(width, w, gate.device, double))
 
 
+def _product_dtype(x: torch.Tensor, gate: torch.Tensor,
+                   identity: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of ``x * gate (+ identity)``."""
+    dtype = torch.result_type(x, gate)
+    if identity is not None:
+        dtype = torch.promote_types(dtype, identity.dtype)
+    return dtype
+
+
 def resize_multiply(x: torch.Tensor,
                     gate: torch.Tensor,
                     identity: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -131,11 +140,14 @@ def resize_multiply(x: torch.Tensor,
     ``identity`` when given, without building the full-size gate when the
     sizes allow.
 
-    The gate is widened to ``x``'s width (a tensor ``H / h`` times smaller
-    than ``x``); when every gate row covers the same number of rows of
-    ``x`` the product is a broadcast over ``x`` viewed as
-    (N, C, h, H / h, W), else the gate is also resized in height. The
-    residual add, when given, happens in the same pass (``addcmul``).
+    Where every gate cell covers the same number of rows and columns of a
+    channels-last ``x``, the product is a broadcast of the gate over ``x``
+    viewed as (N, C, h, H / h, w, W / w). Otherwise the gate is widened to
+    ``x``'s width (a tensor ``H / h`` times smaller than ``x``); when every
+    gate row covers the same number of rows of ``x`` the product is a
+    broadcast over ``x`` viewed as (N, C, h, H / h, W), else the gate is
+    also resized in height. The residual add, when given, happens in the
+    same pass (``addcmul``).
 
     Args:
         x (Tensor): Features (N, C, H, W).
@@ -151,9 +163,24 @@ def resize_multiply(x: torch.Tensor,
         return x * gate if identity is None else torch.addcmul(
             identity, x, gate)
     double = gate.dtype == torch.float64
+    sh, sw = block_factor(height, h, double), block_factor(width, w, double)
+    if sh and sw and channels_last(x):
+        # x as (N, C, h, sh, w, sw) is a view of channels-last memory, and
+        # a channels-last gate broadcasts over it with the channels
+        # innermost in both: a vectorised pass, where the widened gate's
+        # other layout makes ATen's broadcast several times slower
+        shape = (n, c, h, sh, w, sw)
+        gate = gate.contiguous(
+            memory_format=torch.channels_last)[:, :, :, None, :, None]
+        out = torch.empty_like(x, dtype=_product_dtype(x, gate, identity))
+        if identity is None:
+            torch.mul(x.view(shape), gate, out=out.view(shape))
+        else:
+            torch.addcmul(identity.reshape(shape), x.view(shape), gate,
+                          out=out.view(shape))
+        return out
     gate = _widen(gate, width)
-    s = block_factor(height, h, double)
-    if not s:
+    if not sh:
         gate = gate.index_select(
             -2, nearest_index(height, h, gate.device, double))
         return x * gate if identity is None else torch.addcmul(
@@ -162,11 +189,8 @@ def resize_multiply(x: torch.Tensor,
             or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     # written through a 5-d view of a fresh 4-d tensor, which is returned
-    dtype = torch.result_type(x, gate)
-    if identity is not None:
-        dtype = torch.promote_types(dtype, identity.dtype)
-    out = torch.empty_like(x, dtype=dtype)
-    shape = (n, c, h, s, width)
+    out = torch.empty_like(x, dtype=_product_dtype(x, gate, identity))
+    shape = (n, c, h, sh, width)
     if identity is None:
         torch.mul(x.view(shape), gate.unsqueeze(3), out=out.view(shape))
     else:
