@@ -456,7 +456,7 @@ def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked):
     stats = [t.clone() for t in norm.buffers()]
     again = source.get(inp)
     assert source.get(inp) is again  # made once, kept until released
-    assert (source.scale is None) == hooked
+    assert (source.state is None) == hooked
     assert len(calls) == (2 if hooked else 0)
     assert again.dtype is x.dtype
     assert again.is_contiguous(memory_format=torch.channels_last) == \
@@ -470,6 +470,49 @@ def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked):
     assert int(norm.num_batches_tracked) == 1
     source.release()
     assert source.value is None
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('hooked', (False, True))
+def test_memory_saving_aten_path_makes_x_from_the_statistics(
+        variant, hooked, monkeypatch):
+    """The memory-saving mode off the native kernels makes GE's input again
+    from the forward's batch statistics and runs the norm's backward itself
+    (the norm is not run again), unless a hook watches the norm; the
+    values are the formula's either way."""
+    from mmge.models.layers import ge_autograd
+    torch.manual_seed(0)
+    layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
+                         memory_efficient=True).double()
+    norm = nn.BatchNorm2d(8).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+    if hooked:
+        norm.register_forward_hook(lambda *args: None)
+    frozen = []
+    call_frozen = ge_autograd.call_frozen
+    monkeypatch.setattr(ge_autograd, 'call_frozen',
+                        lambda m, *a: frozen.append(m) or call_frozen(m, *a))
+    inp = torch.randn(2, 8, 12, 10, dtype=torch.float64, requires_grad=True)
+    identity = torch.randn(2, 8, 12, 10, dtype=torch.float64)
+    out = layer(inp, identity, norm=norm)
+    assert out.grad_fn.name() == 'GEFunctionBackward'
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert (norm in frozen) == hooked
+    assert layer.gather in frozen
+    ref_inp = inp.detach().clone().requires_grad_()
+    want = formula(ref_layer, ref_inp, identity, norm=ref_norm)
+    want.backward(grad)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(inp.grad, ref_inp.grad)
+    for a, b in zip([*layer.parameters(), *norm.parameters()],
+                    [*ref_layer.parameters(), *ref_norm.parameters()]):
+        torch.testing.assert_close(a.grad, b.grad)
+    for a, b in zip(norm.buffers(), ref_norm.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('dtype', (torch.float32, torch.float64))

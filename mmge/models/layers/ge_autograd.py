@@ -40,8 +40,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import cpu_kernels
-from .batch_norm import (batch_norm_backward, batch_norm_forward,
-                         batch_stats_state, check_batch_size,
+from .batch_norm import (batch_norm_again, batch_norm_backward,
+                         batch_norm_forward, batch_stats_state, check_batch_size,
                          is_plain_batch_norm, running_stats_state,
                          uses_batch_stats)
 from .excite import channels_last, resize_multiply, resize_multiply_grad
@@ -378,8 +378,15 @@ class GEFunction(torch.autograd.Function):
         # the backward recomputes under the forward's autocast
         ctx.autocast = (inp.device.type, autocast_state(inp.device.type))
         context = None
+        ctx.norm_state = None
         if plan is None:
-            x = inp if norm is None else norm(inp)
+            if norm is None:
+                x = inp
+            elif is_plain_batch_norm(norm) and not cpu_kernels.hooked(norm):
+                # its statistics make x again in backward, in one pass
+                x, ctx.norm_state = batch_norm_forward(norm, inp)
+            else:
+                x = norm(inp)
             # the norm's output is this call's own: gated in place
             out = gate_product(x, layer.excite.gate(layer.gather(x)),
                                identity, out=None if norm is None else x)
@@ -417,10 +424,19 @@ class GEFunction(torch.autograd.Function):
         if ctx.plan is not None:  # grad has the output's dtype and device
             return GEFunction.native_backward(ctx, grad)
         inp, *params = ctx.saved_tensors  # no context kept without a plan
-        layer, norm = ctx.layer, ctx.norm
+        layer, norm, state = ctx.layer, ctx.norm, ctx.norm_state
         with torch.enable_grad(), autocast_as(*ctx.autocast):
-            leaf = inp.detach().requires_grad_(ctx.needs_input_grad[3])
-            x = leaf if norm is None else call_frozen(norm, leaf)
+            if state is not None:
+                # x from the forward's statistics; autograd runs the gather,
+                # the norm's backward runs at the end
+                mask = [ctx.needs_input_grad[3]] + [
+                    p is not None and p.requires_grad
+                    for p in (norm.weight, norm.bias)]
+                leaf = batch_norm_again(state, inp).requires_grad_(any(mask))
+                x = leaf
+            else:
+                leaf = inp.detach().requires_grad_(ctx.needs_input_grad[3])
+                x = leaf if norm is None else call_frozen(norm, leaf)
             gate = layer.excite.gate(call_frozen(layer.gather, x))
         gate_value = gate.detach()
         x_value = x.detach()
@@ -434,7 +450,7 @@ class GEFunction(torch.autograd.Function):
             grad_gate = resize_multiply_grad(grad, x_value, gate_value)
         outputs: List[torch.Tensor] = [gate]
         grad_outputs: List[torch.Tensor] = [grad_gate.to(gate.dtype)]
-        if norm is not None:
+        if norm is not None and state is None:
             # the direct path joins the gather's inside the norm's backward
             outputs.append(x)
             grad_outputs.append(gate_product(grad, gate_value))
@@ -444,12 +460,24 @@ class GEFunction(torch.autograd.Function):
             if inputs else ()
         grads = dict(zip(map(id, inputs), grads))
         grad_inp = grads.get(id(leaf))
-        if norm is None and ctx.needs_input_grad[3]:
+        if (norm is None or state is not None) and leaf.requires_grad:
             # gather path + direct path in one pass
-            grad_inp = gate_product(grad, gate_value, grad_inp).to(inp.dtype)
+            grad_inp = gate_product(grad, gate_value, grad_inp).to(
+                x_value.dtype)
+        # by the parameters' identities as given (under saved-tensor hooks
+        # and checkpointing the saved ones unpack as other objects)
+        by_param = {i: grads.get(id(p)) for i, p in zip(ctx.param_ids,
+                                                        params)}
+        if state is not None and leaf.requires_grad:
+            grad_inp, grad_weight, grad_bias = batch_norm_backward(
+                norm, state, grad_inp, inp, mask)
+            for p, g, wanted in ((norm.weight, grad_weight, mask[1]),
+                                 (norm.bias, grad_bias, mask[2])):
+                if wanted:
+                    by_param[id(p)] = g
         grad_identity = grad if ctx.with_identity else None
         return (None, None, None, grad_inp, grad_identity,
-                *[grads.get(id(p)) for p in params])
+                *[by_param.get(i) for i in ctx.param_ids])
 
     @staticmethod
     def native_backward(ctx, grad: torch.Tensor) -> tuple:

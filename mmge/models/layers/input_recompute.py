@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
-from .batch_norm import batch_norm_forward, is_plain_batch_norm
+from .batch_norm import (batch_norm_again, batch_norm_forward,
+                         is_plain_batch_norm)
 from .depthwise_conv import convolution_backward, is_plain_conv
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
@@ -41,10 +42,9 @@ class RecomputedInput:
 
     Args:
         dtype (torch.dtype): ``x``'s dtype.
-        scale (Tensor, optional): Per channel, ``x = scale * inp + shift``
-            (the norm's statistics of this call, as the forward used them).
-        shift (Tensor, optional): See ``scale``.
-        norm (nn.Module, optional): Without ``scale``, the norm to run
+        state (dict, optional): :func:`~.batch_norm.batch_norm_forward`'s
+            state of this call (``x = scale * inp + shift`` per channel).
+        norm (nn.Module, optional): Without ``state``, the norm to run
             again (its running statistics left alone).
         device_type (str): ``inp``'s device type, for the forward's
             autocast (with ``norm``).
@@ -52,12 +52,10 @@ class RecomputedInput:
 
     def __init__(self,
                  dtype: torch.dtype,
-                 scale: Optional[torch.Tensor] = None,
-                 shift: Optional[torch.Tensor] = None,
+                 state: Optional[dict] = None,
                  norm: Optional[nn.Module] = None,
                  device_type: str = 'cpu') -> None:
-        self.dtype, self.scale, self.shift, self.norm = \
-            dtype, scale, shift, norm
+        self.dtype, self.state, self.norm = dtype, state, norm
         self.autocast = (device_type, autocast_state(device_type))
         self.value: Optional[torch.Tensor] = None
 
@@ -82,7 +80,7 @@ class RecomputedInput:
             x = norm(inp)
             return x, cls(x.dtype, norm=norm, device_type=inp.device.type)
         x, state = batch_norm_forward(norm, inp)
-        return x, cls(x.dtype, state['scale'], state['shift'])
+        return x, cls(x.dtype, state)
 
     def get(self, inp: torch.Tensor) -> torch.Tensor:
         """``norm(inp)`` as the forward made it, without writing the
@@ -109,19 +107,10 @@ class RecomputedInput:
         Returns:
             Tensor: ``x``, in the forward's dtype and ``inp``'s layout.
         """
-        with torch.no_grad():
-            if self.scale is None:
-                with autocast_as(*self.autocast):
-                    return call_frozen(self.norm, inp)
-            # scale * inp + shift through the batch norm's own kernel (with
-            # a mean of 0, a variance of 1 and no eps: exactly that affine
-            # map), which reads a low-precision input with float statistics
-            # in one vectorised pass; ATen's CPU addcmul of mixed dtypes
-            # takes ten times as long
-            x = F.batch_norm(inp, torch.zeros_like(self.scale),
-                             torch.ones_like(self.scale), self.scale,
-                             self.shift, False, 0.0, 0.0)
-            return x.to(self.dtype)
+        if self.state is not None:
+            return batch_norm_again(self.state, inp, self.dtype)
+        with torch.no_grad(), autocast_as(*self.autocast):
+            return call_frozen(self.norm, inp)
 
     def release(self) -> None:
         """Let the kept ``x`` go."""
