@@ -431,11 +431,14 @@ def test_default_aten_path_makes_ge_input_once_per_backward(variant):
 @pytest.mark.parametrize('dtype', (torch.bfloat16, torch.float64))
 @pytest.mark.parametrize('channels_last', (False, True))
 @pytest.mark.parametrize('hooked', (False, True))
-def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked):
+@pytest.mark.parametrize('training', (True, False))
+def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked,
+                                          training):
     """GE's input made again in backward equals the forward's: from the
-    forward's batch statistics in one pass (bitwise in bfloat16), or, where
-    a hook watches the norm, by calling it again; in the input's layout, and
-    the running statistics move once."""
+    forward's statistics in one pass (bitwise in bfloat16), or, where a hook
+    watches the norm, by calling it again; in the input's layout, and the
+    running statistics move once (a norm in eval mode, as with mmdet's
+    norm_eval, normalises with them and leaves them alone)."""
     from mmge.models.layers.input_recompute import RecomputedInput
     torch.manual_seed(0)
     norm = nn.BatchNorm2d(16, momentum=None).to(
@@ -443,15 +446,19 @@ def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked):
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2)
         norm.bias.uniform_(-1, 1)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    norm.train(training)
     calls = []
     if hooked:
         norm.register_forward_hook(lambda *args: calls.append(1))
     inp = (torch.randn(3, 16, 9, 11) * 3 + 1).to(dtype)
     if channels_last:
         inp = inp.contiguous(memory_format=torch.channels_last)
+    want = F.batch_norm(inp, None if training else norm.running_mean,
+                        None if training else norm.running_var, norm.weight,
+                        norm.bias, training, 0.0, norm.eps)
     x, source = RecomputedInput.run(norm, inp)
-    want = F.batch_norm(inp, None, None, norm.weight, norm.bias, True, 0.0,
-                        norm.eps)
     torch.testing.assert_close(x, want, rtol=0, atol=0)
     stats = [t.clone() for t in norm.buffers()]
     again = source.get(inp)
@@ -467,19 +474,21 @@ def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked):
         torch.testing.assert_close(again, x, rtol=1e-14, atol=1e-14)
     for a, b in zip(stats, norm.buffers()):
         assert torch.equal(a, b)
-    assert int(norm.num_batches_tracked) == 1
+    assert int(norm.num_batches_tracked) == int(training)
     source.release()
     assert source.value is None
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
 @pytest.mark.parametrize('hooked', (False, True))
+@pytest.mark.parametrize('norm_training', (True, False))
 def test_memory_saving_aten_path_makes_x_from_the_statistics(
-        variant, hooked, monkeypatch):
+        variant, hooked, norm_training, monkeypatch):
     """The memory-saving mode off the native kernels makes GE's input again
-    from the forward's batch statistics and runs the norm's backward itself
-    (the norm is not run again), unless a hook watches the norm; the
-    values are the formula's either way."""
+    from the forward's statistics and runs the norm's backward itself (the
+    norm is not run again), unless a hook watches the norm; the values are
+    the formula's either way, with the norm in training or in eval mode
+    (mmdet's norm_eval)."""
     from mmge.models.layers import ge_autograd
     torch.manual_seed(0)
     layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
@@ -488,6 +497,9 @@ def test_memory_saving_aten_path_makes_x_from_the_statistics(
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2)
         norm.bias.uniform_(-1, 1)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    norm.train(norm_training)
     ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
     if hooked:
         norm.register_forward_hook(lambda *args: None)

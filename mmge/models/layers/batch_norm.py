@@ -30,7 +30,9 @@ def is_plain_batch_norm(norm: Optional[nn.Module]) -> bool:
         type(norm).forward is _BatchNorm.forward
 
 
-def batch_norm_forward(norm: _BatchNorm, inp: torch.Tensor
+def batch_norm_forward(norm: _BatchNorm,
+                       inp: torch.Tensor,
+                       affine: bool = True
                        ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """``norm(inp)``, with what its backward and an on-the-fly recompute need.
 
@@ -41,6 +43,10 @@ def batch_norm_forward(norm: _BatchNorm, inp: torch.Tensor
     Args:
         norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts.
         inp (Tensor): Its input.
+        affine (bool): Also give ``scale`` and ``shift`` when the batch's
+            statistics are used (a few small operations; the native kernels
+            read them, :func:`batch_norm_again` and
+            :func:`batch_norm_backward` do not). Defaults to True.
 
     Returns:
         tuple[Tensor, dict]: ``norm(inp)`` and the saved state: ``scale``
@@ -62,22 +68,26 @@ def batch_norm_forward(norm: _BatchNorm, inp: torch.Tensor
         momentum, norm.eps)
     if not train:
         return out, running_stats_state(norm)
+    if not affine:
+        return out, dict(mean=mean, invstd=invstd, train=True)
     return out, _state(norm, mean, invstd, train)
 
 
-def batch_norm_again(state: Dict[str, object], inp: torch.Tensor,
+def batch_norm_again(norm: _BatchNorm,
+                     state: Dict[str, object],
+                     inp: torch.Tensor,
                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The output of :func:`batch_norm_forward` made again from its state,
-    without autograd: ``scale * inp + shift`` per channel.
+    """The output of :func:`batch_norm_forward` made again, without
+    autograd and without touching the running statistics.
 
-    It runs through the batch norm's own kernel (an eval-mode call with a
-    mean of 0, a variance of 1 and no eps: exactly that affine map), which
-    reads a low-precision input with float statistics in one vectorised
-    pass (ATen's CPU ``addcmul`` of mixed dtypes takes ten times as long).
-    In bfloat16 it gives the forward's output bit for bit.
+    One eval-mode call of the batch norm's kernel (a single pass, which
+    reads a low-precision input with float statistics vectorised): with the
+    running statistics where the forward used them, else with the batch's
+    mean and the variance its ``invstd`` gives back.
 
     Args:
-        state (dict): :func:`batch_norm_forward`'s state.
+        norm (_BatchNorm): The module.
+        state (dict): :func:`batch_norm_forward`'s state of that call.
         inp (Tensor): The norm's input.
         dtype (torch.dtype, optional): The output's dtype; defaults to
             ``inp``'s (the forward's).
@@ -85,11 +95,14 @@ def batch_norm_again(state: Dict[str, object], inp: torch.Tensor,
     Returns:
         Tensor: The norm's output, in ``inp``'s layout.
     """
-    scale, shift = state['scale'], state['shift']
     with torch.no_grad():
-        out = torch.batch_norm(inp, scale, shift, torch.zeros_like(scale),
-                               torch.ones_like(scale), False, 0.0, 0.0,
-                               False)
+        if state['train']:
+            mean = state['mean']
+            var = state['invstd'].pow(-2).sub_(norm.eps)
+        else:
+            mean, var = norm.running_mean, norm.running_var
+        out = torch.batch_norm(inp, norm.weight, norm.bias, mean, var, False,
+                               0.0, norm.eps, False)
     return out if dtype is None else out.to(dtype)
 
 

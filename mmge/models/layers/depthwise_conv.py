@@ -65,7 +65,8 @@ def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
         None where not asked for.
     """
     x_dtype, w_dtype = x.dtype, weight.dtype
-    widen = x.device.type == 'cpu' and x_dtype in LOW_PRECISION
+    widen = x.device.type == 'cpu' and x_dtype in LOW_PRECISION and \
+        GatherConv2d.cpu_wide_backward
     # the weight as the forward rounded it
     weight = weight.to(x_dtype).to(torch.float32 if widen else x_dtype)
 
@@ -133,13 +134,18 @@ class GatherConv2d(nn.Conv2d):
     float16 (autocast's or the tensors' own, :func:`compute_dtype`), with
     autograd recording, it runs as :class:`WideBackwardConv`: the same
     forward, and a backward in float32. Anywhere else (the GPU, float32,
-    no grad, tracing, ``torch.compile``) it is ``nn.Conv2d``. Parameters and
-    state dict are ``nn.Conv2d``'s.
+    no grad, tracing, ``torch.compile``, or :attr:`cpu_wide_backward` off) it
+    is ``nn.Conv2d``. Parameters and state dict are ``nn.Conv2d``'s.
     """
+
+    #: run the CPU's low-precision backward in float32 (tools that count
+    #: the GPU's operations on the CPU switch it off)
+    cpu_wide_backward = True
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if input.device.type == 'cpu' and bias is None and \
+        if self.cpu_wide_backward and input.device.type == 'cpu' and \
+                bias is None and \
                 self.padding_mode == 'zeros' and \
                 isinstance(self.padding, tuple) and \
                 torch.is_grad_enabled() and \

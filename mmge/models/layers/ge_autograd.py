@@ -384,7 +384,8 @@ class GEFunction(torch.autograd.Function):
                 x = inp
             elif is_plain_batch_norm(norm) and not cpu_kernels.hooked(norm):
                 # its statistics make x again in backward, in one pass
-                x, ctx.norm_state = batch_norm_forward(norm, inp)
+                x, ctx.norm_state = batch_norm_forward(norm, inp,
+                                                      affine=False)
             else:
                 x = norm(inp)
             # the norm's output is this call's own: gated in place
@@ -432,7 +433,8 @@ class GEFunction(torch.autograd.Function):
                 mask = [ctx.needs_input_grad[3]] + [
                     p is not None and p.requires_grad
                     for p in (norm.weight, norm.bias)]
-                leaf = batch_norm_again(state, inp).requires_grad_(any(mask))
+                leaf = batch_norm_again(norm, state, inp).requires_grad_(
+                    any(mask))
                 x = leaf
             else:
                 leaf = inp.detach().requires_grad_(ctx.needs_input_grad[3])

@@ -41,21 +41,21 @@ class RecomputedInput:
     go. Build it with :meth:`run`, which also runs the norm.
 
     Args:
+        norm (nn.Module): The norm; without ``state`` it runs again (its
+            running statistics left alone).
         dtype (torch.dtype): ``x``'s dtype.
         state (dict, optional): :func:`~.batch_norm.batch_norm_forward`'s
-            state of this call (``x = scale * inp + shift`` per channel).
-        norm (nn.Module, optional): Without ``state``, the norm to run
-            again (its running statistics left alone).
+            state of this call, whose statistics make ``x`` again.
         device_type (str): ``inp``'s device type, for the forward's
             autocast (with ``norm``).
     """
 
     def __init__(self,
+                 norm: nn.Module,
                  dtype: torch.dtype,
                  state: Optional[dict] = None,
-                 norm: Optional[nn.Module] = None,
                  device_type: str = 'cpu') -> None:
-        self.dtype, self.state, self.norm = dtype, state, norm
+        self.norm, self.dtype, self.state = norm, dtype, state
         self.autocast = (device_type, autocast_state(device_type))
         self.value: Optional[torch.Tensor] = None
 
@@ -78,9 +78,9 @@ class RecomputedInput:
         """
         if cpu_kernels.hooked(norm):
             x = norm(inp)
-            return x, cls(x.dtype, norm=norm, device_type=inp.device.type)
-        x, state = batch_norm_forward(norm, inp)
-        return x, cls(x.dtype, state)
+            return x, cls(norm, x.dtype, device_type=inp.device.type)
+        x, state = batch_norm_forward(norm, inp, affine=False)
+        return x, cls(norm, x.dtype, state)
 
     def get(self, inp: torch.Tensor) -> torch.Tensor:
         """``norm(inp)`` as the forward made it, without writing the
@@ -108,7 +108,7 @@ class RecomputedInput:
             Tensor: ``x``, in the forward's dtype and ``inp``'s layout.
         """
         if self.state is not None:
-            return batch_norm_again(self.state, inp, self.dtype)
+            return batch_norm_again(self.norm, self.state, inp, self.dtype)
         with torch.no_grad(), autocast_as(*self.autocast):
             return call_frozen(self.norm, inp)
 
