@@ -428,6 +428,17 @@ def test_default_aten_path_makes_ge_input_once_per_backward(variant):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def random_batch_norm(norm, training):
+    """``norm`` with random affine parameters and running statistics, in
+    training or eval mode."""
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    return norm.train(training)
+
+
 @pytest.mark.parametrize('dtype', (torch.bfloat16, torch.float64))
 @pytest.mark.parametrize('channels_last', (False, True))
 @pytest.mark.parametrize('hooked', (False, True))
@@ -441,14 +452,10 @@ def test_recomputed_input_is_the_forwards(dtype, channels_last, hooked,
     norm_eval, normalises with them and leaves them alone)."""
     from mmge.models.layers.input_recompute import RecomputedInput
     torch.manual_seed(0)
-    norm = nn.BatchNorm2d(16, momentum=None).to(
-        torch.float64 if dtype is torch.float64 else torch.float32)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2)
-        norm.bias.uniform_(-1, 1)
-        norm.running_mean.uniform_(-1, 1)
-        norm.running_var.uniform_(0.5, 2)
-    norm.train(training)
+    norm = random_batch_norm(
+        nn.BatchNorm2d(16, momentum=None).to(
+            torch.float64 if dtype is torch.float64 else torch.float32),
+        training)
     calls = []
     if hooked:
         norm.register_forward_hook(lambda *args: calls.append(1))
@@ -493,13 +500,7 @@ def test_memory_saving_aten_path_makes_x_from_the_statistics(
     torch.manual_seed(0)
     layer = GatherExcite(8, variant=variant, extent=4, reduction=2,
                          memory_efficient=True).double()
-    norm = nn.BatchNorm2d(8).double()
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2)
-        norm.bias.uniform_(-1, 1)
-        norm.running_mean.uniform_(-1, 1)
-        norm.running_var.uniform_(0.5, 2)
-    norm.train(norm_training)
+    norm = random_batch_norm(nn.BatchNorm2d(8).double(), norm_training)
     ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
     if hooked:
         norm.register_forward_hook(lambda *args: None)
