@@ -67,7 +67,8 @@ def test_block_factor_values():
 @pytest.mark.parametrize('size,gate', (((56, 56), (7, 7)), ((13, 9), (2, 2)),
                                        ((25, 42), (4, 6)), ((29, 2), (4, 1)),
                                        ((8, 8), (1, 1)), ((9, 9), (9, 9)),
-                                       ((24, 30), (8, 10)), ((12, 20), (3, 4))))
+                                       ((24, 30), (8, 10)),
+                                       ((12, 20), (3, 4))))
 @pytest.mark.parametrize('channels_last', (False, True))
 def test_resize_multiply_and_its_gradient(size, gate, channels_last):
     x = torch.randn(2, 3, *size, dtype=torch.float64)
