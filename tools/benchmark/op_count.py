@@ -101,6 +101,7 @@ def main(argv=None) -> Dict[str, Tuple[int, int]]:
     chunk = ConvGather.cpu_chunk
     ConvGather.cpu_chunk = float('inf')  # as on a GPU: one call
     # as on a GPU: the depthwise backward in the autocast dtype
+    wide = GatherConv2d.cpu_wide_backward
     GatherConv2d.cpu_wide_backward = False
     try:
         torch.manual_seed(0)
@@ -113,7 +114,7 @@ def main(argv=None) -> Dict[str, Tuple[int, int]]:
             counts[name] = count_step(model, x, args.amp)
     finally:
         ConvGather.cpu_chunk = chunk
-        GatherConv2d.cpu_wide_backward = True
+        GatherConv2d.cpu_wide_backward = wide
     precision = 'bf16 autocast' if args.amp == 'bf16' else 'float32'
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '
           f'{precision}, extent {args.extent}, torch {torch.__version__}: '

@@ -73,6 +73,26 @@ def batch_norm_forward(norm: _BatchNorm,
     return out, _state(norm, mean, invstd, train)
 
 
+def norm_with_state(norm: nn.Module, inp: torch.Tensor
+                    ) -> Tuple[torch.Tensor, Optional[Dict[str, object]]]:
+    """``norm(inp)``, and :func:`batch_norm_forward`'s state (without
+    ``scale`` and ``shift``) where that stands in for the call: a plain
+    batch norm (:func:`is_plain_batch_norm`) that no forward hook watches.
+    Any other norm is called as a module, with None for the state.
+
+    Args:
+        norm (nn.Module): The norm layer.
+        inp (Tensor): Its input.
+
+    Returns:
+        tuple[Tensor, dict | None]: The output, and the state from which
+        :func:`batch_norm_again` makes it again.
+    """
+    if is_plain_batch_norm(norm) and not cpu_kernels.hooked(norm):
+        return batch_norm_forward(norm, inp, affine=False)
+    return norm(inp), None
+
+
 def batch_norm_again(norm: _BatchNorm,
                      state: Dict[str, object],
                      inp: torch.Tensor,

@@ -223,7 +223,7 @@ class GatherExcite(BaseModule):
             # rather than run it again in backward. After a plain batch
             # norm both modes keep the norm's input, which the network
             # keeps anyway (the native path makes GE's input on the fly;
-            # elsewhere GEFunction runs the norm again in backward)
+            # elsewhere it is made again from the norm's statistics)
             x, norm = norm(x), None
             plan = native_plan(self, norm, x, identity)
         if torch.compiler.is_compiling():

@@ -43,7 +43,8 @@ from . import cpu_kernels
 from .batch_norm import (batch_norm_again, batch_norm_backward,
                          batch_norm_forward, batch_stats_state,
                          check_batch_size, is_plain_batch_norm,
-                         running_stats_state, uses_batch_stats)
+                         norm_with_state, running_stats_state,
+                         uses_batch_stats)
 from .excite import channels_last, resize_multiply, resize_multiply_grad
 from .gather import GLOBAL
 
@@ -378,16 +379,11 @@ class GEFunction(torch.autograd.Function):
         # the backward recomputes under the forward's autocast
         ctx.autocast = (inp.device.type, autocast_state(inp.device.type))
         context = None
-        ctx.norm_state = None
         if plan is None:
-            if norm is None:
-                x = inp
-            elif is_plain_batch_norm(norm) and not cpu_kernels.hooked(norm):
-                # its statistics make x again in backward, in one pass
-                x, ctx.norm_state = batch_norm_forward(norm, inp,
-                                                      affine=False)
-            else:
-                x = norm(inp)
+            # a plain batch norm's statistics make x again in backward, in
+            # one pass
+            x, ctx.norm_state = (inp, None) if norm is None else \
+                norm_with_state(norm, inp)
             # the norm's output is this call's own: gated in place
             out = gate_product(x, layer.excite.gate(layer.gather(x)),
                                identity, out=None if norm is None else x)

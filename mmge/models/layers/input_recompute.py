@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import cpu_kernels
-from .batch_norm import (batch_norm_again, batch_norm_forward,
-                         is_plain_batch_norm)
+from .batch_norm import (batch_norm_again, is_plain_batch_norm,
+                         norm_with_state)
 from .depthwise_conv import convolution_backward, is_plain_conv
 from .excite import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
@@ -48,7 +48,7 @@ class RecomputedInput:
         state (dict, optional): :func:`~.batch_norm.batch_norm_forward`'s
             state of this call, whose statistics make ``x`` again.
         device_type (str): ``inp``'s device type, for the forward's
-            autocast (with ``norm``).
+            autocast (without ``state``).
     """
 
     def __init__(self,
@@ -57,7 +57,9 @@ class RecomputedInput:
                  state: Optional[dict] = None,
                  device_type: str = 'cpu') -> None:
         self.norm, self.dtype, self.state = norm, dtype, state
-        self.autocast = (device_type, autocast_state(device_type))
+        # the norm's call again runs under the forward's autocast
+        self.autocast = None if state is not None else (
+            device_type, autocast_state(device_type))
         self.value: Optional[torch.Tensor] = None
 
     @classmethod
@@ -68,7 +70,8 @@ class RecomputedInput:
         Without hooks on ``norm`` it runs as
         :func:`~.batch_norm.batch_norm_forward` (what its forward does),
         whose batch statistics then make ``x`` again in one pass; with
-        hooks the module is called, and the backward calls it again.
+        hooks the module is called, and the backward calls it again
+        (:func:`~.batch_norm.norm_with_state`).
 
         Args:
             norm (nn.Module): A plain batch norm.
@@ -77,11 +80,8 @@ class RecomputedInput:
         Returns:
             tuple[Tensor, RecomputedInput]: ``x`` and its maker.
         """
-        if cpu_kernels.hooked(norm):
-            x = norm(inp)
-            return x, cls(norm, x.dtype, device_type=inp.device.type)
-        x, state = batch_norm_forward(norm, inp, affine=False)
-        return x, cls(norm, x.dtype, state)
+        x, state = norm_with_state(norm, inp)
+        return x, cls(norm, x.dtype, state, inp.device.type)
 
     def get(self, inp: torch.Tensor) -> torch.Tensor:
         """``norm(inp)`` as the forward made it, without writing the
