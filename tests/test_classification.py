@@ -2,6 +2,7 @@
 import glob
 import json
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -280,6 +281,14 @@ def test_classification_demo_short_run(tmp_path):
     assert (work / 'epoch_2.pth').is_file()
     assert 'top-1' in out.stdout and 'held-out' in out.stdout
     assert 'eta:' in out.stdout + out.stderr  # MMEngine's progress line
+    # the last line runs mmpretrain's inferencer on the checkpoint
+    prefix, line = out.stdout.splitlines()[-1].split(None, 1)
+    assert prefix == 'inference'
+    ran = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    # (after the inferencer's progress bar, on its line)
+    assert re.search(r'(square|circle|triangle)$', ran.stdout.strip())
 
 
 def test_classification_dist_train_two_processes_gloo(tmp_path):

@@ -16,7 +16,9 @@ Detection (the default, the README's main job):
 4. Draws the predictions on a few held-out images.
 
 The work dir then holds the checkpoint, the log, metrics.json,
-results.bbox.json and predictions.png.
+results.bbox.json and predictions.png. The last line printed runs mmdet's
+DetInferencer on the checkpoint (mmpretrain's ImageClassificationInferencer
+for classification).
 
 Classification (--task classification): generates one-shape images
 (mmge.datasets.make_shapes_classification), trains
@@ -29,6 +31,7 @@ import glob
 import json
 import os
 import os.path as osp
+import shlex
 import subprocess
 import sys
 import time
@@ -125,8 +128,6 @@ def draw_predictions(config: str, checkpoint: str, ann_file: str,
     from mmdet.apis import inference_detector, init_detector
     from mmdet.visualization import DetLocalVisualizer
 
-    from mmge.utils import allow_mmengine_checkpoints
-    allow_mmengine_checkpoints()
     model = init_detector(config, checkpoint, device='cpu')
     with open(ann_file) as f:
         images = json.load(f)['images'][:num]
@@ -184,6 +185,27 @@ def main(argv=None):
     print(f'\n=== done in {time.time() - start:.0f}s: {summary}')
     print(f'checkpoint  {checkpoint}\nlog         {logs[0] if logs else "-"}'
           f'\nmetrics     {metrics_file}')
+    line = inference_line(args.task, config, checkpoint, data_root, work_dir)
+    print(f'inference   {line}')
+
+
+def inference_line(task: str, config: str, checkpoint: str, data_root: str,
+                   work_dir: str) -> str:
+    """The shell line that runs OpenMMLab's inferencer on the checkpoint."""
+    val = osp.join(data_root, 'val')
+    image = next(osp.join(d, f) for d, _, files in sorted(os.walk(val))
+                 for f in sorted(files) if f.endswith('.png'))
+    if task == 'detection':
+        code = ('from mmdet.apis import DetInferencer; '
+                f'DetInferencer(model={config!r}, weights={checkpoint!r}, '
+                f"device='cpu')({image!r}, "
+                f"out_dir={osp.join(work_dir, 'inference')!r})")
+    else:
+        code = ('from mmpretrain.apis import ImageClassificationInferencer; '
+                f'print(ImageClassificationInferencer({config!r}, '
+                f"pretrained={checkpoint!r}, device='cpu')"
+                f"({image!r})[0]['pred_class'])")
+    return f'{shlex.quote(sys.executable)} -c {shlex.quote(code)}'
 
 
 def detection_eval(args, config, checkpoint, work_dir, anns, data_root,

@@ -86,7 +86,6 @@ def load_model(config: str, checkpoint: str) -> Tuple[nn.Module, Any]:
     from mmengine.runner import load_checkpoint
 
     import mmge  # noqa: F401  (registers mmge's modules)
-    from mmge.utils.checkpoint import allow_mmengine_checkpoints
     for path, what in ((config, 'config'), (checkpoint, 'checkpoint')):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{what} {path!r} does not exist')
@@ -95,7 +94,6 @@ def load_model(config: str, checkpoint: str) -> Tuple[nn.Module, Any]:
         raise ValueError(f'config {config!r} has no model')
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     model = MODELS.build(cfg.model)
-    allow_mmengine_checkpoints()
     try:
         load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
                         logger='silent')

@@ -1,6 +1,6 @@
 """What the training and testing entry points set up before MMEngine's Runner.
 
-Two gaps of the stack are closed here, so that ``tools/train.py``,
+One gap of the stack is closed here, so that ``tools/train.py``,
 ``tools/test.py`` and ``tools/dist_train.sh`` behave the same on a GPU
 cluster and on a machine without a GPU:
 
@@ -10,7 +10,9 @@ cluster and on a machine without a GPU:
   group is started with gloo from the launcher's environment and DDP gets
   ``device_ids=None``; the Runner then finds the group already initialised.
   With CUDA nothing changes (NCCL, MMEngine's own code path).
-- Checkpoints stay weights-only (see :mod:`mmge.utils.checkpoint`).
+
+Checkpoints stay weights-only; ``import mmge`` allows the few MMEngine objects
+they hold (see :mod:`mmge.utils.checkpoint`).
 """
 import os
 import subprocess
@@ -18,7 +20,6 @@ import torch
 import torch.distributed as dist
 from mmengine.config import Config
 
-from ..utils import allow_mmengine_checkpoints
 from .cli import LAUNCHERS
 
 
@@ -71,7 +72,6 @@ def setup_runtime(cfg: Config, launcher: str) -> Config:
     if launcher not in LAUNCHERS:
         raise ValueError(
             f'--launcher must be one of {LAUNCHERS}, got {launcher!r}')
-    allow_mmengine_checkpoints()
     cfg.launcher = launcher
     if launcher != 'none' and not torch.cuda.is_available():
         init_cpu_distributed(launcher)

@@ -28,10 +28,9 @@ def parse_args(argv=None):
 
 def convert(src: str, dst: str) -> dict:
     """Write ``dst`` from ``src``; returns the backbone state dict."""
-    from mmge.utils import allow_mmengine_checkpoints, refusal_message
+    from mmge.utils import refusal_message
     if not osp.isfile(src):
         raise FileNotFoundError(f'checkpoint {src!r} not found')
-    allow_mmengine_checkpoints()
     try:
         ckpt = torch.load(src, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
