@@ -115,6 +115,26 @@ def test_gradients_reach_every_parameter(variant, extent):
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize('module', ('ConvGather', 'Excite', 'GatherExcite'))
+def test_parameters_get_gradients_when_the_input_needs_none(module):
+    """Used alone, on an input that does not require grad (a frozen
+    stem's output, an image), every parameter still gets its gradient."""
+    x = torch.randn(2, 8, 9, 7)  # requires_grad False
+    if module == 'ConvGather':
+        m = ConvGather(8, extent=4)
+        out = m(x)
+    elif module == 'Excite':
+        m = Excite(8, reduction=4)
+        out = m(x, torch.randn(2, 8, 3, 2))
+    else:
+        m = GatherExcite(8, variant='theta_plus', extent=4)
+        out = m(x)
+    assert out.requires_grad
+    out.square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def test_attributes_for_inspection():
     layer = GatherExcite(16, variant='theta_plus', extent='global',
                          feat_size=(7, 5))

@@ -393,7 +393,10 @@ class Excite(nn.Module):
             Tensor: ``x`` gated, shape (N, C, H, W).
         """
         gate = self.gate(context)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() and (
+                x.requires_grad or gate.requires_grad):
+            # plain differentiable ops: for the compiler, and for autograd
+            # (resize_multiply writes into its output)
             if all(type(s) is int and s == 1 for s in gate.shape[-2:]):
                 # a 1x1 gate (a global extent, or a map of at most the
                 # extent) resizes to itself everywhere: a broadcast, the

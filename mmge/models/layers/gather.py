@@ -211,8 +211,9 @@ class ConvGather(nn.Module):
                 ``feat_size`` the layer was built for.
         """
         self.check_size(x)
-        if not (torch.is_grad_enabled() and x.requires_grad) and \
-                not cpu_kernels.hooked(self.convs):
+        recording = torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
+        if not recording and not cpu_kernels.hooked(self.convs):
             params = self.native_params(x)
             if params is not None:
                 return self.native_forward(x, params).context
