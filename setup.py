@@ -7,6 +7,23 @@ all of it on a CPU machine.
 import os.path as osp
 
 from setuptools import Extension, find_packages, setup
+from setuptools.command.build_py import build_py
+
+# Installed next to the package: Python runs its one line at start-up, so that
+# `_base_ = 'mmge::configs/...'` parses in tools that never import mmge
+# themselves (mmdet's and mmpretrain's own tools/train.py); see
+# _mmge_config_prefix.py.
+PREFIX_PTH = 'mmge-config-prefix.pth'
+
+
+class BuildPyWithPth(build_py):
+    """``build_py`` that also puts :data:`PREFIX_PTH` into site-packages."""
+
+    def run(self) -> None:
+        super().run()
+        self.copy_file(
+            osp.join(osp.dirname(osp.abspath(__file__)), PREFIX_PTH),
+            osp.join(self.build_lib, PREFIX_PTH))
 
 
 def read_version() -> str:
@@ -16,21 +33,19 @@ def read_version() -> str:
     return ns['__version__']
 
 
-# Bounds: the lower ones are the first releases with the APIs mmge uses
-# (MMEngine runner, mmdet 3.x / mmpretrain 1.x registries); the upper ones
-# keep out releases that break the stack: mmdet 3.x asserts mmcv < 2.2.0,
-# and mmcv 2.1 / mmdet 3.3 predate numpy 2. Tested together:
-# torch 2.13.0, torchvision 0.28.0, mmengine 0.10.7, mmcv 2.1.0, mmdet 3.3.0,
-# mmpretrain 1.2.0, pycocotools 2.0.11, numpy 1.26.4 (Python 3.11).
+# Lower bounds: the oldest releases the test suite was run with (how: see
+# docs/get_started.md, "Versions"). Upper bounds keep out releases that break
+# the stack: mmdet 3.x asserts mmcv < 2.2.0, and mmcv 2.1 / mmdet 3.3 /
+# mmpretrain 1.2 predate numpy 2.
 install_requires = [
-    'torch>=2.0',
-    'torchvision>=0.15',
-    'numpy>=1.24,<2',
+    'torch>=2.13',
+    'torchvision>=0.28',
+    'numpy>=1.26,<2',
     'mmengine>=0.10.0,<1.0',
-    'mmcv>=2.0.0,<2.2.0',
-    'mmdet>=3.1.0,<3.4.0',
-    'mmpretrain>=1.0.0,<2.0',
-    'pycocotools>=2.0.6',
+    'mmcv>=2.1.0,<2.2.0',
+    'mmdet>=3.2.0,<3.4.0',
+    'mmpretrain>=1.1.0,<2.0',
+    'pycocotools>=2.0.11',
 ]
 
 # GE's CPU kernels: plain C called through ctypes (mmge/models/layers/
@@ -58,6 +73,8 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['mmge', 'mmge.*']),
+    py_modules=['_mmge_config_prefix'],
+    cmdclass={'build_py': BuildPyWithPth},
     # the configs, for _base_ = 'mmge::configs/<file>.py' (mmge/.mim/configs/
     # configs links to configs/; a built wheel holds a copy)
     package_data={
@@ -67,7 +84,7 @@ setup(
             for f in ('*.py', 'metafile.yml')
         ]
     },
-    python_requires='>=3.8',
+    python_requires='>=3.11',
     ext_modules=[ge_cpu],
     install_requires=install_requires,
     extras_require={

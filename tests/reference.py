@@ -1,8 +1,8 @@
-"""An independent NumPy reference of Gather-Excite, written from SPEC.md.
+"""An independent NumPy reference of Gather-Excite, written from docs/operators.md.
 
 Loops over output cells, float64 throughout; it shares no code with mmge.
 The one PyTorch detail it mirrors on purpose is the source index of
-``F.interpolate(mode='nearest')``, which SPEC.md names as the reference
+``F.interpolate(mode='nearest')``, which docs/operators.md names as the reference
 semantics: ``min(floor(i * float32(in / out)), in - 1)``.
 """
 import math
@@ -103,7 +103,7 @@ def excite(x, g):
 
 
 def gather_excite(x, layer, variant, extent, train=False):
-    """The whole layer, per SPEC.md's table of variants."""
+    """The whole layer, per docs/operators.md's table of variants."""
     if variant == 'theta_minus':
         g = pool_gather(x, extent)
     else:

@@ -1,4 +1,4 @@
-"""Issue 6: the studies' statistics, the simplified non-local block, the
+"""The papers' studies: their statistics, the simplified non-local block, the
 GCNet comparison configs and the class-selectivity command."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""Issue 6: the probes behind the analysis commands (gates, pruning,
+"""The probes behind the analysis commands (gates, pruning,
 attention, training logs) checked by hand, and the commands run on tiny
 demo models and generated data."""
 import json

@@ -2,7 +2,7 @@
 path built on them.
 
 The kernels run on float32; every test compares them with the ATen ops (or
-the plain formula of SPEC.md) computed in float64 from the same numbers.
+the plain formula of docs/operators.md) computed in float64 from the same numbers.
 """
 import copy
 

@@ -1,5 +1,5 @@
 """GatherConv2d: the gather's depthwise convolution, whose CPU backward in
-bfloat16 or float16 runs in float32 (issue 5, session 17)."""
+bfloat16 or float16 runs in float32."""
 import pytest
 import torch
 import torch.nn as nn

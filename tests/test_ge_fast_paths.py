@@ -1,4 +1,4 @@
-"""The fast paths of GE (issue 5) against the plain formula of SPEC.md.
+"""The fast paths of GE against the plain formula of docs/operators.md.
 
 The layer gates through a broadcast instead of a resized gate, adds the
 shortcut in the same pass, recomputes the gather in backward and, in its
@@ -22,7 +22,7 @@ SIZES = ((13, 9), (16, 16), (56, 56), (1, 31), (29, 2), (25, 42))
 
 
 def formula(layer, x, identity=None, norm=None, relu=False):
-    """SPEC.md's GE, written as it reads, with plain autograd (then the
+    """GE as docs/operators.md writes it, with plain autograd (then the
     block's ReLU, with ``relu``)."""
     if norm is not None:
         x = norm(x)
@@ -771,8 +771,8 @@ def _randomise_norm_stats(model):
 @pytest.mark.parametrize('what', ('layer', 'ge_resnet50'))
 def test_onnx_export_with_dynamic_height_and_width(what, tmp_path):
     """Exported at 64x64, run by onnxruntime at sizes the export never saw,
-    divisible by the extent or not (a resize to constant sizes, pytorch
-    issue 84374, would fail here)."""
+    divisible by the extent or not (a resize to constant sizes, as in
+    pytorch/pytorch#84374, would fail here)."""
     ort = pytest.importorskip('onnxruntime')
     torch.manual_seed(0)
     if what == 'layer':

@@ -73,9 +73,14 @@ def run_code(code, cwd):
     return run(['-c', textwrap.dedent(code)], cwd)
 
 
+def tool(tools, name, project, *args):
+    """One of the tools inside an installed package, run in ``project``."""
+    return run([osp.join(tools, name)] + [str(a) for a in args], project)
+
+
 def train(tools, project, config, *extra, work_dir='work'):
-    out = run([osp.join(tools, 'train.py'), config, '--work-dir', work_dir] +
-              list(extra), project)
+    out = tool(tools, 'train.py', project, config, '--work-dir', work_dir,
+               *extra)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -168,10 +173,8 @@ def test_mmdet_train_inherits_and_resumes(detector):
 
 
 def test_mmdet_test_scores_the_checkpoint(detector):
-    out = run([
-        osp.join(MMDET_TOOLS, 'test.py'), 'my_detector.py',
-        'work/epoch_1.pth', '--work-dir', 'test_work'
-    ], detector)
+    out = tool(MMDET_TOOLS, 'test.py', detector, 'my_detector.py',
+               'work/epoch_1.pth', '--work-dir', 'test_work')
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'coco/bbox_mAP_50:' in out.stdout + out.stderr
 
@@ -209,10 +212,8 @@ def test_mmdet_clients_refuse_a_pickle_payload(detector, tmp_path):
         DetInferencer(model='my_detector.py', weights={str(evil)!r},
                       device='cpu')
         """, detector)
-    test = run([
-        osp.join(MMDET_TOOLS, 'test.py'), 'my_detector.py',
-        str(evil), '--work-dir', str(tmp_path / 'work')
-    ], detector)
+    test = tool(MMDET_TOOLS, 'test.py', detector, 'my_detector.py', evil,
+                '--work-dir', tmp_path / 'work')
     for out in (inferencer, test):
         assert out.returncode != 0
         assert 'Weights only load failed' in out.stderr, out.stderr[-3000:]
@@ -227,10 +228,8 @@ def test_mmpretrain_train_test_and_load_from(classifier):
     assert Config.fromfile(str(
         classifier / 'work' /
         'my_classifier.py')).model.backbone.type == 'GEResNet'
-    out = run([
-        osp.join(MMPRETRAIN_TOOLS, 'test.py'), 'my_classifier.py',
-        'work/epoch_1.pth', '--work-dir', 'test_work'
-    ], classifier)
+    out = tool(MMPRETRAIN_TOOLS, 'test.py', classifier, 'my_classifier.py',
+               'work/epoch_1.pth', '--work-dir', 'test_work')
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'accuracy/top1:' in out.stdout + out.stderr
     out = train(MMPRETRAIN_TOOLS, classifier, 'my_classifier.py',

@@ -1,4 +1,4 @@
-"""The prepared inference call (issue 5): a GE layer without autograd
+"""The prepared inference call: a GE layer without autograd
 replays its kernel call, and takes its full path again whenever something
 the call depends on has changed. Every output is compared with the formula
 (float64, on copies of the modules as they are at that moment)."""

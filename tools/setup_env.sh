@@ -28,7 +28,7 @@ export PIP_CONSTRAINT="$ROOT/tools/constraints.txt"
 have() { (cd / && "$PY" -c "$1") >/dev/null 2>&1; }
 
 # 1. torch + torchvision. '!=2.13.0+cpu' keeps pip off a local CPU-only torch wheel
-#    that torchvision's PyPI build cannot load (ENVIRONMENT.md, trap 2). setuptools is
+#    that torchvision's PyPI build cannot load (docs/get_started.md). setuptools is
 #    pinned in the same step to a release that torch 2.13 accepts and that still has the
 #    pkg_resources mmcv's setup.py and mmengine import (tools/constraints.txt).
 if ! have 'import torch, torchvision, pkg_resources, numpy, sys; from torchvision.ops import nms; sys.exit(numpy.__version__ >= "2" or not torch.__version__.startswith("2.13."))'; then

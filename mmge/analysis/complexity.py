@@ -26,7 +26,7 @@ def classifier_complexity(config: str) -> Dict[str, float]:
 
     FLOPs follow MMEngine's counter: one multiply-add is one FLOP, and
     normalisation, activations and element-wise products are not counted
-    (../shared/PAPER_TABLES.md, "Counting conventions").
+    (the paper's absolute GFLOPs differ from it by about 1%).
 
     Args:
         config (str): Path of an mmpretrain-style classification config.

@@ -1,9 +1,9 @@
-"""The paper's ImageNet numbers per mmge config (../shared/PAPER_TABLES.md).
+"""The paper's ImageNet numbers per mmge config (its Tables 1-4).
 
 Keys are config names under configs/classification/imagenet/. Error rates in
 %, GFLOPs and parameters (M) as printed in the paper (Table 4 prints MFLOPs;
 they are converted). :func:`baseline_of` names the row a FLOP increment is
-measured against, :func:`targets` the tolerances the issue sets.
+measured against, :func:`targets` the tolerances docs/model_zoo.md states.
 """
 PAPER = {
     # Table 2: ResNet-50

@@ -6,7 +6,7 @@ explicitly allowed globals are rebuilt, so a pickle payload never runs.
 MMEngine 0.10.7's own checkpoints hold a few more objects (its message hub's
 ``HistoryBuffer`` with NumPy arrays, and ``getattr`` references to the
 buffer's statistics methods), so loading them (``--resume``, ``load_from``,
-``tools/test.py``) fails unless those are allowed (mmengine issue 1655).
+``tools/test.py``) fails unless those are allowed (open-mmlab/mmengine#1655).
 
 :func:`allow_mmengine_checkpoints` allows exactly those objects. ``getattr``
 is never allowed as such: the name ``builtins.getattr`` is mapped to a

@@ -8,7 +8,7 @@ multiply-add = one FLOP; BN, activations and element-wise products not
 counted), and prints a table with the paper's numbers and the differences:
 parameters against the paper's, FLOPs as the increment over the table's
 baseline row against the paper's increment (the two counters differ by about
-1% in absolute terms, PAPER_TABLES.md). Targets: parameters within 0.15M,
+1% in absolute terms). Targets: parameters within 0.15M,
 FLOP increments within 0.01 GFLOPs (ShuffleNet: 0.1M, 1 MFLOPs). With --markdown it rewrites the report
 section of that page; with --metafile it writes the OpenMMLab metafile.
 """

@@ -6,7 +6,7 @@
         [--rows SE formula mmge memory-saving]
 
 On one H200 a ResNet-50 training step at batch 32 in bf16 is bound by the
-host, not the GPU (docs/benchmarks.md, session 15): every operation costs
+host, not the GPU (docs/benchmarks.md): every operation costs
 its dispatch and its launch, whatever its size. This counts the operations
 one training step (forward, loss, backward) dispatches, for the rows of
 ``ge_benchmark.py``, on the CPU, on the path a GPU takes: under bf16

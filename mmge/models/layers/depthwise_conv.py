@@ -3,7 +3,7 @@ float16 runs in float32.
 
 ATen's CPU backward of a depthwise convolution in bfloat16 takes 8-30 times
 as long as the same call in float32 (torch 2.13, ResNet-50's GE-theta maps
-at batch 4; docs/benchmarks.md, session 17), while its forward is as fast
+at batch 4), while its forward is as fast
 as float32's. Under CPU autocast that backward was most of GE-theta's cost
 in a training step. :class:`GatherConv2d` is the ``nn.Conv2d`` that
 :class:`~.gather.ConvGather` builds: the same parameters, state dict and
