@@ -195,16 +195,17 @@ def inference_line(task: str, config: str, checkpoint: str, data_root: str,
     val = osp.join(data_root, 'val')
     image = next(osp.join(d, f) for d, _, files in sorted(os.walk(val))
                  for f in sorted(files) if f.endswith('.png'))
+    q = json.dumps  # double-quoted strings: the shell line quotes in single
     if task == 'detection':
         code = ('from mmdet.apis import DetInferencer; '
-                f'DetInferencer(model={config!r}, weights={checkpoint!r}, '
-                f"device='cpu')({image!r}, "
-                f"out_dir={osp.join(work_dir, 'inference')!r})")
+                f'DetInferencer(model={q(config)}, weights={q(checkpoint)}, '
+                f'device="cpu")({q(image)}, '
+                f'out_dir={q(osp.join(work_dir, "inference"))})')
     else:
         code = ('from mmpretrain.apis import ImageClassificationInferencer; '
-                f'print(ImageClassificationInferencer({config!r}, '
-                f"pretrained={checkpoint!r}, device='cpu')"
-                f"({image!r})[0]['pred_class'])")
+                f'print(ImageClassificationInferencer({q(config)}, '
+                f'pretrained={q(checkpoint)}, device="cpu")'
+                f'({q(image)})[0]["pred_class"])')
     return f'{shlex.quote(sys.executable)} -c {shlex.quote(code)}'
 
 
