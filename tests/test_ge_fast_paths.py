@@ -924,3 +924,37 @@ def test_call_frozen_copies_other_buffers():
     assert int(module.norm.num_batches_tracked) == 1  # only the direct call
     torch.testing.assert_close(module.norm.running_mean,
                                0.1 * x.mean(0))
+
+
+class _HostToDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operation that moves a tensor from the host (CPU) to
+    another device, or mixes the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(a, torch.Tensor)]
+        outs = [o for o in torch.utils._pytree.tree_leaves(out)
+                if isinstance(o, torch.Tensor)]
+        devices = {t.device.type for t in ins + outs}
+        if 'cpu' in devices and len(devices) > 1:
+            self.moves.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize('size', ((13, 9), (56, 56), (25, 42)))
+def test_resize_makes_its_indices_on_the_device(size):
+    """No host-to-device copy per call (on a GPU it waits for the stream):
+    the 'meta' device stands in for CUDA."""
+    x = torch.empty(2, 4, *size, device='meta')
+    gate = torch.empty(2, 4, (size[0] + 7) // 8, (size[1] + 7) // 8,
+                       device='meta')
+    with _HostToDevice() as mode:
+        out = resize_multiply(x, gate)
+        grad = resize_multiply_grad(torch.empty_like(out), x, gate)
+    assert out.shape == x.shape and grad.shape == gate.shape
+    assert mode.moves == []

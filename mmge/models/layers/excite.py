@@ -95,9 +95,21 @@ def nearest_index(out_size: int,
 
     Returns:
         Tensor: int64 indices of shape (out_size, ), exactly those
-        ``F.interpolate(mode='nearest')`` uses.
+        ``F.interpolate(mode='nearest')`` uses, made on ``device`` (no copy
+        from the host: on a GPU that would wait for the stream).
     """
-    return _nearest_index_cpu(out_size, in_size, double).to(device)
+    if device is None or torch.device(device).type == 'cpu':
+        return _nearest_index_cpu(out_size, in_size, double)
+    return _resize_ramp(out_size, in_size, double, device)
+
+
+def _resize_ramp(out_size: int, in_size: int, double: bool,
+                 device: Optional[torch.device]) -> torch.Tensor:
+    """``F.interpolate`` of the ramp 0..in_size-1 to ``out_size``."""
+    dtype = torch.float64 if double else torch.float32
+    ramp = torch.arange(in_size, dtype=dtype, device=device).view(1, 1, 1, -1)
+    index = F.interpolate(ramp, size=(1, out_size), mode='nearest')
+    return index.view(-1).long()
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,10 +117,7 @@ def _nearest_index_cpu(out_size: int, in_size: int,
                        double: bool) -> torch.Tensor:
     """:func:`nearest_index` on the CPU, memoised (a pure function of its
     arguments; callers only read the result)."""
-    dtype = torch.float64 if double else torch.float32
-    ramp = torch.arange(in_size, dtype=dtype).view(1, 1, 1, -1)
-    index = F.interpolate(ramp, size=(1, out_size), mode='nearest')
-    return index.view(-1).long()
+    return _resize_ramp(out_size, in_size, double, None)
 
 
 def _widen(gate: torch.Tensor, width: int) -> torch.Tensor:
