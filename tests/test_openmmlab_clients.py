@@ -198,9 +198,13 @@ def test_det_inferencer_and_init_detector_load_the_weights(detector):
             state = net.state_dict()
             assert state.keys() == saved.keys(), name
             assert all(torch.equal(state[k], saved[k]) for k in saved), name
+        import mmge
+        print('mmge from', mmge.__file__)
         """, detector)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "inferencer ['bboxes', 'labels', 'scores']" in out.stdout
+    # the config's custom_imports found the installed mmge, not the checkout
+    assert osp.join('site-packages', 'mmge', '__init__.py') in out.stdout
     assert 'init_detector 4' in out.stdout
 
 
