@@ -18,7 +18,7 @@ Importing this package (``import mmge``, or a config's
 """
 from mmengine.config.utils import MODULE2PACKAGE
 
-from . import models  # noqa: F401
+from . import models, ops  # noqa: F401
 from .utils import allow_mmengine_checkpoints
 from .version import __version__
 

@@ -7,6 +7,11 @@ import torch
 # tests/ holds reference.py, the independent NumPy reference.
 sys.path.insert(0, os.path.dirname(__file__))
 
+if not torch.cuda.is_available():
+    # before mmge defines its Triton kernels: without a GPU, Triton's
+    # interpreter runs them on CPU tensors (test_triton_kernels.py)
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 import mmge  # noqa: E402,F401  (registers the layers and backbones)
 
 

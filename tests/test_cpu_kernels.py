@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmge.models import GatherExcite, GEResNet
-from mmge.models.layers import cpu_kernels
-from mmge.models.layers.excite import Excite, resize_multiply
+from mmge.ops import cpu_kernels
+from mmge.models.layers.excite import Excite
+from mmge.ops.resize import resize_multiply
 from mmge.models.layers.gather import ConvGather
 
 SIZES = ((13, 9), (16, 16), (1, 31), (29, 2), (7, 7), (56, 56), (25, 42),

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmge.models import GatherExcite, GEResNet
-from mmge.models.layers.excite import (block_factor, nearest_index,
-                                       resize_multiply, resize_multiply_grad)
+from mmge.ops.resize import (block_factor, nearest_index, resize_multiply,
+                             resize_multiply_grad)
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')
 SIZES = ((13, 9), (16, 16), (56, 56), (1, 31), (29, 2), (25, 42))
@@ -188,7 +188,7 @@ def test_a_shortcut_that_broadcasts_is_added_after(variant, train):
 
 
 def test_kernels_refuse_a_shortcut_of_another_shape():
-    from mmge.models.layers import cpu_kernels
+    from mmge.ops import cpu_kernels
     if not cpu_kernels.available():
         pytest.skip('native kernels not built')
     x = torch.randn(2, 4, 8, 8)
@@ -251,7 +251,7 @@ def _own_context(variant, activations, x, memory_efficient):
     (N, C, H / 4, W / 4)), which it keeps outside the memory-saving mode on
     the native kernels for its backward's MLP; asserts that no other
     variant or mode keeps one."""
-    from mmge.models.layers import cpu_kernels
+    from mmge.ops import cpu_kernels
     n, c, h, w = x.shape
     contexts = [t for t in activations
                 if tuple(t.shape) == (n, c, h // 4, w // 4)]
@@ -599,7 +599,7 @@ def test_channels_last_excite_kernel(channels, size, gate_size):
     """cpu_kernels.excite on channels-last operands (ge_excite_nhwc):
     the formula in float64, in every option, and the result channels-last;
     a channel count with a tail past whole vectors (11)."""
-    from mmge.models.layers import cpu_kernels
+    from mmge.ops import cpu_kernels
     if not cpu_kernels.available():
         pytest.skip('native kernels not built')
     torch.manual_seed(0)
@@ -666,7 +666,7 @@ def test_channels_last_layer_runs_on_the_kernels(variant, path, monkeypatch):
     that layout (eval without grad, and the training forward and
     backward), with the formula's values and gradients, and stays
     channels-last."""
-    from mmge.models.layers import cpu_kernels
+    from mmge.ops import cpu_kernels
     if not cpu_kernels.available():
         pytest.skip('native kernels not built')
     from test_cpu_kernels import count_kernel_calls
@@ -703,7 +703,8 @@ def test_channels_last_layer_runs_on_the_kernels(variant, path, monkeypatch):
             # (in training too: GEFunction's forward recomputes in backward)
             want_calls = ['ge_conv_gather', 'ge_excite_nhwc']
         else:
-            want_calls = ['ge_excite_nhwc']
+            # the ops: the pool's kernel, then the excite's
+            want_calls = ['ge_pool_forward_nhwc', 'ge_excite_nhwc']
         assert [name for name, _ in calls] == want_calls
         assert out.is_contiguous(memory_format=fmt)
         ref_leaf = x.clone().requires_grad_(train)
@@ -726,9 +727,14 @@ def test_channels_last_layer_runs_on_the_kernels(variant, path, monkeypatch):
             elif native:
                 # GE-theta-plus's MLP runs inside the one call
                 want_calls = ['ge_conv_gather']
-            else:
+            elif variant != 'theta_minus':
                 # the gate's gradient and grad * resize(gate)
                 want_calls = ['ge_excite_nhwc', 'ge_gate_grad_nhwc']
+            else:
+                # and the pool's kernel, where the backward makes the gate
+                # again
+                want_calls = ['ge_excite_nhwc', 'ge_gate_grad_nhwc',
+                              'ge_pool_forward_nhwc']
             assert sorted(name for name, _ in calls) == want_calls
             assert got[0].is_contiguous(memory_format=fmt)
             exp = torch.autograd.grad(
@@ -743,7 +749,7 @@ def test_channels_last_layer_runs_on_the_kernels(variant, path, monkeypatch):
 def test_channels_last_keeps_only_the_norms_input(variant, memory_efficient):
     """Channels-last, GE keeps nothing of its own for backward in the
     memory-saving mode, and in the default mode on its native kernels."""
-    from mmge.models.layers import cpu_kernels
+    from mmge.ops import cpu_kernels
     if not (memory_efficient or cpu_kernels.available()):
         pytest.skip('native kernels not built')
     _keeps_only_the_norms_input(variant, memory_efficient,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mmge.models import GatherExcite, GEResNet
-from mmge.models.layers import cpu_kernels
+from mmge.ops import cpu_kernels
 from mmge.models.layers import gather_excite as ge_module
 from mmge.models.layers.prepared_inference import (PreparedInference,
                                                    fingerprint)

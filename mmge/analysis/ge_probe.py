@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from mmge.models.layers.excite import resize_multiply
+from mmge.ops.resize import resize_multiply
 from mmge.models.layers.gather_excite import GatherExcite
 from .studies import gate_prune_mask
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import cpu_kernels
+from ...ops import cpu_kernels
 
 
 def is_plain_batch_norm(norm: Optional[nn.Module]) -> bool:

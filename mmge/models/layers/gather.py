@@ -18,10 +18,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 
-from . import cpu_kernels
+from ... import ops
+from ...ops import cpu_kernels
 from .batch_norm import (is_plain_batch_norm, update_running_stats,
                          uses_batch_stats)
 from .depthwise_conv import GatherConv2d, is_plain_conv
@@ -128,15 +128,7 @@ class PoolGather(nn.Module):
         """
         if self.extent == GLOBAL:
             return x.mean(dim=(2, 3), keepdim=True)
-        e = self.extent
-        if not (torch.is_grad_enabled() and x.requires_grad) and \
-                x.dim() == 4 and cpu_kernels.worthwhile(x):
-            # one pass over x (the ATen pool reads every cell ~(2-1/e)^2
-            # times); autograd takes the ATen op
-            return cpu_kernels.pool_gather(x, e)
-        return F.avg_pool2d(
-            x, kernel_size=2 * e - 1, stride=e, padding=e - 1,
-            count_include_pad=False)
+        return ops.pool_gather(x, self.extent)
 
     def extra_repr(self) -> str:
         return f'extent={self.extent!r}'

@@ -6,10 +6,11 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from . import cpu_kernels, input_recompute
+from ... import ops
+from ...ops import cpu_kernels
+from . import input_recompute
 from .batch_norm import is_plain_batch_norm
-from .excite import (Excite, channels_last, check_channels,
-                     check_reduction, resize_multiply)
+from .excite import Excite, check_channels, check_reduction
 from .ge_autograd import GEFunction, native_inference, native_plan
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 from .prepared_inference import PreparedInference
@@ -227,12 +228,11 @@ class GatherExcite(BaseModule):
             x, norm = norm(x), None
             plan = native_plan(self, norm, x, identity)
         if torch.compiler.is_compiling():
-            # plain differentiable ops: the compiler plans memory itself
+            # the ops: the compiler plans the memory between them
             if norm is not None:
                 x = norm(x)
-            out = self.excite(x, self.gather(x))
-            out = out if identity is None else out + identity
-            return out.relu() if relu else out
+            return ops.excite(x, self.excite.gate(self.gather(x)), identity,
+                              relu)
         if torch.is_grad_enabled():
             if norm is not None and plan is None and \
                     not self.memory_efficient and \
@@ -260,19 +260,9 @@ class GatherExcite(BaseModule):
         out = native_inference(self, norm, plan, x, identity, relu)
         if out is not None:
             return out
-        own = norm is not None  # x is then a tensor this call made
-        if own:
+        if norm is not None:
             x = norm(x)
-        gate = self.excite.gate(self.gather(x))
-        if x.dim() == 4 and (own or channels_last(x)) and \
-                cpu_kernels.excite_worthwhile(x, gate, identity):
-            # one pass; in place when nothing else holds x (channels-last
-            # always takes the kernel: ATen's broadcast over that layout is
-            # several times slower)
-            return cpu_kernels.excite(x, gate, identity,
-                                      out=x if own else None, relu=relu)
-        out = resize_multiply(x, gate, identity)
-        return out.relu_() if relu else out
+        return ops.excite(x, self.excite.gate(self.gather(x)), identity, relu)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .float(), .cuda() and the like: the prepared call keeps the

@@ -39,13 +39,14 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import cpu_kernels
+from ...ops import cpu_kernels
 from .batch_norm import (batch_norm_again, batch_norm_backward,
                          batch_norm_forward, batch_stats_state,
                          check_batch_size, is_plain_batch_norm,
                          norm_with_state, running_stats_state,
                          uses_batch_stats)
-from .excite import channels_last, resize_multiply, resize_multiply_grad
+from ...ops.resize import (channels_last, resize_multiply,
+                           resize_multiply_grad)
 from .gather import GLOBAL
 
 

@@ -25,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import cpu_kernels
+from ...ops import cpu_kernels
 from .batch_norm import (batch_norm_again, is_plain_batch_norm,
                          norm_with_state)
 from .depthwise_conv import convolution_backward, is_plain_conv
-from .excite import resize_multiply, resize_multiply_grad
+from ...ops.resize import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
 from .ge_autograd import autocast_as, autocast_state, call_frozen
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as torch_module
 
-from . import cpu_kernels
+from ...ops import cpu_kernels
 from .batch_norm import uses_batch_stats
 from .ge_autograd import POOL, NativePlan, native_mlp
 

@@ -48,7 +48,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch.nn.modules import module as torch_module
 
-from .excite import channels_last, nearest_index
+from .resize import channels_last, nearest_index
 
 __all__ = [
     'available', 'usable', 'maps_usable', 'hooked', 'channels_last',
