@@ -51,7 +51,7 @@ def median_ms(fn, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmge.models.layers import cpu_kernels
+    from mmge.ops import cpu_kernels
     from mmge.models.layers.gather import ConvGather
     if not cpu_kernels.available():
         raise SystemExit('the native kernels are not built: run '
