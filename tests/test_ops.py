@@ -128,7 +128,7 @@ def test_opcheck(channels_last):
     for extent in (2, 4):
         opcheck(ge_ops.pool_gather, (x, extent))
     grad = _layout(torch.randn(2, 3, 9, 11), channels_last)
-    opcheck(ge_ops.excite_backward, (grad, x.detach(), gate.detach()))
+    opcheck(ge_ops.excite_gate_grad, (grad, x.detach(), gate.detach()))
     opcheck(ge_ops.pool_gather_backward,
             (torch.randn(2, 3, 3, 3), x.detach(), 4))
 
@@ -142,13 +142,23 @@ def test_gradcheck():
     torch.autograd.gradcheck(lambda a: ops.pool_gather(a, 4), (x, ))
 
 
-def test_double_backward_names_the_op():
-    x = torch.randn(1, 2, 6, 6, requires_grad=True)
-    gate = torch.rand(1, 2, 3, 3, requires_grad=True)
-    grad_x, = torch.autograd.grad(ops.excite(x, gate).sum(), x,
+def test_double_backward():
+    """Through the input's gradient (itself an excite) double backward
+    works; through the gate's it raises an error that names the op."""
+    x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    grad_x, = torch.autograd.grad((ops.excite(x, gate) ** 2).sum(), x,
                                   create_graph=True)
-    with pytest.raises(RuntimeError, match='mmge.excite_backward'):
-        grad_x.sum().backward()
+    got = torch.autograd.grad(grad_x.sum(), [x, gate])
+    want_x, = torch.autograd.grad((formula_excite(x, gate) ** 2).sum(), x,
+                                  create_graph=True)
+    want = torch.autograd.grad(want_x.sum(), [x, gate])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    grad_gate, = torch.autograd.grad(ops.excite(x, gate).sum(), gate,
+                                     create_graph=True)
+    with pytest.raises(RuntimeError, match='mmge.excite_gate_grad'):
+        grad_gate.sum().backward()
 
 
 def test_bad_operands_name_the_op():
@@ -171,10 +181,10 @@ def test_cpu_kernels_run_for_float32_in_either_layout(monkeypatch):
         gate = torch.rand(2, 3, 3, 3)
         calls.clear()
         ops.excite(x, ops.pool_gather(x, 4))
-        ge_ops.excite_backward(torch.randn_like(x), x, gate)
+        ge_ops.excite_gate_grad(torch.randn_like(x), x, gate)
         assert sorted(name for name, _ in calls) == sorted(
             f'ge_{k}{suffix}' for k in ('pool_forward', 'excite',
-                                        'gate_grad', 'input_grad'))
+                                        'gate_grad'))
         calls.clear()
         ops.excite(x.double(), ops.pool_gather(x.double(), 4))
         assert calls == []
@@ -197,8 +207,8 @@ def test_compiled_graph_keeps_the_ops(monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     out = compiled(x, idn)
     grad, = torch.autograd.grad(out.sum(), x)
-    assert {'ge_pool_forward', 'ge_excite', 'ge_gate_grad',
-            'ge_input_grad'} <= {name for name, _ in calls}
+    assert {'ge_pool_forward', 'ge_excite', 'ge_gate_grad'} <= {
+        name for name, _ in calls}
     ref = x.detach().double().requires_grad_()
     want = formula_excite(ref, formula_pool(ref, 4).sigmoid(), idn, True)
     torch.testing.assert_close(out.double(), want, **tol(out.dtype))

@@ -79,7 +79,7 @@ def test_excite_mixed_dtypes_promote(size, channels_last, dtype):
 
 
 @pytest.mark.parametrize('size, channels_last, dtype', CASES)
-def test_excite_backward(size, channels_last, dtype):
+def test_excite_gate_grad(size, channels_last, dtype):
     x = _make((2, 5) + size, dtype, channels_last)
     grad = _make((2, 5) + size, dtype, channels_last)
     for extent, gate_last in itertools.product((2, 4, 8, 'global'),
@@ -87,8 +87,8 @@ def test_excite_backward(size, channels_last, dtype):
         gate = _make(_gate_shape(size, extent), dtype, gate_last,
                      positive=True)
         args = (grad, x, gate)
-        _check(cuda.excite_backward(*args), args,
-               ge_ops.reference_excite_backward, dtype)
+        _check(cuda.excite_gate_grad(*args), args,
+               ge_ops.reference_excite_gate_grad, dtype)
 
 
 @pytest.mark.parametrize('size, channels_last, dtype', CASES)
@@ -100,6 +100,27 @@ def test_pool_gather_and_its_backward(size, channels_last, dtype):
         grad = _make(_gate_shape(size, extent), dtype, channels_last)
         _check(cuda.pool_gather_backward(grad, x, extent), (grad, x, extent),
                ge_ops.reference_pool_gather_backward, dtype)
+
+
+def test_autograd_through_the_ops():
+    """The ops' autograd formula on the kernels of ``DEVICE`` (CUDA's on a
+    GPU; on the CPU its C kernels), against the float64 formula."""
+    from mmge import ops
+    x = _make((2, 5, 19, 23), torch.float32, True).requires_grad_()
+    idn = _make((2, 5, 19, 23), torch.float32, True).requires_grad_()
+    out = ops.excite(x, ops.pool_gather(x, 4).sigmoid(), idn, True)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, idn], grad)
+    ref = [t.detach().double().requires_grad_() for t in (x, idn)]
+    pooled = torch.nn.functional.avg_pool2d(ref[0], 7, 4, 3,
+                                            count_include_pad=False)
+    gate = torch.nn.functional.interpolate(pooled.sigmoid(),
+                                           size=(19, 23), mode='nearest')
+    want = (ref[0] * gate + ref[1]).relu()
+    torch.testing.assert_close(out.double(), want, **_tol(torch.float32))
+    exp = torch.autograd.grad(want, ref, grad.double())
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a.double(), b, **_tol(torch.float32))
 
 
 def test_other_dtypes_run_the_reference():

@@ -2,7 +2,7 @@
 (:mod:`mmge.ops.cpu_kernels`) on float32 tensors in either layout, the
 reference implementation on anything else (another dtype, strided views,
 a build without the native library)."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,22 +36,18 @@ def excite(x: Tensor,
            identity: Optional[Tensor] = None,
            relu: bool = False) -> Tensor:
     ge_ops.check_maps(x, gate, identity)
+    if identity is not None and identity.stride() != x.stride():
+        identity = identity.contiguous(memory_format=ge_ops.memory_format(x))
     if not (_native(x, identity) and gate.dtype is torch.float32):
         return ge_ops.reference_excite(x, gate, identity, relu)
     return cpu_kernels.excite(x, gate, identity, relu=relu)
 
 
-@ge_ops.excite_backward.register_kernel('cpu')
-def excite_backward(grad: Tensor, x: Tensor,
-                    gate: Tensor) -> Tuple[Tensor, Tensor]:
-    if _native(x) and grad.dtype is torch.float32 and \
-            gate.dtype is torch.float32:
-        # grad in x's layout: both outputs then come in the layouts the
-        # op promises (the gate's gradient: channels-last for a
-        # channels-last x)
+@ge_ops.excite_gate_grad.register_kernel('cpu')
+def excite_gate_grad(grad: Tensor, x: Tensor, gate: Tensor) -> Tensor:
+    if grad.stride() != x.stride():
         grad = grad.contiguous(memory_format=ge_ops.memory_format(x))
-        grad_gate = cpu_kernels.gate_grad(grad, x, tuple(gate.shape[-2:]))
-        return (cpu_kernels.input_grad(grad, gate),
-                grad_gate.contiguous(
-                    memory_format=ge_ops.memory_format(gate)))
-    return ge_ops.reference_excite_backward(grad, x, gate)
+    if not (_native(x, grad) and gate.dtype is torch.float32):
+        return ge_ops.reference_excite_gate_grad(grad, x, gate)
+    return cpu_kernels.gate_grad(grad, x, tuple(gate.shape[-2:])).contiguous(
+        memory_format=ge_ops.memory_format(gate))

@@ -14,9 +14,11 @@ kernel                 reads                        writes
 =====================  ===========================  ======================
 pool_gather            x (once per window, cached)  1 / e^2
 excite                 x (+ identity)               out
-excite_backward        grad, x                      grad_x
+excite_gate_grad       grad, x                      1 / e^2
 pool_gather_backward   1 / e^2                      grad_x
 =====================  ===========================  ======================
+
+The input's gradient is ``excite(grad, gate)`` (one read, one write).
 
 With ``TRITON_INTERPRET=1`` set before mmge is imported, Triton's
 interpreter runs these kernels on CPU tensors; mmge's tests check them
@@ -255,33 +257,27 @@ def excite(x: Tensor,
     return _launch_excite(x, gate, identity, relu, out)
 
 
-def excite_backward(grad: Tensor, x: Tensor,
-                    gate: Tensor) -> Tuple[Tensor, Tensor]:
-    """The kernel of ``mmge::excite_backward``: the input's gradient in one
-    pass over ``grad``, the gate's in one pass over ``grad`` and ``x``."""
+def excite_gate_grad(grad: Tensor, x: Tensor, gate: Tensor) -> Tensor:
+    """The kernel of ``mmge::excite_gate_grad``: one pass over ``grad`` and
+    ``x``."""
     if not _takes(grad, x, gate):
-        return ge_ops.reference_excite_backward(grad, x, gate)
+        return ge_ops.reference_excite_gate_grad(grad, x, gate)
     n, c, height, width = x.shape
     h, w = gate.shape[-2:]
-    grad_x = _launch_excite(
-        grad, gate, None, False,
-        torch.empty_like(x, memory_format=ge_ops.memory_format(x)))
-    grad_gate = torch.empty_like(gate,
-                                 memory_format=ge_ops.memory_format(gate))
-    if not grad_gate.numel():
-        return grad_x, grad_gate
+    out = torch.empty_like(gate, memory_format=ge_ops.memory_format(gate))
+    if not out.numel():
+        return out
     if (h, w) == (1, 1):
         # (N, C, 1, 1) is contiguous in either layout: cell n * C + c
-        _gate_sum_kernel[(n * c, )](grad, x, grad_gate, c, height, width,
+        _gate_sum_kernel[(n * c, )](grad, x, out, c, height, width,
                                     *grad.stride(), *x.stride(), BLOCK=BLOCK)
     else:
-        _gate_grad_kernel[_grid(grad_gate.numel())](
-            grad, x, grad_gate, grad_gate.numel(), c, height, width, h, w,
+        _gate_grad_kernel[_grid(out.numel())](
+            grad, x, out, out.numel(), c, height, width, h, w,
             _scale(h, height), _scale(w, width), height / h, width / w,
             -(-height // h) + 3, -(-width // w) + 3, *grad.stride(),
-            *x.stride(), *grad_gate.stride(), CL=channels_last(grad_gate),
-            BLOCK=BLOCK)
-    return grad_x, grad_gate
+            *x.stride(), *out.stride(), CL=channels_last(out), BLOCK=BLOCK)
+    return out
 
 
 def pool_gather(x: Tensor, extent: int) -> Tensor:
@@ -318,4 +314,4 @@ def pool_gather_backward(grad: Tensor, x: Tensor, extent: int) -> Tensor:
 ge_ops.pool_gather.register_kernel('cuda')(pool_gather)
 ge_ops.pool_gather_backward.register_kernel('cuda')(pool_gather_backward)
 ge_ops.excite.register_kernel('cuda')(excite)
-ge_ops.excite_backward.register_kernel('cuda')(excite_backward)
+ge_ops.excite_gate_grad.register_kernel('cuda')(excite_gate_grad)

@@ -12,15 +12,16 @@ op                    computes                                    backward
 ====================  ==========================================  ===========
 pool_gather           ``avg_pool2d(x, 2e-1, e, e-1)``, padding    pool_gather
                       not counted (GE-theta-minus's gather)       _backward
-excite                ``x * resize(gate) (+ identity)``, then a   excite
-                      ReLU when asked (the nearest resize of      _backward
-                      the small gate to x's size)
+excite                ``x * resize(gate) (+ identity)``, then a   excite,
+                      ReLU when asked (the nearest resize of      excite
+                      the small gate to x's size)                 _gate_grad
 ====================  ==========================================  ===========
 
 The backward ops have no autograd formula of their own: a double backward
-through GE raises an error that names them.
+through GE raises an error that names them (``mmge.excite_gate_grad``,
+``mmge.pool_gather_backward``).
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,9 @@ from torch import Tensor
 from .resize import channels_last, resize_multiply, resize_multiply_grad
 
 __all__ = [
-    'pool_gather', 'pool_gather_backward', 'excite', 'excite_backward',
+    'pool_gather', 'pool_gather_backward', 'excite', 'excite_gate_grad',
     'reference_pool_gather', 'reference_pool_gather_backward',
-    'reference_excite', 'reference_excite_backward', 'check_maps',
+    'reference_excite', 'reference_excite_gate_grad', 'check_maps',
     'memory_format', 'pooled_size', 'product_dtype'
 ]
 
@@ -185,10 +186,12 @@ def _(x: Tensor, gate: Tensor, identity: Optional[Tensor] = None,
                             memory_format=memory_format(x))
 
 
-def reference_excite_backward(grad: Tensor, x: Tensor,
-                              gate: Tensor) -> Tuple[Tensor, Tensor]:
-    """The gradients of :func:`excite`'s ``x`` and ``gate`` (without its
-    ReLU: ``grad`` is then already masked by the output's sign).
+def reference_excite_gate_grad(grad: Tensor, x: Tensor,
+                               gate: Tensor) -> Tensor:
+    """The gradient of :func:`excite`'s gate (without its ReLU: ``grad``
+    is then already masked by the output's sign): the nearest resize's
+    adjoint of ``grad * x``, each gate cell the sum over the cells that
+    took its value. (The gradient of ``x`` is ``excite(grad, gate)``.)
 
     Args:
         grad (Tensor): Gradient of the output, (N, C, H, W).
@@ -196,25 +199,19 @@ def reference_excite_backward(grad: Tensor, x: Tensor,
         gate (Tensor): The gate, (N, C, h, w).
 
     Returns:
-        tuple[Tensor, Tensor]: ``grad * resize(gate)`` in ``x``'s dtype and
-        layout, and the nearest resize's adjoint of ``grad * x`` (each gate
-        cell sums the cells that took its value) in ``gate``'s.
+        Tensor: (N, C, h, w) in ``gate``'s dtype and layout.
     """
-    grad_x = resize_multiply(grad, gate).to(x.dtype).contiguous(
-        memory_format=memory_format(x))
-    grad_gate = resize_multiply_grad(grad, x, gate).to(gate.dtype).contiguous(
+    return resize_multiply_grad(grad, x, gate).to(gate.dtype).contiguous(
         memory_format=memory_format(gate))
-    return grad_x, grad_gate
 
 
-excite_backward = torch.library.custom_op(
-    'mmge::excite_backward', reference_excite_backward, mutates_args=())
+excite_gate_grad = torch.library.custom_op(
+    'mmge::excite_gate_grad', reference_excite_gate_grad, mutates_args=())
 
 
-@excite_backward.register_fake
-def _(grad: Tensor, x: Tensor, gate: Tensor) -> Tuple[Tensor, Tensor]:
-    return (torch.empty_like(x, memory_format=memory_format(x)),
-            torch.empty_like(gate, memory_format=memory_format(gate)))
+@excite_gate_grad.register_fake
+def _(grad: Tensor, x: Tensor, gate: Tensor) -> Tensor:
+    return torch.empty_like(gate, memory_format=memory_format(gate))
 
 
 def _excite_setup(ctx, inputs, output) -> None:
@@ -230,7 +227,8 @@ def _excite_backward(ctx, grad: Tensor):
     x, gate, out = ctx.saved_tensors
     if ctx.relu:
         grad = torch.where(out > 0, grad, 0)
-    grad_x, grad_gate = excite_backward(grad, x, gate)
+    grad_x = excite(grad, gate).to(x.dtype)
+    grad_gate = excite_gate_grad(grad, x, gate)
     grad_identity = None if ctx.identity_dtype is None else grad.to(
         ctx.identity_dtype)
     return grad_x, grad_gate, grad_identity, None

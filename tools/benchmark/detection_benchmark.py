@@ -45,7 +45,11 @@ def parse_args(argv=None):
     parser.add_argument('--memory-saving', action='store_true',
                         help='also GE configs with memory_efficient=True')
     parser.add_argument('--threads', type=int, default=0)
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
+                        help='where the models run (default: cpu)')
     args = parser.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: torch sees no CUDA device')
     if args.repeats < 1 or args.batch < 1 or min(args.size) < 32 or (
             args.rois is not None and args.rois < 1):
         parser.error('--repeats, --batch and --rois must be >= 1 and '
@@ -139,7 +143,7 @@ def build_models(args):
         MMLogger.get_current_instance().setLevel(logging.WARNING)
         model.init_weights()
         fixed_proposals(model)
-        models[name] = model.train()
+        models[name] = model.to(args.device).train()
     return models
 
 
@@ -159,11 +163,18 @@ def losses(model, batch):
     return loss
 
 
-def train_iter(model, batch, opt):
+def _sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def train_iter(model, batch, opt, device='cpu'):
+    _sync(device)
     start = time.perf_counter()
     losses(model, batch).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -177,20 +188,22 @@ def main(argv=None):
     opts = {n: torch.optim.SGD(m.parameters(), lr=0.0)
             for n, m in models.items()}
     for name, m in models.items():  # warm-up
-        train_iter(m, batch, opts[name])
+        train_iter(m, batch, opts[name], args.device)
     times = {n: [] for n in models}
     for _ in range(args.repeats):
         for name, m in models.items():
-            times[name].append(train_iter(m, batch, opts[name]))
+            times[name].append(train_iter(m, batch, opts[name], args.device))
     from mmge.utils import saved_tensor_bytes
     memory = {n: saved_tensor_bytes(lambda m=m: losses(m, batch))
               for n, m in models.items()}
     base = next(iter(models))
     base_time = statistics.median(times[base])
     h, w = args.size
+    where = torch.cuda.get_device_name() if args.device == 'cuda' else \
+        f'CPU, {torch.get_num_threads()} threads'
     print(f'training iteration, batch {args.batch} of {h}x{w}, '
           f'{args.boxes} boxes per image, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, median of {args.repeats}\n')
+          f'{where}, median of {args.repeats}\n')
     print('| model | iteration (s) | / baseline | saved for backward (MB) '
           '| / baseline |')
     print('| --- | --- | --- | --- | --- |')

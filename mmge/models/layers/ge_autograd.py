@@ -39,14 +39,13 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...ops import cpu_kernels
+from ...ops import cpu_kernels, ge_ops
 from .batch_norm import (batch_norm_again, batch_norm_backward,
                          batch_norm_forward, batch_stats_state,
                          check_batch_size, is_plain_batch_norm,
                          norm_with_state, running_stats_state,
                          uses_batch_stats)
-from ...ops.resize import (channels_last, resize_multiply,
-                           resize_multiply_grad)
+from ...ops.resize import channels_last, resize_multiply
 from .gather import GLOBAL
 
 
@@ -174,28 +173,6 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
     """
     if cpu_kernels.excite_worthwhile(x, gate, identity):
         return cpu_kernels.excite(x, gate, identity, out=x if own else None)
-    return resize_multiply(x, gate, identity)
-
-
-def gate_product(x: torch.Tensor, gate: torch.Tensor,
-                 identity: Optional[torch.Tensor] = None,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`resize_multiply` (``x * resize(gate) (+ identity)``), on the
-    native ``ge_excite_nhwc`` for channels-last CPU operands, where ATen's
-    broadcast over that layout is several times slower.
-
-    Args:
-        x (Tensor): (N, C, H, W).
-        gate (Tensor): (N, C, h, w).
-        identity (Tensor, optional): Tensor of ``x``'s shape to add.
-        out (Tensor, optional): Where the kernel writes (``x`` itself for
-            in place); ignored on ATen.
-
-    Returns:
-        Tensor: The product, in ``x``'s layout.
-    """
-    if channels_last(x) and cpu_kernels.excite_worthwhile(x, gate, identity):
-        return cpu_kernels.excite(x, gate, identity, out=out)
     return resize_multiply(x, gate, identity)
 
 
@@ -385,9 +362,8 @@ class GEFunction(torch.autograd.Function):
             # one pass
             x, ctx.norm_state = (inp, None) if norm is None else \
                 norm_with_state(norm, inp)
-            # the norm's output is this call's own: gated in place
-            out = gate_product(x, layer.excite.gate(layer.gather(x)),
-                               identity, out=None if norm is None else x)
+            out = ge_ops.excite(x, layer.excite.gate(layer.gather(x)),
+                                identity)
         elif plan == POOL:
             # GE-theta-minus: the norm's output is made once, gated in place
             x, ctx.norm_state = (inp, None) if norm is None else \
@@ -439,20 +415,13 @@ class GEFunction(torch.autograd.Function):
             gate = layer.excite.gate(call_frozen(layer.gather, x))
         gate_value = gate.detach()
         x_value = x.detach()
-        if cpu_kernels.usable(grad, x_value) or (
-                channels_last(x_value)
-                and cpu_kernels.excite_worthwhile(x_value, gate_value)
-                and grad.dtype is torch.float32):
-            grad_gate = cpu_kernels.gate_grad(grad, x_value,
-                                              gate_value.shape[-2:])
-        else:
-            grad_gate = resize_multiply_grad(grad, x_value, gate_value)
+        grad_gate = ge_ops.excite_gate_grad(grad, x_value, gate_value)
         outputs: List[torch.Tensor] = [gate]
-        grad_outputs: List[torch.Tensor] = [grad_gate.to(gate.dtype)]
+        grad_outputs: List[torch.Tensor] = [grad_gate]
         if norm is not None and state is None:
             # the direct path joins the gather's inside the norm's backward
             outputs.append(x)
-            grad_outputs.append(gate_product(grad, gate_value))
+            grad_outputs.append(ge_ops.excite(grad, gate_value))
         inputs = [t for t in [leaf] + params if t.requires_grad]
         grads = torch.autograd.grad(
             outputs, inputs, grad_outputs, allow_unused=True) \
@@ -461,7 +430,7 @@ class GEFunction(torch.autograd.Function):
         grad_inp = grads.get(id(leaf))
         if (norm is None or state is not None) and leaf.requires_grad:
             # gather path + direct path in one pass
-            grad_inp = gate_product(grad, gate_value, grad_inp).to(
+            grad_inp = ge_ops.excite(grad, gate_value, grad_inp).to(
                 x_value.dtype)
         # by the parameters' identities as given (under saved-tensor hooks
         # and checkpointing the saved ones unpack as other objects)

@@ -25,11 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ...ops import cpu_kernels
+from ...ops import cpu_kernels, ge_ops
 from .batch_norm import (batch_norm_again, is_plain_batch_norm,
                          norm_with_state)
 from .depthwise_conv import convolution_backward, is_plain_conv
-from ...ops.resize import resize_multiply, resize_multiply_grad
 from .gather import GLOBAL, ConvGather, PoolGather
 from .ge_autograd import autocast_as, autocast_state, call_frozen
 
@@ -133,7 +132,7 @@ class ExciteOfRecomputed(torch.autograd.Function):
         ctx.with_identity = identity is not None
         ctx.dtypes = x.dtype, None if identity is None else identity.dtype
         ctx.save_for_backward(inp, gate)
-        return resize_multiply(x, gate, identity)
+        return ge_ops.excite(x, gate, identity)
 
     @staticmethod
     @once_differentiable
@@ -142,11 +141,11 @@ class ExciteOfRecomputed(torch.autograd.Function):
         x_dtype, identity_dtype = ctx.dtypes
         grad_x = grad_gate = grad_identity = None
         if ctx.needs_input_grad[0]:
-            grad_x = resize_multiply(grad, gate).to(x_dtype)
+            grad_x = ge_ops.excite(grad, gate).to(x_dtype)
         if ctx.needs_input_grad[1]:
             # runs before the gather's first backward, which reuses x
             x = ctx.source.get(inp)
-            grad_gate = resize_multiply_grad(grad, x, gate).to(gate.dtype)
+            grad_gate = ge_ops.excite_gate_grad(grad, x, gate)
         if ctx.with_identity and ctx.needs_input_grad[2]:
             grad_identity = grad.to(identity_dtype)
         return grad_x, grad_gate, grad_identity, None, None
@@ -189,7 +188,7 @@ class ConvOfRecomputed(torch.autograd.Function):
 
 class PoolOfRecomputed(torch.autograd.Function):
     """GE-theta-minus's local pooling of ``x``, saving ``inp`` (the pool's
-    backward reads only ``x``'s shape and layout, but ATen's takes ``x``).
+    backward reads only ``x``'s shape and layout, but the op takes ``x``).
 
     ``apply(x, inp, source, extent)``.
     """
@@ -199,8 +198,7 @@ class PoolOfRecomputed(torch.autograd.Function):
                 source: RecomputedInput, extent: int) -> torch.Tensor:
         ctx.source, ctx.extent = source, extent
         ctx.save_for_backward(inp)
-        return F.avg_pool2d(x, 2 * extent - 1, extent, extent - 1,
-                            count_include_pad=False)
+        return ge_ops.pool_gather(x, extent)
 
     @staticmethod
     @once_differentiable
@@ -208,11 +206,8 @@ class PoolOfRecomputed(torch.autograd.Function):
         inp, = ctx.saved_tensors
         x = ctx.source.get(inp)
         ctx.source.release()
-        e = ctx.extent
-        grad_x = torch.ops.aten.avg_pool2d_backward(
-            grad, x, [2 * e - 1] * 2, [e] * 2, [e - 1] * 2, False, False,
-            None)
-        return grad_x, None, None, None
+        return ge_ops.pool_gather_backward(grad, x, ctx.extent), None, \
+            None, None
 
 
 def first_conv(gather: nn.Module) -> Optional[nn.Module]:
