@@ -964,3 +964,41 @@ def test_resize_makes_its_indices_on_the_device(size):
         grad = resize_multiply_grad(torch.empty_like(out), x, gate)
     assert out.shape == x.shape and grad.shape == gate.shape
     assert mode.moves == []
+
+
+@pytest.mark.parametrize('channels_last', (False, True))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_hooks_on_every_submodule_fire(variant, channels_last):
+    """A forward pre-hook and a forward hook on each of GE's submodules
+    (the gather, its levels, the excite, its MLP's convolutions) fire,
+    as a plugin (``layer(x)``) and as a block calls it, in training and
+    in eval; the results stay the formula's."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layer = GatherExcite(16, variant=variant, extent=4, reduction=4)
+    layer = layer.to(memory_format=fmt)
+    norm = nn.BatchNorm2d(16)
+    seen = []
+    for name, m in layer.named_modules():
+        if name:
+            m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.append(('pre', name)))
+            m.register_forward_hook(
+                lambda mod, args, out, name=name: seen.append(('post', name)))
+    names = {name for name, _ in layer.named_modules() if name}
+    x = torch.randn(2, 16, 13, 11).contiguous(memory_format=fmt)
+    identity = torch.randn_like(x)
+    for train in (False, True):
+        layer.train(train), norm.train(train)
+        for as_block in (False, True):
+            ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
+            seen.clear()
+            with torch.set_grad_enabled(train):
+                leaf = x.clone().requires_grad_(train)
+                out = layer(leaf, identity, norm=norm, relu=True) \
+                    if as_block else layer(leaf)
+            assert {n for kind, n in seen if kind == 'pre'} == names
+            assert {n for kind, n in seen if kind == 'post'} == names
+            seen.clear()
+            want = formula(ref_layer, x, identity, ref_norm, relu=True) \
+                if as_block else formula(ref_layer, x)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -12,8 +12,8 @@
 #   bash tools/benchmark/gpu_check.sh [--report FILE] [--dry-run]
 #
 # --report FILE  where the report goes (default: gpu_report.md)
-# --dry-run      the same steps on the CPU at tiny sizes, to check the
-#                script itself on a machine without a GPU
+# --dry-run      the same steps on the CPU at tiny sizes and GE-theta only,
+#                to check the script itself on a machine without a GPU
 # The Python that runs it: $PYTHON, else .venv/bin/python, else python.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,18 +38,21 @@ if [ "$DRY" = 1 ]; then
   SMALL=(--batch 1 --size 64 --repeats 1)
   LARGE=(--batch 2 --size 64 --repeats 1)
   DET=(--device cpu --size 96 128 --batch 1 --repeats 1)
+  ONLY=(--variants theta)
   export TRITON_INTERPRET=1
 else
   DEVICE=(--device cuda)
   SMALL=(--batch 32 --repeats 7)
   LARGE=(--batch 128 --repeats 5)
   DET=(--device cuda --size 800 1333 --batch 2 --repeats 5)
+  ONLY=()
   if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check.sh: torch sees no CUDA device (use --dry-run to check the script on a CPU)" >&2
     exit 1
   fi
 fi
-BENCH=("$PYTHON" tools/benchmark/ge_benchmark.py "${DEVICE[@]}" --amp bf16 --channels-last)
+BENCH=("$PYTHON" tools/benchmark/ge_benchmark.py "${DEVICE[@]}" --amp bf16 --channels-last
+       ${ONLY[@]+"${ONLY[@]}"})
 
 {
   echo "# GE on the GPU: op tests and benchmarks"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 
 from ... import ops
+from ...ops import cpu_kernels
 from ...ops.resize import channels_last
 
 
@@ -180,7 +181,8 @@ class Excite(nn.Module):
         (a convolution dispatch costs more than the small product)."""
         first, second = self.mlp
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
-                context.dim() != 4 or not self.plain_mlp():
+                context.dim() != 4 or not self.plain_mlp() or \
+                cpu_kernels.hooked(self.mlp):
             return self.mlp(context)
         n, c, h, w = context.shape
         # rows of channels: a view of a channels-last context, else a copy
@@ -193,14 +195,21 @@ class Excite(nn.Module):
             t = second.activate(t)
         return _as_context(t.view(n, h, w, -1).permute(0, 3, 1, 2), context)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Excite.
+    def forward(self,
+                x: torch.Tensor,
+                context: torch.Tensor,
+                identity: Optional[torch.Tensor] = None,
+                relu: bool = False) -> torch.Tensor:
+        """Excite: ``x * resize(gate(context))`` (``mmge::excite``).
 
         Args:
             x (Tensor): Features of shape (N, C, H, W).
             context (Tensor): Gathered context of shape (N, C, h, w).
+            identity (Tensor, optional): A tensor of ``x``'s shape added in
+                the same pass (a residual block's shortcut).
+            relu (bool): Then a ReLU, in the same pass. Defaults to False.
 
         Returns:
             Tensor: ``x`` gated, shape (N, C, H, W).
         """
-        return ops.excite(x, self.gate(context))
+        return ops.excite(x, self.gate(context), identity, relu)

@@ -231,8 +231,7 @@ class GatherExcite(BaseModule):
             # the ops: the compiler plans the memory between them
             if norm is not None:
                 x = norm(x)
-            return ops.excite(x, self.excite.gate(self.gather(x)), identity,
-                              relu)
+            return self.excite(x, self.gather(x), identity, relu)
         if torch.is_grad_enabled():
             if norm is not None and plan is None and \
                     not self.memory_efficient and \
@@ -262,7 +261,7 @@ class GatherExcite(BaseModule):
             return out
         if norm is not None:
             x = norm(x)
-        return ops.excite(x, self.excite.gate(self.gather(x)), identity, relu)
+        return self.excite(x, self.gather(x), identity, relu)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .float(), .cuda() and the like: the prepared call keeps the

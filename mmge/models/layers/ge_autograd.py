@@ -362,8 +362,7 @@ class GEFunction(torch.autograd.Function):
             # one pass
             x, ctx.norm_state = (inp, None) if norm is None else \
                 norm_with_state(norm, inp)
-            out = ge_ops.excite(x, layer.excite.gate(layer.gather(x)),
-                                identity)
+            out = layer.excite(x, layer.gather(x), identity)
         elif plan == POOL:
             # GE-theta-minus: the norm's output is made once, gated in place
             x, ctx.norm_state = (inp, None) if norm is None else \

@@ -232,14 +232,15 @@ def usable(layer: nn.Module, norm: Optional[nn.Module],
     do not read (:func:`cpu_kernels.maps_usable`: where
     they do, :class:`~.ge_autograd.GEFunction` runs the parts it can on
     them), a :class:`PoolGather` or a :class:`ConvGather` with a
-    :func:`first_conv`, and no forward hook on the gather (its first
-    level's modules are not called as modules here)."""
+    :func:`first_conv`, and no forward hook on the gather or the excite
+    (the gather's first level and the excite are not called as modules
+    here)."""
     gather = layer.gather
     return inp.dim() == 4 and is_plain_batch_norm(norm) and (
         isinstance(gather, PoolGather) or (isinstance(gather, ConvGather)
                                            and first_conv(gather) is not None)
     ) and not cpu_kernels.maps_usable(inp) and \
-        not cpu_kernels.hooked(gather)
+        not cpu_kernels.hooked(gather, layer.excite)
 
 
 def forward(layer: nn.Module, norm: nn.Module, inp: torch.Tensor,
