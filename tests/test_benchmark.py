@@ -249,3 +249,23 @@ def test_op_count_refuses_a_batch_of_one():
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
     assert '--batch must be at least 2' in out.stderr
+
+
+def _gpu_check(*args):
+    return subprocess.run(['bash', 'tools/benchmark/gpu_check.sh', *args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_gpu_check_refuses_unknown_arguments_and_a_missing_gpu(tmp_path):
+    done = _gpu_check('--bogus')
+    assert done.returncode == 2
+    assert "unknown argument '--bogus'" in done.stderr
+    assert '--report FILE, --dry-run' in done.stderr
+    assert '--dry-run' in _gpu_check('--help').stdout
+    import torch
+    if not torch.cuda.is_available():
+        report = tmp_path / 'report.md'
+        done = _gpu_check('--report', str(report))
+        assert done.returncode == 1
+        assert 'torch sees no CUDA device' in done.stderr
+        assert not report.exists()

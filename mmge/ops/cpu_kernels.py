@@ -52,7 +52,7 @@ from .resize import channels_last, nearest_index
 
 __all__ = [
     'available', 'usable', 'maps_usable', 'hooked', 'channels_last',
-    'norm_affine', 'excite_worthwhile', 'pool_gather',
+    'norm_affine', 'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
     'Excitation', 'NormStats',
@@ -183,48 +183,6 @@ def hooked(*modules: torch.nn.Module) -> bool:
             return True
         stack += m._modules.values()
     return False
-
-
-#: smallest H * W on which :func:`worthwhile` sends one-pass work (the
-#: inference pool and excite) to the kernels: on 7x7 maps ATen's loops over
-#: the whole tensor win, from 14x14 the kernels do (2-core development VM)
-MIN_PLANE = 10 * 10
-
-
-def worthwhile(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    """:func:`usable` on ``x`` and ``others``, and ``x``'s maps at least
-    :data:`MIN_PLANE` cells.
-
-    Args:
-        x (Tensor): The full-resolution operand, (N, C, H, W).
-        *others (Tensor | None): The other operands.
-
-    Returns:
-        bool: True when a kernel is expected to beat the ATen ops.
-    """
-    return x.shape[-2] * x.shape[-1] >= MIN_PLANE and usable(x, *others)
-
-
-def excite_worthwhile(x: torch.Tensor, gate: torch.Tensor,
-                      identity: Optional[torch.Tensor] = None) -> bool:
-    """Whether :func:`excite` should run on these operands: as
-    :func:`worthwhile` for NCHW ``x``; for channels-last ``x``
-    (:func:`channels_last`), at any size, when it and ``identity`` (in
-    the same layout) and ``gate`` (in any) are float32 CPU tensors and
-    nothing is traced or compiled.
-
-    Args:
-        x (Tensor): The features, (N, C, H, W).
-        gate (Tensor): The gate, (N, C, h, w).
-        identity (Tensor, optional): The shortcut.
-
-    Returns:
-        bool: True when the kernel is expected to beat the ATen ops.
-    """
-    if not channels_last(x):
-        return worthwhile(x, gate, identity)
-    return maps_usable(x, identity) and gate.is_cpu and \
-        gate.dtype is torch.float32
 
 
 def _layout_of(x: torch.Tensor,

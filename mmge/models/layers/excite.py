@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 
 from ... import ops
-from ...ops import cpu_kernels
 from ...ops.resize import channels_last
 
 
@@ -107,7 +106,7 @@ class Excite(nn.Module):
             Tensor: Gate in [0, 1], shape (N, C, h, w).
         """
         if self.mlp is not None:
-            context = self._mlp(context)
+            context = self.mlp(context)
         return context.sigmoid()
 
     def plain_mlp(self) -> bool:
@@ -174,26 +173,6 @@ class Excite(nn.Module):
 
         return (nchw(gate), nchw(d_context),
                 *[by_param[id(p)] for p in params])
-
-    def _mlp(self, context: torch.Tensor) -> torch.Tensor:
-        """The MLP; its 1x1 convolutions as matrix products over the
-        context's cells when it has the plain layout this class builds
-        (a convolution dispatch costs more than the small product)."""
-        first, second = self.mlp
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
-                context.dim() != 4 or not self.plain_mlp() or \
-                cpu_kernels.hooked(self.mlp):
-            return self.mlp(context)
-        n, c, h, w = context.shape
-        # rows of channels: a view of a channels-last context, else a copy
-        t = F.linear(context.permute(0, 2, 3, 1).reshape(-1, c),
-                     first.conv.weight.flatten(1), first.conv.bias)
-        if first.with_activation:
-            t = first.activate(t)
-        t = F.linear(t, second.conv.weight.flatten(1), second.conv.bias)
-        if second.with_activation:
-            t = second.activate(t)
-        return _as_context(t.view(n, h, w, -1).permute(0, 3, 1, 2), context)
 
     def forward(self,
                 x: torch.Tensor,

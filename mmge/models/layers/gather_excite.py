@@ -6,7 +6,6 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ... import ops
 from ...ops import cpu_kernels
 from . import input_recompute
 from .batch_norm import is_plain_batch_norm
@@ -240,8 +239,7 @@ class GatherExcite(BaseModule):
                 # batch norm: the gather's small maps kept, GE's input made
                 # again in backward (nothing asks for a gradient: autograd
                 # records nothing, and the values are the same)
-                out = input_recompute.forward(self, norm, x, identity)
-                return out.relu_() if relu else out
+                return input_recompute.forward(self, norm, x, identity, relu)
             params = tuple(
                 p for m in (self, norm) if m is not None
                 for p in m.parameters() if p.requires_grad)

@@ -45,7 +45,7 @@ from .batch_norm import (batch_norm_again, batch_norm_backward,
                          check_batch_size, is_plain_batch_norm,
                          norm_with_state, running_stats_state,
                          uses_batch_stats)
-from ...ops.resize import channels_last, resize_multiply
+from ...ops.resize import channels_last
 from .gather import GLOBAL
 
 
@@ -159,8 +159,8 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
 def native_excite(x: torch.Tensor, gate: torch.Tensor,
                   identity: Optional[torch.Tensor],
                   own: bool) -> torch.Tensor:
-    """``x * resize(gate) (+ identity)``, on the native kernel where it is
-    :func:`cpu_kernels.excite_worthwhile`, in place when ``own``.
+    """``x * resize(gate) (+ identity)`` on the native kernel
+    (:func:`native_plan`'s operands), in place when ``own``.
 
     Args:
         x (Tensor): The features, (N, C, H, W).
@@ -171,9 +171,7 @@ def native_excite(x: torch.Tensor, gate: torch.Tensor,
     Returns:
         Tensor: The gated features.
     """
-    if cpu_kernels.excite_worthwhile(x, gate, identity):
-        return cpu_kernels.excite(x, gate, identity, out=x if own else None)
-    return resize_multiply(x, gate, identity)
+    return cpu_kernels.excite(x, gate, identity, out=x if own else None)
 
 
 def native_inference(layer: nn.Module, norm: Optional[nn.Module],

@@ -118,26 +118,31 @@ class RecomputedInput:
 
 
 class ExciteOfRecomputed(torch.autograd.Function):
-    """``x * resize(gate) (+ identity)``, saving ``inp`` and the small gate.
+    """``x * resize(gate) (+ identity)``, then a ReLU when asked, saving
+    ``inp`` and the small gate (and with the ReLU its output, which the
+    next layer keeps anyway).
 
-    ``apply(x, gate, identity, inp, source)``, ``source`` the layer call's
-    :class:`RecomputedInput`.
+    ``apply(x, gate, identity, inp, source, relu)``, ``source`` the layer
+    call's :class:`RecomputedInput`.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor,
                 identity: Optional[torch.Tensor], inp: torch.Tensor,
-                source: RecomputedInput) -> torch.Tensor:
-        ctx.source = source
+                source: RecomputedInput, relu: bool) -> torch.Tensor:
+        ctx.source, ctx.relu = source, relu
         ctx.with_identity = identity is not None
         ctx.dtypes = x.dtype, None if identity is None else identity.dtype
-        ctx.save_for_backward(inp, gate)
-        return ge_ops.excite(x, gate, identity)
+        out = ge_ops.excite(x, gate, identity, relu)
+        ctx.save_for_backward(inp, gate, out if relu else None)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        inp, gate = ctx.saved_tensors
+        inp, gate, out = ctx.saved_tensors
+        if ctx.relu:
+            grad = torch.where(out > 0, grad, 0)
         x_dtype, identity_dtype = ctx.dtypes
         grad_x = grad_gate = grad_identity = None
         if ctx.needs_input_grad[0]:
@@ -148,7 +153,7 @@ class ExciteOfRecomputed(torch.autograd.Function):
             grad_gate = ge_ops.excite_gate_grad(grad, x, gate)
         if ctx.with_identity and ctx.needs_input_grad[2]:
             grad_identity = grad.to(identity_dtype)
-        return grad_x, grad_gate, grad_identity, None, None
+        return grad_x, grad_gate, grad_identity, None, None, None
 
 
 class ConvOfRecomputed(torch.autograd.Function):
@@ -243,19 +248,24 @@ def usable(layer: nn.Module, norm: Optional[nn.Module],
         not cpu_kernels.hooked(gather, layer.excite)
 
 
-def forward(layer: nn.Module, norm: nn.Module, inp: torch.Tensor,
-            identity: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x * resize(gate(x)) (+ identity)`` with ``x = norm(inp)``, on
-    autograd, keeping no full-resolution copy of ``x``.
+def forward(layer: nn.Module,
+            norm: nn.Module,
+            inp: torch.Tensor,
+            identity: Optional[torch.Tensor],
+            relu: bool = False) -> torch.Tensor:
+    """``x * resize(gate(x)) (+ identity)`` with ``x = norm(inp)``, then a
+    ReLU when asked (in the same pass), on autograd, keeping no
+    full-resolution copy of ``x``.
 
     Args:
         layer (nn.Module): The GE layer (:func:`usable`).
         norm (nn.Module): The plain batch norm feeding it.
         inp (Tensor): The norm's input, (N, C, H, W).
         identity (Tensor, optional): The shortcut, of ``inp``'s shape.
+        relu (bool): Then the block's ReLU. Defaults to False.
 
     Returns:
-        Tensor: The gated features (plus ``identity``).
+        Tensor: The gated features (plus ``identity``, then the ReLU).
     """
     gather = layer.gather
     x, source = RecomputedInput.run(norm, inp)
@@ -274,4 +284,4 @@ def forward(layer: nn.Module, norm: nn.Module, inp: torch.Tensor,
             context = first.activate(context)
         context = gather.convs[1:](context)
     gate = layer.excite.gate(context)
-    return ExciteOfRecomputed.apply(x, gate, identity, inp, source)
+    return ExciteOfRecomputed.apply(x, gate, identity, inp, source, relu)
