@@ -216,12 +216,11 @@ def test_block_benchmark_prints_every_map_and_variant():
     assert all(_ratio(r[2]) > 0 for r in totals)
 
 
-
 def test_op_count_prints_every_row():
-    """op_count.py counts one training step's ATen operations per row; on
-    the GPU's path (bf16 autocast) GE's default mode keeps the gather's
+    """op_count.py counts one training step's operations per row; on the
+    GPU's path (bf16 autocast) GE-theta's default mode keeps the gather's
     maps and makes fewer operations than the memory-saving mode, which
-    makes the gather again."""
+    makes the gather's convolutions again."""
     rows = _table([
         'tools/benchmark/op_count.py', '--batch', '2', '--size', '64',
         '--variants', 'theta', 'theta_minus', '--rows', 'formula', 'mmge',
@@ -238,9 +237,11 @@ def test_op_count_prints_every_row():
         assert 0 < int(kernels) < int(total)
         assert name == 'plain' or _ratio(ratio) > 1 and _ratio(
             kernel_ratio) > 1
-    for v in ('theta', 'theta_minus'):
-        assert int(by_name[f'{v} mmge'][3]) < \
-            int(by_name[f'{v} mmge, memory-saving'][3])
+    # GE-theta-minus's gather, a pool, is one op in both modes
+    assert int(by_name['theta mmge'][3]) < \
+        int(by_name['theta mmge, memory-saving'][3])
+    assert int(by_name['theta_minus mmge'][3]) <= \
+        int(by_name['theta_minus mmge, memory-saving'][3])
 
 
 def test_op_count_refuses_a_batch_of_one():

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmge.models.layers.ge_block import ge_block_tail
 from mmge.models import GatherExcite, GEResNet
 from mmge.ops import cpu_kernels
 from mmge.models.layers.excite import Excite
@@ -279,7 +280,7 @@ def test_native_theta_minus_equals_the_formula(memory_efficient, train_norm,
     ref_leaves = [t.clone().requires_grad_(True) for t in (inp, identity)]
 
     calls = count_calls(monkeypatch, 'input_grad')
-    out = layer(leaves[0], leaves[1], norm=norm)
+    out = ge_block_tail(layer, leaves[0], leaves[1], norm=norm)
     out.backward(grad.float())
     assert calls, 'the native backward was not taken'
 
@@ -310,7 +311,8 @@ def test_native_theta_minus_without_norm_affine_or_running_stats():
     for with_norm in (True, False):
         leaf = inp.float().requires_grad_(True)
         ref = inp.clone().requires_grad_(True)
-        out = layer(leaf, None, norm=norm if with_norm else None)
+        out = ge_block_tail(
+                layer, leaf, None, norm=norm if with_norm else None)
         out.backward(grad.float())
         y = F.batch_norm(ref, None, None, training=True) if with_norm \
             else ref
@@ -336,7 +338,7 @@ def test_native_path_keeps_only_the_norms_input(variant):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(inp, identity, norm=norm)
+        ge_block_tail(layer, inp, identity, norm=norm)
     big = [t for t in saved if t.numel() == inp.numel()]
     assert big and all(t.data_ptr() == inp.data_ptr() for t in big)
 
@@ -360,7 +362,8 @@ def test_inference_equals_the_formula_and_keeps_the_callers_tensors(
         ref = _formula_forward(copy.deepcopy(layer).double())(
             inp.double(), identity.double(), copy.deepcopy(norm).double())
         # the first call prepares the kernel call, the second replays it
-        outs = [layer(inp, identity, norm=norm) for _ in range(2)]
+        outs = [ge_block_tail(
+                layer, inp, identity, norm=norm) for _ in range(2)]
     assert [name for name, _ in calls] == [kernel] * 2, \
         'the native inference was not taken in one call'
     if variant != 'theta_minus':
@@ -388,7 +391,7 @@ def test_inference_gates_in_place_without_touching_the_callers_tensors(
     kept = inp.clone(), identity.clone()
     with torch.no_grad():
         used = copy.deepcopy(norm)
-        out = layer(inp, identity, norm=used)
+        out = ge_block_tail(layer, inp, identity, norm=used)
         y = norm(inp)  # one forward: the running statistics GE must leave
         expect = resize_multiply(y, layer.excite.gate(layer.gather(y)),
                                  identity)
@@ -851,7 +854,7 @@ def test_native_theta_equals_the_formula(variant, extent, train, size,
         ref_leaves = [t.clone().requires_grad_(True)
                       for t in (inp, identity)]
         calls = count_calls(monkeypatch, 'conv_gather_backward')
-        out = layer(leaves[0], leaves[1], norm=norm)
+        out = ge_block_tail(layer, leaves[0], leaves[1], norm=norm)
         out.backward(grad.float())
         assert calls, 'the native backward was not taken'
         monkeypatch.undo()
@@ -900,7 +903,7 @@ def test_native_theta_runs_the_block_norm_in_its_kernels(
                 f'mmge.models.layers.ge_autograd.{name}',
                 lambda *a, **k: pytest.fail('ATen batch norm was called'))
         leaf = inp.float().requires_grad_(True)
-        out = layer(leaf, norm=norm)
+        out = ge_block_tail(layer, leaf, norm=norm)
         out.backward(grad.float())
         monkeypatch.undo()
         assert any(isinstance(n, cpu_kernels.FusedNorm) for n in seen)
@@ -924,7 +927,7 @@ def test_native_theta_refuses_one_value_per_channel_untouched():
     before = copy.deepcopy((layer.state_dict(), norm.state_dict()))
     leaf = torch.randn(1, 11, 1, 1, requires_grad=True)
     with pytest.raises(ValueError, match='more than 1 value per channel'):
-        layer(leaf, norm=norm)
+        ge_block_tail(layer, leaf, norm=norm)
     for state, kept in zip((layer.state_dict(), norm.state_dict()), before):
         for name, value in state.items():
             assert torch.equal(value, kept[name]), name
@@ -1167,7 +1170,7 @@ def test_theta_plus_mlp_the_kernel_does_not_run(case, monkeypatch):
     calls = count_calls(monkeypatch, 'conv_gather')
     excites = count_calls(monkeypatch, 'excite')
     with torch.no_grad(), torch.autocast('cpu', enabled=case == 'autocast'):
-        out = layer(x, identity)
+        out = ge_block_tail(layer, x, identity)
     assert len(calls) == 1 and calls[0]['excite'] is None
     assert len(excites) == 1
     with torch.no_grad():

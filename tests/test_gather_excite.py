@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import reference
+from mmge.models.layers.ge_block import ge_block_tail
 from mmge.models import ConvGather, Excite, GatherExcite, PoolGather
 from mmge.models.layers.gather import gathered_size
 
@@ -391,7 +392,8 @@ def test_inductor_compiles_a_one_cell_gate(variant, extent, size):
     for ge, bn, run in ((mods[0], mods[1], torch.compile),
                         (mods[2], mods[3], lambda f: f)):
         inp = x.clone().requires_grad_(True)
-        out = run(lambda t: ge(t, identity, norm=bn, relu=True))(inp)
+        out = run(lambda t: ge_block_tail(
+                ge, t, identity, norm=bn, relu=True))(inp)
         out.square().sum().backward()
         results.append([out, inp.grad] + [
             p.grad for m in (ge, bn) for p in m.parameters()])

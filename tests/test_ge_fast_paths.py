@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmge.models.layers.ge_block import ge_block_tail
 from mmge.models import GatherExcite, GEResNet
 from mmge.ops.resize import (block_factor, nearest_index, resize_multiply,
                              resize_multiply_grad)
@@ -99,7 +100,8 @@ def _check_against_formula(variant, extent, size, memory_efficient,
     grad = torch.randn_like(x)
     results = []
     for m, n, fn in ((layer, norm, layer), (ref_layer, ref_norm, None)):
-        out = fn(x, identity, norm=n) if fn is not None else formula(
+        out = ge_block_tail(
+                fn, x, identity, norm=n) if fn is not None else formula(
             m, x, identity, n)
         wrt = [x, identity, *m.parameters(), *n.parameters()]
         results.append([out, *torch.autograd.grad(out, wrt, grad)])
@@ -148,7 +150,8 @@ def test_relu_is_the_blocks_activation_after_ge(variant, dtype, train):
     results = []
     for m, n, fn in ((layer, norm, layer), (ref_layer, ref_norm, None)):
         with torch.set_grad_enabled(train):
-            out = fn(x, identity, norm=n, relu=True) if fn is not None \
+            out = ge_block_tail(
+                    fn, x, identity, norm=n, relu=True) if fn is not None \
                 else formula(m, x, identity, n, relu=True)
         assert (out == 0).any() and (out >= 0).all()
         if train:
@@ -178,7 +181,8 @@ def test_a_shortcut_that_broadcasts_is_added_after(variant, train):
     results = []
     for m, n, fn in ((layer, norm, layer), (ref_layer, ref_norm, None)):
         with torch.set_grad_enabled(train):
-            out = fn(x, identity, norm=n, relu=True) if fn is not None \
+            out = ge_block_tail(
+                    fn, x, identity, norm=n, relu=True) if fn is not None \
                 else formula(m, x, identity, n, relu=True)
         grads = torch.autograd.grad(out, [x, identity, *m.parameters()],
                                     torch.ones_like(out)) if train else ()
@@ -279,7 +283,7 @@ def _keeps_only_the_norms_input(variant, memory_efficient, fmt):
     def run():
         c = conv(inp)
         c_box.append(c)
-        return layer(c, norm=norm)
+        return ge_block_tail(layer, c, norm=norm)
 
     out, saved = _saved_storages(run)
     assert out.is_contiguous(memory_format=fmt)
@@ -374,7 +378,8 @@ def test_which_input_the_aten_path_keeps(variant, norm_type,
     ref_layer = copy.deepcopy(layer)
     inp = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
     identity = torch.randn_like(inp, requires_grad=True)
-    out, saved = _saved_storages(lambda: layer(inp, identity, norm=norm))
+    out, saved = _saved_storages(lambda: ge_block_tail(
+            layer, inp, identity, norm=norm))
     params = {p.data_ptr() for m in (layer, norm) for p in m.parameters()}
     full = [t for t in saved if t.data_ptr() not in params
             and t.shape == inp.shape]
@@ -414,7 +419,7 @@ def test_default_aten_path_makes_ge_input_once_per_backward(variant):
     calls = []
     norm.register_forward_hook(lambda *args: calls.append(1))
     inp = torch.randn(2, 8, 16, 16, dtype=torch.float64, requires_grad=True)
-    out = layer(inp, norm=norm)
+    out = ge_block_tail(layer, inp, norm=norm)
     assert len(calls) == 1
     grad = torch.randn_like(out)
     grads = []
@@ -511,7 +516,7 @@ def test_memory_saving_aten_path_makes_x_from_the_statistics(
                         lambda m, *a: frozen.append(m) or call_frozen(m, *a))
     inp = torch.randn(2, 8, 12, 10, dtype=torch.float64, requires_grad=True)
     identity = torch.randn(2, 8, 12, 10, dtype=torch.float64)
-    out = layer(inp, identity, norm=norm)
+    out = ge_block_tail(layer, inp, identity, norm=norm)
     assert out.grad_fn.name() == 'GEFunctionBackward'
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -540,7 +545,7 @@ def test_global_theta_refuses_another_size_before_the_norm_runs(
     norm = nn.BatchNorm2d(8).to(dtype)
     inp = torch.randn(2, 8, 9, 7, dtype=dtype, requires_grad=True)
     with pytest.raises(ValueError, match=r'built for feature size \(7, 7\)'):
-        layer(inp, norm=norm)
+        ge_block_tail(layer, inp, norm=norm)
     assert int(norm.num_batches_tracked) == 0
     assert torch.equal(norm.running_mean, torch.zeros(8, dtype=dtype))
 
@@ -557,7 +562,7 @@ def test_default_aten_path_runs_a_large_cpu_batch_in_parts():
     inp = torch.randn(4, 16, 136, 136, dtype=torch.float64,
                       requires_grad=True)
     assert inp.numel() > ConvGather.cpu_chunk > 2 * inp[0].numel()
-    out = layer(inp, norm=norm)
+    out = ge_block_tail(layer, inp, norm=norm)
     grad = torch.randn_like(out)
     out.backward(grad)
     got = [t.grad.clone() for t in (inp, *layer.parameters(),
@@ -577,9 +582,10 @@ def test_channels_last_stays_channels_last():
         memory_format=torch.channels_last).requires_grad_(True)
     for train in (True, False):
         layer.train(train)
+        identity = torch.randn(2, 16, 24, 24).contiguous(
+            memory_format=torch.channels_last)
         with torch.set_grad_enabled(train):
-            out = layer(x, torch.randn(2, 16, 24, 24).contiguous(
-                memory_format=torch.channels_last))
+            out = ge_block_tail(layer, x, identity)
         assert out.is_contiguous(memory_format=torch.channels_last)
     model = GEResNet(50, ge_cfg=dict(variant='theta', extent=8)).eval()
     model = model.to(memory_format=torch.channels_last)
@@ -689,7 +695,7 @@ def test_channels_last_layer_runs_on_the_kernels(variant, path, monkeypatch):
         leaf = x.clone().requires_grad_(train)
         calls.clear()
         with torch.set_grad_enabled(train):
-            out = layer(leaf, identity, norm=norm, relu=True)
+            out = ge_block_tail(layer, leaf, identity, norm=norm, relu=True)
         if native and variant == 'theta_minus':
             # the pool and the excite; without autograd in one call
             want_calls = ['ge_pool_forward_nhwc', 'ge_excite_nhwc'] \
@@ -838,7 +844,8 @@ def test_bf16_autocast_recomputes_as_the_forward(variant, memory_efficient,
         idn.requires_grad_(True)
         with torch.autocast('cpu', dtype=torch.bfloat16,
                             enabled=path != 'float64'):
-            out = mods[0](inp, idn, norm=mods[1]) if path == 'layer' else \
+            out = ge_block_tail(
+                    mods[0], inp, idn, norm=mods[1]) if path == 'layer' else \
                 formula(mods[0], inp, idn, norm=mods[1])
         assert out.dtype == (torch.float64 if path == 'float64' else
                              torch.bfloat16)
@@ -891,7 +898,7 @@ def test_recomputing_backward_updates_running_stats_once(
             bn.momentum = momentum
     ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
     x = torch.randn(2, 8, 13, 11, dtype=torch.float64, requires_grad=True)
-    layer(x, norm=norm).sum().backward()
+    ge_block_tail(layer, x, norm=norm).sum().backward()
     formula(ref_layer, x.detach(), norm=ref_norm).sum()
     bns = [(a, b) for m, r in ((layer, ref_layer), (norm, ref_norm))
            for a, b in zip(m.modules(), r.modules())
@@ -992,7 +999,8 @@ def test_hooks_on_every_submodule_fire(variant, channels_last):
             seen.clear()
             with torch.set_grad_enabled(train):
                 leaf = x.clone().requires_grad_(train)
-                out = layer(leaf, identity, norm=norm, relu=True) \
+                out = ge_block_tail(
+                        layer, leaf, identity, norm=norm, relu=True) \
                     if as_block else layer(leaf)
             assert {n for kind, n in seen if kind == 'pre'} == names
             assert {n for kind, n in seen if kind == 'post'} == names

@@ -6,7 +6,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmge.models import (GatherExcite, GEBasicBlock, GEBottleneck,
                          GEResNet, SqueezeExcite)
-from mmge.models.layers.gather_excite import fusable_relu
+from mmge.models.layers.ge_block import fusable_relu
 
 
 def ge_layers(model, cls=GatherExcite):
@@ -35,22 +35,55 @@ def test_forward_shapes_odd_input(depth):
                                                    (3, 5), (2, 3)]
 
 
-def test_basic_block_layer_sits_after_norm2_before_add():
+def _spy_block_tail(monkeypatch, module):
+    """Record the arguments of every ``ge_block_tail`` call a backbone
+    module makes."""
+    seen, tail = [], module.ge_block_tail
+
+    def spy(ge, x, identity=None, norm=None, relu=False):
+        seen.append(dict(ge=ge, x=x, identity=identity, norm=norm))
+        return tail(ge, x, identity, norm=norm, relu=relu)
+
+    monkeypatch.setattr(module, 'ge_block_tail', spy)
+    return seen
+
+
+def test_basic_block_layer_sits_after_norm2_before_add(monkeypatch):
+    from mmge.models.backbones import ge_resnet
     model = GEResNet(18, ge_cfg=dict(variant='theta', extent=2)).eval()
     block = model.layer1[0]
     assert isinstance(block, GEBasicBlock)
     assert block.after_conv2_plugin_names == ['gather_excite']
-    seen = {}
-    block.gather_excite.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs),
-        with_kwargs=True)
+    seen = _spy_block_tail(monkeypatch, ge_resnet)
     x = torch.randn(1, 64, 9, 9)
     y = block(x)
     conv2_out = block.conv2(block.relu(block.norm1(block.conv1(x))))
-    # GE gets norm2's input and norm2, and adds the shortcut itself
-    torch.testing.assert_close(seen['args'][0], conv2_out)
-    torch.testing.assert_close(seen['args'][1], x)
-    assert seen['kwargs']['norm'] is block.norm2
+    # the block ends with GE's fused tail: norm2's input, norm2 and the
+    # shortcut, which GE adds itself
+    assert len(seen) == 1 and seen[0]['ge'] is block.gather_excite
+    torch.testing.assert_close(seen[0]['x'], conv2_out)
+    torch.testing.assert_close(seen[0]['identity'], x)
+    assert seen[0]['norm'] is block.norm2
+    with torch.no_grad():
+        expect = torch.relu(block.gather_excite(block.norm2(conv2_out)) + x)
+    torch.testing.assert_close(y, expect)
+
+
+def test_a_hook_on_the_layer_sees_the_plain_block(monkeypatch):
+    """A forward hook on the GE layer itself sees the layer called as
+    mmdet's block calls a plugin, on norm2's output."""
+    from mmge.models.backbones import ge_resnet
+    model = GEResNet(18, ge_cfg=dict(variant='theta', extent=2)).eval()
+    block = model.layer1[0]
+    seen_tail = _spy_block_tail(monkeypatch, ge_resnet)
+    seen = []
+    block.gather_excite.register_forward_hook(
+        lambda m, args, out: seen.append(args))
+    x = torch.randn(1, 64, 9, 9)
+    y = block(x)
+    assert seen_tail == [] and len(seen) == 1 and len(seen[0]) == 1
+    conv2_out = block.conv2(block.relu(block.norm1(block.conv1(x))))
+    torch.testing.assert_close(seen[0][0], block.norm2(conv2_out))
     with torch.no_grad():
         expect = torch.relu(block.gather_excite(block.norm2(conv2_out)) + x)
     torch.testing.assert_close(y, expect)

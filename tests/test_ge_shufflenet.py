@@ -17,7 +17,9 @@ def test_plain_weights_load_with_only_the_layers_missing():
         plain.state_dict().keys()
 
 
-def test_layer_sits_on_the_branch_before_add_and_concat():
+def test_layer_sits_on_the_branch_before_add_and_concat(monkeypatch):
+    from mmge.models.backbones import ge_shufflenet_v1
+    from test_ge_resnet import _spy_block_tail
     model = GEShuffleNetV1(groups=3, ge_cfg=dict(variant='theta_minus',
                                                  extent=2)).eval()
     units = [u for layer in model.layers for u in layer]
@@ -26,18 +28,17 @@ def test_layer_sits_on_the_branch_before_add_and_concat():
     concat, add = model.layers[1][0], model.layers[1][1]
     assert concat.gather_excite.in_channels == 480 - 240  # new channels
     assert add.gather_excite.in_channels == 480
-    seen = {}
-    add.gather_excite.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs),
-        with_kwargs=True)
+    seen = _spy_block_tail(monkeypatch, ge_shufflenet_v1)
     x = torch.randn(1, 480, 9, 9)
     y = add(x)
-    # GE gets the expanding conv's output, its BN and the shortcut
+    # GE's fused tail gets the expanding conv's output, its BN and the
+    # shortcut
     expand = add.g_conv_1x1_expand
-    assert seen['kwargs']['norm'] is expand.norm
-    torch.testing.assert_close(seen['args'][1], x)
+    assert len(seen) == 1 and seen[0]['ge'] is add.gather_excite
+    assert seen[0]['norm'] is expand.norm
+    torch.testing.assert_close(seen[0]['identity'], x)
     with torch.no_grad():
-        branch = expand.norm(seen['args'][0])
+        branch = expand.norm(seen[0]['x'])
         expect = torch.relu(x + add.gather_excite(branch))
     torch.testing.assert_close(y, expect)
 

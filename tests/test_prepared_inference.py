@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mmge.models.layers.ge_block import ge_block_tail
 from mmge.models import GatherExcite, GEResNet
 from mmge.ops import cpu_kernels
-from mmge.models.layers import gather_excite as ge_module
+from mmge.models.layers import ge_block as ge_module
 from mmge.models.layers.prepared_inference import (PreparedInference,
                                                    fingerprint)
 from test_ge_fast_paths import formula
@@ -39,7 +40,7 @@ def make(variant, channels=16):
 def check(layer, norm, x, identity, relu=True):
     """The layer's output (no grad) against the formula."""
     with torch.no_grad():
-        out = layer(x, identity, norm=norm, relu=relu)
+        out = ge_block_tail(layer, x, identity, norm=norm, relu=relu)
         ref = formula(copy.deepcopy(layer).double(), x.double(),
                       None if identity is None else identity.double(),
                       None if norm is None else copy.deepcopy(norm).double(),
@@ -197,7 +198,7 @@ def test_training_mode_and_hooks_are_not_replayed(variant):
     norm.train()  # batch statistics: the full path, which updates them
     running = norm.running_mean.clone()
     with torch.no_grad():
-        layer(x, identity, norm=norm)
+        ge_block_tail(layer, x, identity, norm=norm)
     assert not torch.equal(running, norm.running_mean)
     assert layer._prepared is None
     norm.eval()
@@ -220,7 +221,7 @@ def test_theta_plus_under_autocast_is_not_replayed():
     check(layer, norm, x, identity)
     assert layer._prepared is not None
     with torch.no_grad(), torch.autocast('cpu'):
-        out = layer(x, identity, norm=norm, relu=True)
+        out = ge_block_tail(layer, x, identity, norm=norm, relu=True)
     assert layer._prepared is None
     ref = check(layer, norm, x, identity)
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
@@ -234,7 +235,8 @@ def test_copies_and_pickles_do_not_carry_it(variant):
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert other._prepared is None
         with torch.no_grad():
-            assert torch.equal(other(x, identity, norm=norm, relu=True), out)
+            assert torch.equal(ge_block_tail(
+                    other, x, identity, norm=norm, relu=True), out)
         assert other._prepared is not None
         assert other._prepared is not layer._prepared
 

@@ -115,22 +115,21 @@ class GatePruner(_Hooks):
             self._handles.append(self.layer.gather.register_forward_hook(
                 self._keep_gather_io))
             self._handles.append(self.layer.register_forward_hook(
-                self._prune, with_kwargs=True))
+                self._prune))
         return self
 
     def _keep_gather_io(self, module, inputs, output) -> None:
         self._features, self._context = inputs[0], output
 
-    def _prune(self, module, args, kwargs, output) -> torch.Tensor:
+    def _prune(self, module, args, output) -> torch.Tensor:
         if self._features is None:
             raise RuntimeError('GatePruner saw GE without its gather; run '
                                'the model under torch.no_grad()')
         gate = self.layer.excite.gate(self._context)
         mask = gate_prune_mask(gate.mean((2, 3)), self.ratio, self.order)
-        identity = args[1] if len(args) > 1 else kwargs.get('identity')
         features = self._features * mask.to(gate.dtype)[..., None, None]
         self._features = self._context = None
-        return resize_multiply(features, gate, identity)
+        return resize_multiply(features, gate)
 
 
 def last_norm(block: nn.Module) -> nn.Module:

@@ -10,7 +10,8 @@ on a shared machine; this measures the part GE changes, on hot caches.
 For each map (ResNet-50's stages at 224x224 and their block counts by
 default) it times the end of a plain bottleneck block, ``relu(norm3(x) +
 identity)``, and the GE layer as ``GEBottleneck`` calls it instead
-(``ge(x, identity, norm=norm3, relu=True)``), both in eval mode without
+(``ge_block_tail(ge, x, identity, norm=norm3, relu=True)``), both in eval
+mode without
 grad, and prints the fastest of ``--repeats`` calls (CPU time of the
 calling thread with one thread, wall time otherwise). The last rows add
 the differences up over the blocks and divide them by the fastest of a
@@ -79,6 +80,7 @@ def main(argv=None):
     from mmengine.logging import MMLogger
 
     from mmge.models import GatherExcite, GEResNet
+    from mmge.models.layers.ge_block import ge_block_tail
     MMLogger.get_current_instance().setLevel(logging.WARNING)
     print(f'GE E{args.extent} in eval mode against relu(norm(x) + identity), '
           f'batch {args.batch}, float32, torch {torch.__version__}, '
@@ -102,7 +104,8 @@ def main(argv=None):
                 layer = GatherExcite(channels, variant=variant,
                                      extent=args.extent).eval()
                 t = fastest_us(
-                    lambda: layer(x, identity, norm=norm, relu=True),
+                    lambda: ge_block_tail(layer, x, identity, norm=norm,
+                                          relu=True),
                     args.repeats, clock)
                 added[variant] += (t - plain) * blocks
                 row.append(f'{t:.0f} ({t - plain:+.0f})')

@@ -12,16 +12,18 @@ from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
 from ..layers.gather import Size2d, to_size2d
-from ..layers.gather_excite import (GatherExcite, fusable_relu,
-                                     needs_feat_size)
+from ..layers.gather_excite import GatherExcite, needs_feat_size
+from ..layers.ge_block import fusable, fusable_relu, ge_block_tail
 
 
 def fused_ge(block: nn.Module, names: List[str]) -> Optional[GatherExcite]:
-    """The block's GE layer, when it is the only plugin at its position.
+    """The block's GE layer, when it is the only plugin at its position and
+    no hook watches the layer's own call.
 
-    Such a layer is called with the last norm layer's input, the norm layer
-    and the shortcut, so that it adds the shortcut in its own pass and, in
-    its memory-saving mode, recomputes the norm's output in backward.
+    The block then ends with :func:`ge_block_tail` of the last norm
+    layer's input, the norm layer and the shortcut, so that GE adds the
+    shortcut in its own pass and, in its memory-saving mode, recomputes
+    the norm's output in backward.
 
     Args:
         block (nn.Module): A residual block.
@@ -34,7 +36,7 @@ def fused_ge(block: nn.Module, names: List[str]) -> Optional[GatherExcite]:
     if len(names) != 1:
         return None
     layer = getattr(block, names[0])
-    return layer if isinstance(layer, GatherExcite) else None
+    return layer if fusable(layer) else None
 
 
 class GEBasicBlock(BasicBlock):
@@ -84,8 +86,8 @@ class GEBasicBlock(BasicBlock):
             if self.downsample is not None:
                 identity = self.downsample(x)
             if ge is not None:
-                return ge(self.conv2(out), identity, norm=self.norm2,
-                          relu=relu)
+                return ge_block_tail(ge, self.conv2(out), identity,
+                                     norm=self.norm2, relu=relu)
             out = self.norm2(self.conv2(out))
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             return out + identity
@@ -124,7 +126,8 @@ class GEBottleneck(Bottleneck):
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             if self.downsample is not None:
                 identity = self.downsample(x)
-            return ge(self.conv3(out), identity, norm=self.norm3, relu=relu)
+            return ge_block_tail(ge, self.conv3(out), identity,
+                                 norm=self.norm3, relu=relu)
 
         if self.with_cp and x.requires_grad:
             out = cp.checkpoint(_inner_forward, x, use_reentrant=False)

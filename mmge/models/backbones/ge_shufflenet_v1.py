@@ -12,8 +12,8 @@ from mmpretrain.models.utils import channel_shuffle
 
 from ..init_report import report_layer_loading
 from ..layers.gather import to_size2d
-from ..layers.gather_excite import (GatherExcite, fusable_relu,
-                                     needs_feat_size)
+from ..layers.gather_excite import needs_feat_size
+from ..layers.ge_block import fusable, fusable_relu, ge_block_tail
 
 
 class GEShuffleUnit(ShuffleUnit):
@@ -49,15 +49,16 @@ class GEShuffleUnit(ShuffleUnit):
                 out = channel_shuffle(out, self.groups)
             ge = None if self.ge_name is None else getattr(self, self.ge_name)
             expand = self.g_conv_1x1_expand
-            if isinstance(ge, GatherExcite) and expand.with_norm and \
+            if fusable(ge) and expand.with_norm and \
                     not expand.with_activation and \
                     expand.order == ('conv', 'norm', 'act'):
                 # GE adds the shortcut, may recompute the norm's output and
                 # applies a plain ReLU in its last pass
                 out = expand.conv(out)
                 relu = fusable_relu(self.act, ge)
-                out = ge(out, None if self.combine == 'concat' else x,
-                         norm=expand.norm, relu=relu)
+                out = ge_block_tail(ge, out,
+                                    None if self.combine == 'concat' else x,
+                                    norm=expand.norm, relu=relu)
                 out = out if relu else self.act(out)
                 if self.combine == 'concat':
                     return self._concat(self.avgpool(x), out)

@@ -2,15 +2,11 @@
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ...ops import cpu_kernels
-from . import input_recompute
-from .batch_norm import is_plain_batch_norm
 from .excite import Excite, check_channels, check_reduction
-from .ge_autograd import GEFunction, native_inference, native_plan
+from .ge_block import ge_block_tail
 from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
 from .prepared_inference import PreparedInference
 
@@ -37,28 +33,6 @@ def needs_feat_size(cfg: dict) -> bool:
             and cfg.get('extent', 8) == GLOBAL
             and cfg.get('variant', 'theta') != 'theta_minus'
             and 'feat_size' not in cfg)
-
-
-def fusable_relu(act: nn.Module, layer: nn.Module) -> bool:
-    """Whether a block's activation after its GE layer may run in that
-    layer's last pass (``GatherExcite.forward(..., relu=True)``) instead of
-    being called.
-
-    Args:
-        act (nn.Module): The block's activation module.
-        layer (nn.Module): The GE layer.
-
-    Returns:
-        bool: True for a plain ``nn.ReLU`` when no forward hook would see
-        the difference: none on ``act``, none on ``layer`` itself (a hook
-        on it sees, or replaces, its output before the activation), no
-        global one. Hooks inside ``layer`` see only its parts' values (the
-        layer then leaves its kernels, and applies the ReLU itself).
-    """
-    # the layer's own hooks, not its submodules': this runs in every
-    # block's forward (hooked() also sees global hooks)
-    return type(act) is nn.ReLU and not cpu_kernels.hooked(act) and \
-        not (layer._forward_hooks or layer._forward_pre_hooks)
 
 
 @MODELS.register_module()
@@ -95,23 +69,14 @@ class GatherExcite(BaseModule):
             ``dict(type='BN')``.
         act_cfg (dict): Activation of the parametric gather and the MLP.
             Defaults to ``dict(type='ReLU')``.
-        memory_efficient (bool): The memory-saving mode: in training, keep
-            for backward the input of the norm layer that feeds GE (which
-            the network keeps anyway) and nothing else: GE's input, the
-            gather and the gate are made again in backward, whatever that
-            norm is (SyncBN and GroupNorm too). Needs that norm layer in
-            :meth:`forward` (``GEResNet``, ``GEResLayer`` and
-            ``GEShuffleNetV1`` pass it). Outside this mode, after a plain
-            ``BatchNorm2d`` (mmcv's ``'BN'``), GE keeps the norm's input
-            too and makes its own input again in backward; on float32
-            CPU tensors it keeps nothing else (but for GE-theta-plus's
-            context on the native kernels, 1 / 4^levels of the input);
-            elsewhere (CUDA, autocast, float64) it
-            keeps the gather's maps, at 1/2 resolution and below, instead
-            of making the gather again (fewer operations, which a GPU step
-            bound by the host pays for; :mod:`.input_recompute`). After
-            another norm, or none, it keeps its own input. Defaults to
-            False.
+        memory_efficient (bool): The memory-saving mode: in training, GE
+            keeps for backward only the input of the norm layer before it
+            (which the network keeps anyway) and makes everything else
+            again in backward, whatever that norm is. It needs that norm
+            layer, so it works where the blocks end with
+            :func:`~.ge_block.ge_block_tail` (``GEResNet``, ``GEResLayer``,
+            ``GEShuffleNetV1``), not as a plugin of mmdet's ResNet.
+            Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config.
 
     Example:
@@ -164,102 +129,28 @@ class GatherExcite(BaseModule):
         """tuple[int, int] | None: The size global GE-theta is tied to."""
         return getattr(self.gather, 'feat_size', None)
 
-    def forward(self,
-                x: torch.Tensor,
-                identity: Optional[torch.Tensor] = None,
-                norm: Optional[nn.Module] = None,
-                relu: bool = False) -> torch.Tensor:
-        """Gather context and excite ``x`` with it.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gather context and excite ``x`` with it:
+        ``x * sigmoid(resize(f(gather(x))))``.
+
+        It runs as :func:`~.ge_block.ge_block_tail` without a norm, a
+        shortcut or a ReLU: on the native CPU kernels where they apply
+        (one fused call, keeping only ``x`` for backward), else the
+        modules and the ``mmge::`` ops. A residual block that has the norm
+        layer before GE and the shortcut and the ReLU after it calls
+        :func:`~.ge_block.ge_block_tail` with them instead.
 
         Args:
-            x (Tensor): Features of shape (N, C, H, W); with ``norm``, the
-                norm layer's input.
-            identity (Tensor, optional): The block's shortcut, added to the
-                gated features (in the same pass when it has ``x``'s shape;
-                one that broadcasts is added after).
-            norm (nn.Module, optional): The norm layer feeding GE: the
-                features are ``norm(x)``. Required by ``memory_efficient``.
-            relu (bool): Apply a ReLU to the result (the block's activation
-                after the shortcut), in the excite's pass where the native
-                kernels run without autograd, else in place after it.
-                Defaults to False.
+            x (Tensor): Features of shape (N, C, H, W).
 
         Returns:
-            Tensor: Gated features (plus ``identity``), same shape as ``x``.
+            Tensor: Gated features, same shape as ``x``.
 
         Raises:
-            ValueError: In the memory-saving mode, if ``norm`` is not given.
+            ValueError: In the memory-saving mode, which needs the norm
+                layer before GE.
         """
-        if self.memory_efficient and norm is None:
-            raise ValueError(
-                'GatherExcite(memory_efficient=True) recomputes its input '
-                'from the norm layer before it, so it must be called as '
-                'layer(x, identity, norm=...), as GEResNet, GEResLayer and '
-                'GEShuffleNetV1 do; as a plugin of mmdet\'s ResNet it only '
-                'sees the norm\'s output: use memory_efficient=False there')
-        if isinstance(self.gather, ConvGather):
-            # a global extent's size, before a norm counts the batch
-            self.gather.check_size(x)
-        if identity is not None and identity.shape != x.shape:
-            # the fused passes add a shortcut of x's own shape; one that
-            # broadcasts is added after them
-            out = self.forward(x, norm=norm) + identity
-            return out.relu_() if relu else out
-        replay = not torch.is_grad_enabled() and \
-            not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-        if replay:
-            prepared = self.__dict__.get('_prepared')
-            if prepared is not None:
-                out = prepared(self, x, identity, norm, relu)
-                if out is not None:
-                    return out
-                self._prepared = None
-        plan = native_plan(self, norm, x, identity)
-        if norm is not None and not self.memory_efficient and \
-                plan is None and torch.is_grad_enabled() and \
-                not is_plain_batch_norm(norm):
-            # another norm (SyncBN's forward communicates, GroupNorm's
-            # costs more than a batch norm's affine): keep GE's own input
-            # rather than run it again in backward. After a plain batch
-            # norm both modes keep the norm's input, which the network
-            # keeps anyway (the native path makes GE's input on the fly;
-            # elsewhere it is made again from the norm's statistics)
-            x, norm = norm(x), None
-            plan = native_plan(self, norm, x, identity)
-        if torch.compiler.is_compiling():
-            # the ops: the compiler plans the memory between them
-            if norm is not None:
-                x = norm(x)
-            return self.excite(x, self.gather(x), identity, relu)
-        if torch.is_grad_enabled():
-            if norm is not None and plan is None and \
-                    not self.memory_efficient and \
-                    input_recompute.usable(self, norm, x):
-                # the default mode off the native kernels, after a plain
-                # batch norm: the gather's small maps kept, GE's input made
-                # again in backward (nothing asks for a gradient: autograd
-                # records nothing, and the values are the same)
-                return input_recompute.forward(self, norm, x, identity, relu)
-            params = tuple(
-                p for m in (self, norm) if m is not None
-                for p in m.parameters() if p.requires_grad)
-            if x.requires_grad or params or (identity is not None
-                                             and identity.requires_grad):
-                out = GEFunction.apply(self, norm, plan, x, identity,
-                                       *params)
-                return out.relu_() if relu else out
-        if replay and plan is not None:
-            prepared = PreparedInference.build(self, norm, plan, x, identity,
-                                               relu)
-            if prepared is not None:
-                self._prepared = prepared
-                return prepared.run(x, identity)
-        out = native_inference(self, norm, plan, x, identity, relu)
-        if out is not None:
-            return out
-        if norm is not None:
-            x = norm(x)
-        return self.excite(x, self.gather(x), identity, relu)
+        return ge_block_tail(self, x)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .float(), .cuda() and the like: the prepared call keeps the

@@ -194,8 +194,9 @@ class PreparedInference:
     def __call__(self, layer: nn.Module, inp: torch.Tensor,
                  identity: Optional[torch.Tensor], norm: Optional[nn.Module],
                  relu: bool) -> Optional[torch.Tensor]:
-        """Replay the call for ``layer(inp, identity, norm=norm,
-        relu=relu)`` without autograd, if nothing it depends on changed.
+        """Replay the call for ``ge_block_tail(layer, inp, identity,
+        norm=norm, relu=relu)`` without autograd, if nothing it depends on
+        changed.
 
         Returns:
             Tensor | None: The layer's output, or None: take the full path.
