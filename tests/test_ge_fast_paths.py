@@ -1008,3 +1008,20 @@ def test_hooks_on_every_submodule_fire(variant, channels_last):
             want = formula(ref_layer, x, identity, ref_norm, relu=True) \
                 if as_block else formula(ref_layer, x)
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_jit_trace_of_a_ge_resnet_runs_at_other_sizes(variant):
+    """``torch.jit.trace`` (what mmdeploy runs) of a GE-ResNet at 64x64
+    gives eager's outputs at sizes the extent does not divide."""
+    torch.manual_seed(0)
+    model = GEResNet(18, ge_cfg=dict(variant=variant, extent=8)).eval()
+    _randomise_norm_stats(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64),
+                                 check_trace=False)
+        for size in ((37, 53), (100, 23)):
+            x = torch.randn(1, 3, *size)
+            for a, b in zip(traced(x), model(x)):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
