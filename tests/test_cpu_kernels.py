@@ -15,6 +15,8 @@ from mmge.models.layers.ge_block import ge_block_tail
 from mmge.models import GatherExcite, GEResNet
 from mmge.ops import cpu_kernels
 from mmge.models.layers.excite import Excite
+from mmge.models.layers.ge_autograd import (conv_gather_forward,
+                                             conv_gather_params)
 from mmge.ops.resize import resize_multiply
 from mmge.models.layers.gather import ConvGather
 
@@ -424,11 +426,18 @@ def _buffers_close(module, ref):
                                    rtol=1e-4, msg=name)
 
 
+def native_gather(gather, x):
+    """``gather(x)`` on the native kernel, as GE's fused paths run it."""
+    params = conv_gather_params(gather, x)
+    assert params is not None, 'the kernel does not take this gather'
+    return conv_gather_forward(gather, x, params).context
+
+
 @pytest.mark.parametrize('size', SIZES)
 @pytest.mark.parametrize('extent', (2, 4, 8))
 @pytest.mark.parametrize('train', (True, False))
 def test_conv_gather_is_the_modules(size, extent, train, monkeypatch):
-    """GE-theta's gather on the kernel (ConvGather without grad) gives the
+    """GE-theta's gather on the kernel (conv_gather_forward) gives the
     modules' output in float64 and updates the running statistics and
     num_batches_tracked as they do. 11 channels: one full block of the
     kernel's 8 and one partial."""
@@ -437,7 +446,7 @@ def test_conv_gather_is_the_modules(size, extent, train, monkeypatch):
     x = torch.randn(4, 11, *size, dtype=torch.float64)
     calls = count_calls(monkeypatch, 'conv_gather')
     with torch.no_grad():
-        got = gather(x.float())
+        got = native_gather(gather, x.float())
         expect = ref(x)
     assert calls, 'the kernel was not used'
     close(got, expect)
@@ -471,7 +480,7 @@ def test_conv_gather_updates_running_stats_as_the_modules(case,
         x = torch.randn(4, 11, 30, 23)
         calls = count_calls(monkeypatch, 'conv_gather')
         with torch.no_grad():
-            gather(x)
+            native_gather(gather, x)
         assert calls, 'the kernel was not used'
         monkeypatch.undo()
         with torch.no_grad():
@@ -496,7 +505,7 @@ def test_conv_gather_of_an_affine_map_and_the_gates_gradient(size):
     grad = torch.randn_like(x)
     scale, shift = _affine(11, 1)
     y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    params = gather.native_params(x.float())
+    params = conv_gather_params(gather, x.float())
     context, mean, var, grad_gate, *_ = cpu_kernels.conv_gather(
         x.float(), params, scale.float(), shift.float(), grad.float())
     close(context, ref(y))
@@ -521,7 +530,7 @@ def test_conv_gather_backward_from_a_kept_first_level():
     gather = _conv_gather(11, 8, last_act=True)
     x, grad = torch.randn(2, 11, 30, 23), torch.randn(2, 11, 30, 23)
     scale, shift = torch.rand(11), torch.rand(11)
-    params = gather.native_params(x)
+    params = conv_gather_params(gather, x)
     first = cpu_kernels.conv_gather(x, params, scale, shift, grad,
                                     keep_level1=True)
     context, grad_gate, level1 = first.context, first.grad_gate, first.level1
@@ -584,7 +593,7 @@ def test_conv_gather_backward_runs_the_mlps_backward(layout, size):
         gather = _conv_gather(channels, 8, last_act=True)
         x, grad = (torch.randn(2, channels, *size).contiguous(
             memory_format=fmt) for _ in range(2))
-        params = gather.native_params(x)
+        params = conv_gather_params(gather, x)
         scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
         stats = cpu_kernels.NormStats(x.mean((0, 2, 3)),
                                       torch.rand(channels) + 0.5, True)
@@ -677,7 +686,7 @@ def test_small_tensors_channels_last_give_the_same_values():
     gather = _conv_gather(11, 4, last_act=True)
     x, grad = torch.randn(2, 11, 30, 23), torch.randn(2, 11, 30, 23)
     scale, shift = torch.rand(11), torch.rand(11)
-    params = gather.native_params(x)
+    params = conv_gather_params(gather, x)
     nchw = cpu_kernels.conv_gather(x, params, scale, shift, grad)
     nhwc = cpu_kernels.conv_gather(x, params, scale, shift, grad,
                                    channels_last=True)
@@ -746,7 +755,8 @@ def test_conv_gather_runs_the_norm_before_it(size, offset, affine):
     fused = cpu_kernels.FusedNorm(
         None if norm.weight is None else norm.weight.float(),
         None if norm.bias is None else norm.bias.float(), norm.eps)
-    got = cpu_kernels.conv_gather(x.float(), gather.native_params(x.float()),
+    got = cpu_kernels.conv_gather(x.float(),
+                                  conv_gather_params(gather, x.float()),
                                   norm=fused)
     if offset:
         close_as_aten(got.context, modules(torch.float64),
@@ -757,10 +767,10 @@ def test_conv_gather_runs_the_norm_before_it(size, offset, affine):
     close(got.norm_var, x.var((0, 2, 3), unbiased=False))
     grad = torch.randn(3, 11, *size)
     with pytest.raises(ValueError, match='fused norm'):
-        cpu_kernels.conv_gather(x.float(), gather.native_params(x.float()),
+        cpu_kernels.conv_gather(x.float(), conv_gather_params(gather, x.float()),
                                 torch.ones(11), torch.zeros(11), norm=fused)
     with pytest.raises(ValueError, match='fused norm'):
-        cpu_kernels.conv_gather(x.float(), gather.native_params(x.float()),
+        cpu_kernels.conv_gather(x.float(), conv_gather_params(gather, x.float()),
                                 grad=grad, norm=fused)
 
 
@@ -797,7 +807,7 @@ def test_conv_gather_backward_runs_the_norms_backward(size, train, offset):
     shift = norm.bias.detach() - mean * scale
     xf = x.float()
     got = cpu_kernels.conv_gather_backward(
-        xf, gather.native_params(xf), grad.float(), scale.float(),
+        xf, conv_gather_params(gather, xf), grad.float(), scale.float(),
         shift.float(),
         stats=cpu_kernels.NormStats(mean.float(), invstd.float(), train))
     got = (got.dx, got.norm_dweight, got.norm_dbias)
@@ -956,7 +966,7 @@ def test_conv_gather_excites_what_it_gathers(size, mlp, train):
         norm.running_var.uniform_(0.5, 2)
         x, identity = torch.randn(2, channels, *size), torch.randn(
             2, channels, *size)
-        params = gather.native_params(x)
+        params = conv_gather_params(gather, x)
         ref_norm = copy.deepcopy(norm).double()
         fused = cpu_kernels.FusedNorm(
             norm.weight, norm.bias, norm.eps,
@@ -1074,7 +1084,7 @@ def test_conv_gather_reads_channels_last(size, train):
     lie one cache line more apart (cl_pitch)."""
     for channels in (11, 20):
         gather = _conv_gather(channels, 4, train=train)
-        params = gather.native_params(torch.randn(2, channels, *size))
+        params = conv_gather_params(gather, torch.randn(2, channels, *size))
         excite = Excite(channels, 4)
         first, second = excite.mlp
         mlp = cpu_kernels.MLPParams(first.conv.weight, first.conv.bias,
@@ -1142,7 +1152,7 @@ def test_conv_gather_excite_only_in_a_forward_call():
     norm with running statistics is not given with scale and shift."""
     gather = _conv_gather(8, 4)
     x = torch.randn(2, 8, 16, 16)
-    params = gather.native_params(x)
+    params = conv_gather_params(gather, x)
     spec = cpu_kernels.Excitation()
     with pytest.raises(ValueError, match='excite runs in a forward call'):
         cpu_kernels.conv_gather(x, params, grad=torch.randn_like(x),
@@ -1199,7 +1209,7 @@ def test_conv_gather_split_over_threads_gives_the_same_values(layout):
     x, grad = (torch.randn(2, 43, 56, 56).contiguous(memory_format=fmt)
                for _ in range(2))
     scale, shift = torch.rand(43), torch.rand(43)
-    params = gather.native_params(x)
+    params = conv_gather_params(gather, x)
     stats = cpu_kernels.NormStats(torch.randn(43), torch.rand(43) + 0.5,
                                   True)
     fused = cpu_kernels.FusedNorm(torch.rand(43), torch.rand(43), 1e-5)
@@ -1233,29 +1243,30 @@ def test_conv_gather_leaves_other_layers_to_their_modules():
     channels-last, and a batch norm that would see one value per channel
     (the module's own error then) take the modules' forward."""
     x = torch.randn(2, 8, 16, 16)
-    assert _conv_gather(8, 4).native_params(x) is not None
+    assert conv_gather_params(_conv_gather(8, 4), x) is not None
     for kwargs in (dict(act_cfg=dict(type='GELU')),
                    dict(norm_cfg=dict(type='GN', num_groups=2)),
                    dict(norm_cfg=dict(type='SyncBN'))):
         gather = _conv_gather(8, 4, **kwargs)
-        assert gather.native_params(x) is None, kwargs
+        assert conv_gather_params(gather, x) is None, kwargs
     gather = _conv_gather(8, 4, act_cfg=dict(type='GELU'))
     with torch.no_grad():
         torch.testing.assert_close(gather(x), gather.convs(x))
-    assert _conv_gather(8, 'global', feat_size=16).native_params(x) is None
+    assert conv_gather_params(_conv_gather(8, 'global', feat_size=16), x) is None
     gather = _conv_gather(8, 4)
-    assert gather.native_params(x.double()) is None
-    assert gather.native_params(
-        x.to(memory_format=torch.channels_last)) is not None
+    assert conv_gather_params(gather, x.double()) is None
+    assert conv_gather_params(
+        gather, x.to(memory_format=torch.channels_last)) is not None
     # a strided view, and H and W swapped in memory
-    assert gather.native_params(torch.randn(2, 8, 16, 32)[..., ::2]) is None
-    assert gather.native_params(x.transpose(2, 3)) is None
+    assert conv_gather_params(
+        gather, torch.randn(2, 8, 16, 32)[..., ::2]) is None
+    assert conv_gather_params(gather, x.transpose(2, 3)) is None
     one = torch.randn(1, 8, 8, 8)
-    assert _conv_gather(8, 8).native_params(one) is None
+    assert conv_gather_params(_conv_gather(8, 8), one) is None
     with pytest.raises(ValueError, match='more than 1 value per channel'):
         with torch.no_grad():
             _conv_gather(8, 8)(one)
-    assert _conv_gather(8, 8, train=False).native_params(one) is not None
+    assert conv_gather_params(_conv_gather(8, 8, train=False), one) is not None
 
 
 @pytest.mark.parametrize('variant,kernel', (

@@ -51,6 +51,7 @@ def median_ms(fn, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mmge.models.layers.ge_autograd import conv_gather_params
     from mmge.ops import cpu_kernels
     from mmge.models.layers.gather import ConvGather
     if not cpu_kernels.available():
@@ -67,7 +68,7 @@ def main(argv=None):
         gather = ConvGather(channels, args.extent).train()
         x = torch.randn(args.batch, channels, size, size)
         grad_x = torch.randn_like(x)
-        params = gather.native_params(x)
+        params = conv_gather_params(gather, x)
         if params is None:
             raise SystemExit(f'the kernel does not take a {channels}x{size} '
                              f'map at batch {args.batch}')

@@ -44,8 +44,9 @@ from .batch_norm import (batch_norm_again, batch_norm_backward,
                          batch_norm_forward, batch_stats_state,
                          check_batch_size, is_plain_batch_norm,
                          norm_with_state, running_stats_state,
-                         uses_batch_stats)
+                         update_running_stats, uses_batch_stats)
 from ...ops.resize import channels_last
+from .depthwise_conv import is_plain_conv
 from .gather import GLOBAL
 
 
@@ -122,6 +123,160 @@ POOL = 'pool'
 NativePlan = Union[str, cpu_kernels.ConvGatherParams]
 
 
+def conv_gather_params(gather: nn.Module, x: torch.Tensor
+                       ) -> Optional[cpu_kernels.ConvGatherParams]:
+    """The levels as the native kernel takes them, or None where it
+    does not apply.
+
+    The kernel (:func:`cpu_kernels.conv_gather`) runs the gather that
+    :class:`~.gather.ConvGather` builds with a local extent: per level a
+    depthwise 3x3 ``nn.Conv2d`` of stride 2, padding 1 and no bias, a plain batch norm
+    (:func:`is_plain_batch_norm`) and an optional ``nn.ReLU``, in that
+    order, on :func:`cpu_kernels.usable` float32 tensors (``x``
+    contiguous or channels-last, :func:`cpu_kernels.maps_usable`). Any
+    other
+    layer (another norm or activation, a global extent, GPU, float64,
+    tracing) takes the modules' own forward.
+
+    Args:
+        x (Tensor): The gather's input, (N, C, H, W).
+
+    Returns:
+        ConvGatherParams | None: The modules' tensors (the kernel reads
+        them where they are, as ATen's ops would).
+    """
+    levels = len(gather.convs)
+    if gather.extent == GLOBAL or x.dim() != 4 or \
+            levels > cpu_kernels.MAX_LEVELS:
+        return None
+    n, c, h, w = x.shape
+    weights, gammas, betas, means, variances = [], [], [], [], []
+    eps, train, relu = [], [], []
+    # the modules' own dicts, read directly: this runs on every forward,
+    # and each nn.Module.__getattr__ lookup costs about half a microsecond
+    for m in gather.convs._modules.values():
+        modules = m._modules
+        conv = modules.get('conv')
+        norm = modules.get(m.norm_name) if m.with_norm else None
+        if not (tuple(m.order) == ('conv', 'norm', 'act')
+                and not m.with_explicit_padding
+                and is_plain_conv(conv)
+                and conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+                and conv.padding == (1, 1) and conv.dilation == (1, 1)
+                and conv.groups == c == conv.in_channels
+                and conv.out_channels == c
+                and conv._parameters.get('bias') is None
+                and conv.padding_mode == 'zeros'
+                and is_plain_batch_norm(norm)
+                and norm.num_features == c
+                and (not m.with_activation
+                     or type(modules.get('activate')) is nn.ReLU)):
+            return None
+        h, w = -(-h // 2), -(-w // 2)
+        batch = uses_batch_stats(norm)
+        if batch and n * h * w < 2:
+            return None  # the module raises ValueError: let it
+        weights.append(conv._parameters['weight'])
+        gammas.append(norm._parameters.get('weight'))
+        betas.append(norm._parameters.get('bias'))
+        means.append(None if batch else norm._buffers['running_mean'])
+        variances.append(None if batch else norm._buffers['running_var'])
+        eps.append(float(norm.eps))
+        train.append(batch)
+        relu.append(m.with_activation)
+    params = cpu_kernels.ConvGatherParams(
+        tuple(weights), tuple(gammas), tuple(betas), tuple(means),
+        tuple(variances), tuple(eps), tuple(train), tuple(relu))
+    return params if cpu_kernels.maps_usable(x) and \
+        cpu_kernels.usable(*params.tensors) else None
+
+
+def conv_gather_forward(
+        gather: nn.Module,
+        x: torch.Tensor,
+        params: cpu_kernels.ConvGatherParams,
+        scale: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
+        norm: Optional[cpu_kernels.FusedNorm] = None,
+        channels_last: bool = False,
+        excite: Optional[cpu_kernels.Excitation] = None,
+        keep_context: bool = False
+) -> cpu_kernels.ConvGatherResult:
+    """The gather of ``scale[c] * x + shift[c]``, of ``norm(x)``, or of
+    ``x``, on the native kernel (with ``excite``, the excite too),
+    updating the levels' running statistics as their forward would.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        params (ConvGatherParams): From :func:`conv_gather_params`.
+        scale (Tensor, optional): Per-channel scale, (C, ).
+        shift (Tensor, optional): Per-channel shift, (C, ).
+        norm (FusedNorm, optional): The batch norm before the gather
+            (in training the caller updates its running statistics from
+            the result).
+        channels_last (bool): The context channels-last in memory.
+        excite (Excitation, optional): The excite to run in the same
+            call (:func:`cpu_kernels.conv_gather`).
+        keep_context (bool): With ``excite``, return the context too
+            (channels-last). Defaults to False.
+
+    Returns:
+        ConvGatherResult: ``context`` is the context, (N, C,
+        ceil(H/e), ceil(W/e)), or with ``excite`` ``out`` the excite's
+        output (and the context with ``keep_context``); with a training
+        ``norm``, ``norm_mean`` and
+        ``norm_var`` are its batch statistics.
+    """
+    running, rest = _running_update(gather, params)
+    result = cpu_kernels.conv_gather(x, params, scale, shift, norm=norm,
+                                     channels_last=channels_last,
+                                     excite=excite,
+                                     keep_context=keep_context,
+                                     running=running)
+    n, _, h, w = x.shape
+    for level, m in enumerate(gather.convs._modules.values()):
+        h, w = -(-h // 2), -(-w // 2)
+        if level in rest:
+            update_running_stats(m._modules[m.norm_name],
+                                 result.mean[level], result.var[level],
+                                 n * h * w)
+    return result
+
+
+def _running_update(
+    gather: nn.Module, params: cpu_kernels.ConvGatherParams
+) -> Tuple[Optional[cpu_kernels.RunningUpdate], Tuple[int, ...]]:
+    """The training levels' running statistics the kernel updates in
+    its call (float32 running statistics of a norm in training mode;
+    the momentum as :func:`update_running_stats` takes it), and the
+    training levels left to :func:`update_running_stats` after it."""
+    means, variances, counts, momenta, rest = [], [], [], [], []
+    for level, (m, train) in enumerate(
+            zip(gather.convs._modules.values(), params.train)):
+        norm = m._modules[m.norm_name]
+        buffers = norm._buffers
+        mean, var = buffers.get('running_mean'), buffers.get('running_var')
+        count = buffers.get('num_batches_tracked')
+        kernel = train and norm.training and norm.track_running_stats \
+            and cpu_kernels.usable(mean, var) and mean is not None \
+            and var is not None
+        if train and not kernel:
+            rest.append(level)
+        momentum = norm.momentum
+        if kernel and momentum is None:
+            # cumulative: 1 / num_batches_tracked after the increment
+            momentum = 0.0 if count is None else 1.0 / (int(count) + 1)
+        means.append(mean if kernel else None)
+        variances.append(var if kernel else None)
+        counts.append(count if kernel else None)
+        momenta.append(float(momentum) if kernel else 0.0)
+    if not any(t is not None for t in means):
+        return None, tuple(rest)
+    return cpu_kernels.RunningUpdate(tuple(means), tuple(variances),
+                                     tuple(counts),
+                                     tuple(momenta)), tuple(rest)
+
+
 def native_plan(layer: nn.Module, norm: Optional[nn.Module],
                 inp: torch.Tensor,
                 identity: Optional[torch.Tensor]) -> Optional[NativePlan]:
@@ -135,7 +290,7 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
 
     Returns:
         str | ConvGatherParams | None: :data:`POOL` for GE-theta-minus with
-        a local extent, the gather's :meth:`ConvGather.native_params` for
+        a local extent, the gather's :func:`conv_gather_params` for
         GE-theta and GE-theta-plus whose gather the kernel runs, and None
         otherwise; None too unless the tensors are float32 CPU tensors,
         contiguous or channels-last with ``identity`` in ``inp``'s layout
@@ -153,7 +308,7 @@ def native_plan(layer: nn.Module, norm: Optional[nn.Module],
         return None
     if layer.variant == 'theta_minus':
         return POOL
-    return layer.gather.native_params(inp)
+    return conv_gather_params(layer.gather, inp)
 
 
 def native_excite(x: torch.Tensor, gate: torch.Tensor,
@@ -307,15 +462,15 @@ def native_norm_excite(
                                       norm.running_mean, norm.running_var)
     context = None
     if layer.excite.mlp is None or mlp is not None:
-        result = layer.gather.native_forward(
-            inp, plan, norm=fused,
+        result = conv_gather_forward(
+            layer.gather, inp, plan, norm=fused,
             excite=cpu_kernels.Excitation(identity, relu, mlp),
             keep_context=keep_context and mlp is not None)
         out, context = result.out, result.context
     else:
         # the context channels-last: the MLP's rows as they are
-        result = layer.gather.native_forward(inp, plan, norm=fused,
-                                             channels_last=True)
+        result = conv_gather_forward(layer.gather, inp, plan, norm=fused,
+                                     channels_last=True)
         out = None
     if batch:
         state = batch_stats_state(norm, result.norm_mean, result.norm_var,
