@@ -552,16 +552,16 @@ def test_global_theta_refuses_another_size_before_the_norm_runs(
 
 def test_default_aten_path_runs_a_large_cpu_batch_in_parts():
     """The gather's first convolution's backward runs on parts of the batch
-    on the CPU once a call outgrows ``ConvGather.cpu_chunk`` (as its
+    on the CPU once a call outgrows ``GatherConv2d.cpu_chunk`` (as its
     forward does), with the formula's gradients."""
-    from mmge.models.layers.gather import ConvGather
+    from mmge.models.layers.depthwise_conv import GatherConv2d
     torch.manual_seed(0)
     layer = GatherExcite(16, variant='theta', extent=4).double()
     norm = nn.BatchNorm2d(16).double()
     ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
     inp = torch.randn(4, 16, 136, 136, dtype=torch.float64,
                       requires_grad=True)
-    assert inp.numel() > ConvGather.cpu_chunk > 2 * inp[0].numel()
+    assert inp.numel() > GatherConv2d.cpu_chunk > 2 * inp[0].numel()
     out = ge_block_tail(layer, inp, norm=norm)
     grad = torch.randn_like(out)
     out.backward(grad)

@@ -12,7 +12,7 @@ one training step (forward, loss, backward) dispatches, for the rows of
 ``ge_benchmark.py``, on the CPU, on the path a GPU takes: under bf16
 autocast (``--amp bf16``, the default) none of mmge's native CPU kernels
 runs (they need float32), the gather's first convolution runs in one
-call (``ConvGather.cpu_chunk`` lifted: only the CPU splits it) and its
+call (``GatherConv2d.cpu_chunk`` lifted: only the CPU splits it) and its
 depthwise backward in bfloat16 (``GatherConv2d.cpu_wide_backward`` off:
 only the CPU widens it to float32). Two counts
 per row: every operation dispatched, and those that run a kernel (not
@@ -96,10 +96,9 @@ def main(argv=None) -> Dict[str, Tuple[int, int]]:
     from ge_benchmark import build, model_configs
 
     from mmge.models.layers.depthwise_conv import GatherConv2d
-    from mmge.models.layers.gather import ConvGather
     rows = model_configs(args.rows, args.variants, args.extent)
-    chunk = ConvGather.cpu_chunk
-    ConvGather.cpu_chunk = float('inf')  # as on a GPU: one call
+    chunk = GatherConv2d.cpu_chunk
+    GatherConv2d.cpu_chunk = float('inf')  # as on a GPU: one call
     # as on a GPU: the depthwise backward in the autocast dtype
     wide = GatherConv2d.cpu_wide_backward
     GatherConv2d.cpu_wide_backward = False
@@ -113,7 +112,7 @@ def main(argv=None) -> Dict[str, Tuple[int, int]]:
             model.zero_grad(set_to_none=True)
             counts[name] = count_step(model, x, args.amp)
     finally:
-        ConvGather.cpu_chunk = chunk
+        GatherConv2d.cpu_chunk = chunk
         GatherConv2d.cpu_wide_backward = wide
     precision = 'bf16 autocast' if args.amp == 'bf16' else 'float32'
     print(f'ResNet-50, batch {args.batch}, {args.size}x{args.size}, '

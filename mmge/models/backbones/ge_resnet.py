@@ -11,7 +11,7 @@ from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
-from ..layers.gather import Size2d, to_size2d
+from ..layers.args import Size2d, to_size2d
 from ..layers.gather_excite import GatherExcite, needs_feat_size
 from ..layers.ge_block import fusable, fusable_relu, ge_block_tail
 

@@ -11,7 +11,7 @@ from mmpretrain.models.backbones.shufflenet_v1 import ShuffleNetV1, ShuffleUnit
 from mmpretrain.models.utils import channel_shuffle
 
 from ..init_report import report_layer_loading
-from ..layers.gather import to_size2d
+from ..layers.args import to_size2d
 from ..layers.gather_excite import needs_feat_size
 from ..layers.ge_block import fusable, fusable_relu, ge_block_tail
 

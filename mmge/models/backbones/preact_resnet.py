@@ -9,7 +9,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from ..init_report import report_layer_loading
-from ..layers.gather import to_size2d
+from ..layers.args import to_size2d
 from ..layers.gather_excite import needs_feat_size
 
 

@@ -38,6 +38,28 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def cpu_batch_step(x: torch.Tensor) -> Optional[int]:
+    """How many samples of ``x`` each call of a gather convolution (forward
+    or backward) takes on the CPU, or None for one call: the CPU depthwise
+    convolution's input gradient slows down several times once a call
+    outgrows :attr:`GatherConv2d.cpu_chunk` input elements (ResNet-50's
+    first stage at batch 4).
+
+    Args:
+        x (Tensor): The convolution's input, (N, C, H, W).
+
+    Returns:
+        int | None: Samples per call; None off the CPU, for a batch of one,
+        for a call within :attr:`GatherConv2d.cpu_chunk`, and while
+        tracing or compiling.
+    """
+    if x.device.type != 'cpu' or x.dim() != 4 or x.shape[0] < 2 or \
+            x.numel() <= GatherConv2d.cpu_chunk or \
+            torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    return max(1, GatherConv2d.cpu_chunk // x[0].numel())
+
+
 def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
                          weight: torch.Tensor, conv: nn.Conv2d, mask: list,
                          step: Optional[int] = None) -> tuple:
@@ -57,7 +79,7 @@ def convolution_backward(grad: torch.Tensor, x: torch.Tensor,
         mask (list[bool]): ``[input, weight, bias]`` gradients wanted (the
             bias's must be False).
         step (int, optional): Samples per call
-            (:meth:`~.gather.ConvGather.cpu_batch_step`, as the forward ran);
+            (:func:`cpu_batch_step`, as the forward ran);
             None for one call.
 
     Returns:
@@ -127,23 +149,37 @@ class WideBackwardConv(torch.autograd.Function):
 
 @MODELS.register_module()
 class GatherConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with a float32 backward on the CPU in low precision.
+    """``nn.Conv2d`` with two CPU workarounds of ATen's depthwise
+    convolution: a batch too large for the cache runs in parts, and a
+    backward in low precision runs in float32.
 
-    The gather's depthwise convolutions are built as this class. Where a
-    call runs on the CPU without bias and zero padding, in bfloat16 or
-    float16 (autocast's or the tensors' own, :func:`compute_dtype`), with
-    autograd recording, it runs as :class:`WideBackwardConv`: the same
-    forward, and a backward in float32. Anywhere else (the GPU, float32,
-    no grad, tracing, ``torch.compile``, or :attr:`cpu_wide_backward` off) it
-    is ``nn.Conv2d``. Parameters and state dict are ``nn.Conv2d``'s.
+    The gather's depthwise convolutions are built as this class. On the
+    CPU a call of more than :attr:`cpu_chunk` input elements runs on parts
+    of the batch (:func:`cpu_batch_step`; the backward too). Where a call
+    runs on the CPU without bias and zero padding, in bfloat16 or float16
+    (autocast's or the tensors' own, :func:`compute_dtype`), with autograd
+    recording, it runs as :class:`WideBackwardConv`: the same forward, and
+    a backward in float32. Anywhere else (the GPU, tracing,
+    ``torch.compile``) it is ``nn.Conv2d``. Parameters and state dict are
+    ``nn.Conv2d``'s.
     """
 
     #: run the CPU's low-precision backward in float32 (tools that count
     #: the GPU's operations on the CPU switch it off)
     cpu_wide_backward = True
+    #: input elements per call on the CPU (:func:`cpu_batch_step`)
+    cpu_chunk = 2**20
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+        step = cpu_batch_step(input)
+        if step is None:
+            return self._conv_call(input, weight, bias)
+        return torch.cat([self._conv_call(part, weight, bias)
+                          for part in input.split(step)])
+
+    def _conv_call(self, input: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.cpu_wide_backward and input.device.type == 'cpu' and \
                 bias is None and \
                 self.padding_mode == 'zeros' and \

@@ -14,89 +14,15 @@ Two gathers are defined by the paper:
   (a chain of strided depthwise convolutions).
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from mmcv.cnn import ConvModule
 
 from ... import ops
+from .args import GLOBAL, Extent, Size2d, check_extent, to_size2d
 from .depthwise_conv import GatherConv2d
-
-Extent = Union[int, str]
-Size2d = Tuple[int, int]
-
-GLOBAL = 'global'
-
-
-def check_extent(extent: Extent) -> Extent:
-    """Validate an extent ratio.
-
-    Args:
-        extent (int | str): A power of two >= 2 (the paper uses 2, 4 and 8)
-            or ``'global'``.
-
-    Returns:
-        int | str: ``extent`` unchanged.
-
-    Raises:
-        TypeError: If ``extent`` is neither an int nor a str.
-        ValueError: If ``extent`` is an int that is not a power of two >= 2,
-            or a str other than ``'global'``.
-    """
-    allowed = "a power of two >= 2 (the paper uses 2, 4, 8) or 'global'"
-    if isinstance(extent, str):
-        if extent != GLOBAL:
-            raise ValueError(f'extent must be {allowed}, got {extent!r}')
-        return extent
-    if isinstance(extent, bool) or not isinstance(extent, int):
-        raise TypeError(f'extent must be {allowed}, got {extent!r} '
-                        f'of type {type(extent).__name__}')
-    if extent < 2 or extent & (extent - 1):
-        raise ValueError(f'extent must be {allowed}, got {extent}')
-    return extent
-
-
-def to_size2d(size: Union[int, Size2d], name: str) -> Size2d:
-    """Turn an int or an (h, w) pair of positive ints into an (h, w) tuple.
-
-    Args:
-        size (int | tuple[int, int]): The size.
-        name (str): The argument's name, for the error message.
-
-    Returns:
-        tuple[int, int]: ``(h, w)``.
-
-    Raises:
-        TypeError: If ``size`` is not an int or a pair of ints.
-        ValueError: If an entry is < 1.
-    """
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool)
-                       for s in size)):
-        raise TypeError(f'{name} must be an int or a pair (h, w) of ints, '
-                        f'got {size!r}')
-    if min(size) < 1:
-        raise ValueError(f'{name} must be positive, got {tuple(size)}')
-    return int(size[0]), int(size[1])
-
-
-def gathered_size(size: Size2d, extent: Extent) -> Size2d:
-    """The spatial size of a gather's output for an input of ``size``.
-
-    Args:
-        size (tuple[int, int]): Input ``(h, w)``.
-        extent (int | str): Extent ratio.
-
-    Returns:
-        tuple[int, int]: ``(ceil(h / e), ceil(w / e))``; ``(1, 1)`` for the
-        global extent.
-    """
-    if extent == GLOBAL:
-        return 1, 1
-    return -(-size[0] // extent), -(-size[1] // extent)
 
 
 class PoolGather(nn.Module):
@@ -153,9 +79,6 @@ class ConvGather(nn.Module):
             (GE-theta-plus does). Defaults to False.
     """
 
-    #: input elements per call of the first convolution on the CPU
-    cpu_chunk = 2**20
-
     def __init__(self,
                  channels: int,
                  extent: Extent = 8,
@@ -200,38 +123,7 @@ class ConvGather(nn.Module):
                 ``feat_size`` the layer was built for.
         """
         self.check_size(x)
-        step = None if torch.compiler.is_compiling() else \
-            self.cpu_batch_step(x)
-        if step is None:
-            return self.convs(x)
-        # The CPU depthwise convolution's input gradient slows down several
-        # times once a call outgrows the cache (ResNet-50's first stage at
-        # batch 4); the first, full-resolution convolution runs on chunks
-        # of the batch and its norm layer on the whole batch.
-        first = self.convs[0]
-        x = torch.cat([first.conv(part) for part in x.split(step)])
-        x = first.norm(x)
-        if first.with_activation:
-            x = first.activate(x)
-        return self.convs[1:](x)
-
-    def cpu_batch_step(self, x: torch.Tensor) -> Optional[int]:
-        """How many samples of ``x`` each call of the first convolution
-        (forward or backward) takes on the CPU, or None for one call: the
-        CPU depthwise convolution slows down several times once a call
-        outgrows :attr:`cpu_chunk` input elements.
-
-        Args:
-            x (Tensor): The gather's input, (N, C, H, W).
-
-        Returns:
-            int | None: Samples per call; None off the CPU, for a batch of
-            one and for a call within :attr:`cpu_chunk`.
-        """
-        if x.device.type != 'cpu' or x.shape[0] < 2 or \
-                x.numel() <= self.cpu_chunk:
-            return None
-        return max(1, self.cpu_chunk // x[0].numel())
+        return self.convs(x)
 
     def check_size(self, x: torch.Tensor) -> None:
         """Refuse a map of another size than a global extent's.

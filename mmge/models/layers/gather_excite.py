@@ -5,9 +5,11 @@ import torch
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from .excite import Excite, check_channels, check_reduction
+from .args import (GLOBAL, Extent, check_channels, check_extent,
+                   check_reduction)
+from .excite import Excite
 from .ge_block import ge_block_tail
-from .gather import GLOBAL, ConvGather, Extent, PoolGather, check_extent
+from .gather import ConvGather, PoolGather
 from .prepared_inference import PreparedInference
 
 VARIANTS = ('theta_minus', 'theta', 'theta_plus')

@@ -36,6 +36,7 @@ from typing import ContextManager, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -47,7 +48,7 @@ from .batch_norm import (batch_norm_again, batch_norm_backward,
                          update_running_stats, uses_batch_stats)
 from ...ops.resize import channels_last
 from .depthwise_conv import is_plain_conv
-from .gather import GLOBAL
+from .args import GLOBAL
 
 
 def call_frozen(module: nn.Module, *args) -> torch.Tensor:
@@ -389,6 +390,81 @@ def pool_gate(layer: nn.Module, inp: torch.Tensor,
                                    shift).sigmoid_()
 
 
+def _as_context(t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """``t``, a channels-last (N, C, h, w) view, in ``context``'s layout:
+    as it is for a channels-last context, else contiguous."""
+    return t if channels_last(context) else t.contiguous()
+
+
+def plain_mlp(excite: nn.Module) -> bool:
+    """Whether an :class:`~.excite.Excite`'s MLP has the layout that class
+    builds: two 1x1
+    ``nn.Conv2d`` with bias, no norm, a ReLU or nothing after the
+    first and nothing after the second."""
+    first, second = excite.mlp
+    return all(
+        tuple(m.order) == ('conv', 'norm', 'act') and not m.with_norm
+        and type(m.conv) is nn.Conv2d and m.conv.kernel_size == (1, 1)
+        and m.conv.groups == 1 and m.conv.bias is not None
+        for m in excite.mlp) and not second.with_activation and (
+            not first.with_activation
+            or type(first.activate) is nn.ReLU)
+
+
+def gate_backward(excite: nn.Module, context: torch.Tensor,
+                  grad_gate: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """An :class:`~.excite.Excite`'s gate and the gradients of the context
+    and the MLP's parameters for the gate's gradient ``grad_gate``.
+
+    Args:
+        excite (Excite): The excite.
+        context (Tensor): Gathered context (N, C, h, w).
+        grad_gate (Tensor): Gradient of ``excite.gate``'s output.
+
+    Returns:
+        tuple: ``gate``, ``grad_context`` and, per parameter of the MLP
+        that requires grad (in ``parameters()`` order), its gradient.
+        For the plain layout the products are written out by hand (no
+        autograd graph: the context is small and the graph's overhead
+        is not); else autograd runs ``excite.gate``.
+    """
+    params = [p for p in excite.parameters() if p.requires_grad]
+    if excite.mlp is None or not plain_mlp(excite) or context.dim() != 4:
+        with torch.enable_grad():
+            leaf = context.detach().requires_grad_(True)
+            gate = excite.gate(leaf)
+        grads = torch.autograd.grad(gate, [leaf] + params, grad_gate)
+        return (gate.detach(), ) + tuple(grads)
+    first, second = (m.conv for m in excite.mlp)
+    n, c, h, w = context.shape
+    rows = context.permute(0, 2, 3, 1).reshape(-1, c)
+    hidden = F.linear(rows, first.weight.flatten(1), first.bias)
+    if excite.mlp[0].with_activation:
+        hidden = hidden.clamp_min_(0)
+    gate = F.linear(hidden, second.weight.flatten(1),
+                    second.bias).sigmoid_()
+    d_out = grad_gate.permute(0, 2, 3, 1).reshape(-1, c) * gate * (
+        1 - gate)
+    d_hidden = d_out @ second.weight.flatten(1)
+    if excite.mlp[0].with_activation:
+        d_hidden = d_hidden * (hidden > 0)
+    by_param = {
+        id(second.weight): (d_out.t() @ hidden).view_as(second.weight),
+        id(second.bias): d_out.sum(0),
+        id(first.weight): (d_hidden.t() @ rows).view_as(first.weight),
+        id(first.bias): d_hidden.sum(0)
+    }
+    d_context = d_hidden @ first.weight.flatten(1)
+
+    def nchw(t):
+        # in the context's layout (a channels-last context: no copy)
+        return _as_context(t.view(n, h, w, -1).permute(0, 3, 1, 2),
+                           context)
+
+    return (nchw(gate), nchw(d_context),
+            *[by_param[id(p)] for p in params])
+
+
 def native_mlp(excite: nn.Module) -> Optional[cpu_kernels.MLPParams]:
     """GE-theta-plus's MLP as the gather's kernel runs it, where it can.
 
@@ -397,11 +473,11 @@ def native_mlp(excite: nn.Module) -> Optional[cpu_kernels.MLPParams]:
 
     Returns:
         MLPParams | None: The MLP's tensors when it has the plain layout
-        (:meth:`Excite.plain_mlp`) on :func:`cpu_kernels.usable` tensors
+        (:func:`plain_mlp`) on :func:`cpu_kernels.usable` tensors
         and CPU autocast is off (under autocast the modules run it in
         bfloat16); else None.
     """
-    if excite.mlp is None or not excite.plain_mlp() or \
+    if excite.mlp is None or not plain_mlp(excite) or \
             torch.is_autocast_enabled('cpu'):
         return None
     first, second = excite.mlp
@@ -614,7 +690,7 @@ class GEFunction(torch.autograd.Function):
         recomputes the gather, runs it backwards and runs the norm's
         backward; GE-theta-plus's MLP runs in between, forward and
         backward, inside the same call (:func:`native_mlp`); an MLP the
-        kernel does not run goes through :meth:`Excite.gate_backward`
+        kernel does not run goes through :func:`gate_backward`
         between a first kernel call for the gate's gradient and the
         backward's.
 
@@ -662,8 +738,8 @@ class GEFunction(torch.autograd.Function):
                 weights = [p for p in layer.excite.parameters()
                            if p.requires_grad]
                 with autocast_as(*ctx.autocast):
-                    gate, dcontext, *grads = layer.excite.gate_backward(
-                        context, grad_gate)
+                    gate, dcontext, *grads = gate_backward(
+                        layer.excite, context, grad_gate)
                 by_param.update(zip(map(id, weights), grads))
                 gate, dcontext = gate.float(), dcontext.float()
             grads = cpu_kernels.conv_gather_backward(

@@ -28,8 +28,10 @@ from torch.autograd.function import once_differentiable
 from ...ops import cpu_kernels, ge_ops
 from .batch_norm import (batch_norm_again, is_plain_batch_norm,
                          norm_with_state)
-from .depthwise_conv import convolution_backward, is_plain_conv
-from .gather import GLOBAL, ConvGather, PoolGather
+from .depthwise_conv import (convolution_backward, cpu_batch_step,
+                             is_plain_conv)
+from .args import GLOBAL
+from .gather import ConvGather, PoolGather
 from .ge_autograd import autocast_as, autocast_state, call_frozen
 
 
@@ -162,7 +164,7 @@ class ConvOfRecomputed(torch.autograd.Function):
     ``apply(x, weight, inp, source, conv, step)``: ``conv`` is the
     ``nn.Conv2d`` (its stride, padding, dilation and groups; no bias) whose
     ``weight`` is passed so that autograd hands its gradient on; ``step``
-    is :meth:`ConvGather.cpu_batch_step` of ``x``, for the backward.
+    is :func:`~.depthwise_conv.cpu_batch_step` of ``x``, for the backward.
     """
 
     @staticmethod
@@ -278,7 +280,7 @@ def forward(layer: nn.Module,
         first = first_conv(gather)
         context = ConvOfRecomputed.apply(x, first.conv.weight, inp, source,
                                          first.conv,
-                                         gather.cpu_batch_step(x))
+                                         cpu_batch_step(x))
         context = first.norm(context)
         if first.with_activation:
             context = first.activate(context)

@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from .excite import check_channels
+from .args import check_channels
 
 
 @MODELS.register_module()

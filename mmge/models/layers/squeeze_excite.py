@@ -5,7 +5,8 @@ import torch
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from .excite import Excite, check_channels
+from .args import check_channels
+from .excite import Excite
 from .gather import PoolGather
 
 
