@@ -131,6 +131,71 @@ def test_opcheck(channels_last):
     opcheck(ge_ops.excite_gate_grad, (grad, x.detach(), gate.detach()))
     opcheck(ge_ops.pool_gather_backward,
             (torch.randn(2, 3, 3, 3), x.detach(), 4))
+    out = ge_ops.excite(x.detach(), gate.detach(), None, True)
+    for args in ((grad, x.detach(), gate.detach(), out, True),
+                 (grad, x.detach(), gate.detach(), out, False),
+                 (grad, x.detach(), gate.detach(), None, True)):
+        opcheck(ge_ops.excite_backward, args)
+
+
+def _levels(levels, channels=3, dtype=torch.float32, requires_grad=False):
+    """A gather's levels' weights, norm weights and biases, running means
+    and variances."""
+    def vec(lo, hi):
+        return [(torch.rand(channels, dtype=dtype) * (hi - lo) + lo)
+                for _ in range(levels)]
+    weights = [torch.randn(channels, 1, 3, 3, dtype=dtype) / 3
+               for _ in range(levels)]
+    params = weights, vec(0.5, 1.5), vec(-0.5, 0.5)
+    if requires_grad:
+        for t in sum(params, []):
+            t.requires_grad_()
+    return params + (vec(-0.3, 0.3), vec(0.5, 2.0))
+
+
+@pytest.mark.parametrize('channels_last', (False, True))
+@pytest.mark.parametrize('training', (False, True))
+def test_opcheck_conv_gather(channels_last, training):
+    """PyTorch's checks of ``mmge::conv_gather`` and its backward op,
+    one level and three, with a last ReLU and without."""
+    torch.manual_seed(0)
+    x = _layout(torch.randn(2, 3, 13, 10), channels_last).requires_grad_()
+    for levels, last_relu in ((1, True), (3, False)):
+        params = _levels(levels, requires_grad=True)
+        opcheck(ge_ops.conv_gather,
+                (x, *params, training, 1e-5, last_relu))
+        out = ge_ops.conv_gather(x.detach(),
+                                 *[[t.detach() for t in ts] for ts in params],
+                                 training, 1e-5, last_relu)
+        grad = _layout(torch.randn_like(out[0]), channels_last)
+        for input_grad in (True, False):
+            opcheck(ge_ops.conv_gather_backward,
+                    (grad, x.detach(),
+                     *[[t.detach() for t in ts] for ts in params[:3]],
+                     out[1], out[2], out[3:], training, 1e-5, last_relu,
+                     input_grad))
+
+
+@pytest.mark.parametrize('training', (False, True))
+def test_conv_gather_gradcheck_and_bad_operands(training):
+    """The backward op is the forward's derivative (float64); operands of
+    other shapes raise errors naming the op."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    params = _levels(2, dtype=torch.float64, requires_grad=True)
+    flat = sum(params[:3], [])
+
+    def run(x, *flat):
+        return ge_ops.conv_gather(x, list(flat[:2]), list(flat[2:4]),
+                                  list(flat[4:]), *params[3:], training,
+                                  1e-5, True)[0]
+    torch.autograd.gradcheck(run, (x, *flat))
+    with pytest.raises(ValueError, match=r'mmge::conv_gather.*\(3, 1, 5'):
+        ge_ops.conv_gather(x, [torch.randn(3, 1, 5, 5)], *params[1:3],
+                           *params[3:], training, 1e-5, True)
+    with pytest.raises(ValueError, match='mmge::conv_gather'):
+        ge_ops.conv_gather(x, params[0], params[1][:1], *params[2:],
+                           training, 1e-5, True)
 
 
 def test_gradcheck():

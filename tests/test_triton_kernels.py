@@ -128,3 +128,109 @@ def test_other_dtypes_run_the_reference():
     gate = _make((1, 2, 2, 2), torch.float64, positive=True)
     torch.testing.assert_close(cuda.excite(x, gate),
                                ge_ops.reference_excite(x, gate))
+
+
+def _levels(levels, channels=5, dtype=torch.float32):
+    """Random parameters and running statistics of a gather's levels."""
+    def vec(lo, hi):
+        return [(torch.rand(channels) * (hi - lo) + lo).to(DEVICE, dtype)
+                for _ in range(levels)]
+    # about unit gain per level (a 3x3 kernel's fan-in is 9)
+    weights = [_make((channels, 1, 3, 3), dtype) / 3 for _ in range(levels)]
+    return weights, vec(0.5, 1.5), vec(-0.5, 0.5), vec(-0.3, 0.3), \
+        vec(0.5, 2.0)
+
+
+def _close(got, want, dtype, exact=None):
+    """float32: within its rounding of the float64 result ``want``,
+    relative to the largest value (batch statistics spread one rounding
+    over a channel). bfloat16 and float16, norm-wise: within a few times
+    the error of the reference in that dtype (``want``) against the float64
+    result ``exact``, plus two roundings. Norm-wise, because a map rounded
+    one unit differently can put a value on the other side of a ReLU, which
+    moves its gradient by a whole term; and Triton's interpreter rounds
+    float32 to bfloat16 by truncation (GPUs round to nearest)."""
+    assert got.shape == want.shape
+    got, want = got.double(), want.double()
+    tol = _tol(dtype)['rtol']
+    if dtype is torch.float32:
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+        return
+    exact = exact.double()
+    assert (got - exact).norm() <= 4 * (want - exact).norm() + \
+        2 * tol * exact.norm() + 1e-6
+
+
+# Not compared: a 1x1 map in training in bfloat16 or float16. Its batch
+# norm sees one value per sample, so the output does not depend on the
+# convolution's weight (a gradient of zero, rounding noise on both sides)
+GATHER_CASES = [(size, cl, dtype, levels, mode)
+                for size, cl, dtype in CASES for levels in (1, 3)
+                for mode in ((True, False), (False, True))
+                if not (size == (1, 1) and mode[0]
+                        and dtype is not torch.float32)]
+
+
+@pytest.mark.parametrize('size, channels_last, dtype, levels, mode',
+                         GATHER_CASES)
+def test_conv_gather_and_its_backward(size, channels_last, dtype, levels,
+                                      mode):
+    """GE-theta's gather: the context, the statistics each level used and
+    the levels' maps; then the gradients of the input, the convolutions'
+    weights and the norms' weights and biases (:func:`_close`)."""
+    training, last_relu = mode
+    torch.manual_seed(0)
+    x = _make((3, 5) + size, dtype, channels_last)
+    params = _levels(levels)
+    wide = [[t.double() for t in ts] for ts in params]
+    got = cuda.conv_gather(x, *params, training, 1e-5, last_relu)
+    exact = ge_ops.reference_conv_gather(x.double(), *wide, training, 1e-5,
+                                         last_relu)
+    want = exact if dtype is torch.float32 else \
+        ge_ops.reference_conv_gather(x, *params, training, 1e-5, last_relu)
+    assert len(got) == len(want) == 3 + levels
+    for a, b, e in zip(got, want, exact):
+        assert a.stride() == b.stride()
+        _close(a, b, dtype, e)
+    if not training:
+        torch.testing.assert_close(got[1], torch.stack(params[3]))
+    # the backward kernel and the references from the same saved maps
+    grad = _make(got[0].shape, dtype, channels_last)
+    saved = got[1], got[2], got[3:]
+    got_g = cuda.conv_gather_backward(grad, x, *params[:3], *saved,
+                                      training, 1e-5, last_relu, True)
+    exact_g = ge_ops.reference_conv_gather_backward(
+        grad.double(), x.double(), *wide[:3], saved[0].double(),
+        saved[1].double(), [t.double() for t in saved[2]], training, 1e-5,
+        last_relu, True)
+    want_g = exact_g if dtype is torch.float32 else \
+        ge_ops.reference_conv_gather_backward(grad, x, *params[:3], *saved,
+                                              training, 1e-5, last_relu,
+                                              True)
+    assert len(got_g) == len(want_g) == 3 + levels
+    assert got_g[0].stride() == x.stride()
+    for a, b, e in zip(got_g, want_g, exact_g):
+        _close(a, b, dtype, e)
+
+
+@pytest.mark.parametrize('size, channels_last, dtype', CASES)
+def test_excite_backward(size, channels_last, dtype):
+    """Both of the excite's gradients in one pass: through the ReLU's mask
+    (the masked gradient written for the shortcut) and without it, every
+    extent and the global one."""
+    for extent in (2, 4, 8, 'global'):
+        x = _make((2, 5) + size, dtype, channels_last)
+        gate = _make(_gate_shape(size, extent), dtype, positive=True)
+        grad = _make((2, 5) + size, dtype, channels_last)
+        out = cuda.excite(x, gate, _make((2, 5) + size, dtype,
+                                         channels_last), True)
+        for relu_out, masked in ((out, True), (out, False), (None, False)):
+            got = cuda.excite_backward(grad, x, gate, relu_out, masked)
+            want = ge_ops.reference_excite_backward(
+                grad.double(), x.double(), gate.double(),
+                None if relu_out is None else relu_out.double(), masked)
+            assert len(got) == 3
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and a.stride() == b.stride()
+                torch.testing.assert_close(a.double(), b, **_tol(dtype))

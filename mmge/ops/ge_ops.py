@@ -7,21 +7,27 @@ an autograd formula. The devices' kernels are registered by
 :mod:`mmge.ops.cpu` (the native C kernels) and :mod:`mmge.ops.cuda`
 (CUDA, Triton).
 
-====================  ==========================================  ===========
-op                    computes                                    backward
-====================  ==========================================  ===========
-pool_gather           ``avg_pool2d(x, 2e-1, e, e-1)``, padding    pool_gather
-                      not counted (GE-theta-minus's gather)       _backward
-excite                ``x * resize(gate) (+ identity)``, then a   excite,
-                      ReLU when asked (the nearest resize of      excite
-                      the small gate to x's size)                 _gate_grad
-====================  ==========================================  ===========
+=====================  =========================================  ============
+op                     computes                                   backward
+=====================  =========================================  ============
+pool_gather            ``avg_pool2d(x, 2e-1, e, e-1)``, padding   pool_gather
+                       not counted (GE-theta-minus's gather)      _backward
+excite                 ``x * resize(gate) (+ identity)``, then a  excite
+                       ReLU when asked (the nearest resize of     _backward
+                       the small gate to x's size)
+conv_gather            GE-theta's local gather: levels of a       conv_gather
+                       depthwise 3x3 stride-2 convolution, batch  _backward
+                       norm and ReLU
+=====================  =========================================  ============
 
-The backward ops have no autograd formula of their own: a double backward
-through GE raises an error that names them (``mmge.excite_gate_grad``,
-``mmge.pool_gather_backward``).
+``excite_backward`` gives both of the excite's gradients in one call;
+``excite_gate_grad`` is the gate's alone. The backward ops have no autograd
+formula of their own: a double backward through them raises an error that
+names them (``mmge.excite_gate_grad``, ``mmge.pool_gather_backward``,
+``mmge.conv_gather_backward``). A double backward through the excite's
+input works: with ``create_graph`` its gradient is itself an excite.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,9 @@ from .resize import channels_last, resize_multiply, resize_multiply_grad
 
 __all__ = [
     'pool_gather', 'pool_gather_backward', 'excite', 'excite_gate_grad',
+    'excite_backward', 'conv_gather', 'conv_gather_backward',
+    'reference_excite_backward', 'reference_conv_gather',
+    'reference_conv_gather_backward',
     'reference_pool_gather', 'reference_pool_gather_backward',
     'reference_excite', 'reference_excite_gate_grad', 'check_maps',
     'memory_format', 'pooled_size', 'product_dtype'
@@ -214,6 +223,56 @@ def _(grad: Tensor, x: Tensor, gate: Tensor) -> Tensor:
     return torch.empty_like(gate, memory_format=memory_format(gate))
 
 
+def reference_excite_backward(grad: Tensor,
+                              x: Tensor,
+                              gate: Tensor,
+                              out: Optional[Tensor] = None,
+                              masked: bool = False) -> List[Tensor]:
+    """:func:`excite`'s gradients in one call.
+
+    Args:
+        grad (Tensor): Gradient of the output, (N, C, H, W).
+        x (Tensor): The features, (N, C, H, W).
+        gate (Tensor): The gate, (N, C, h, w).
+        out (Tensor, optional): The output of an excite with its ReLU: its
+            sign masks ``grad``.
+        masked (bool): Also return the masked ``grad`` (the shortcut's
+            gradient), with ``out``.
+
+    Returns:
+        list[Tensor]: ``[grad_x, grad_gate, grad_masked]``: ``excite(g,
+        gate)`` in ``x``'s dtype and layout, :func:`excite_gate_grad` of
+        ``g``, and ``g`` itself where asked (else an empty tensor), ``g``
+        being ``grad`` masked by ``out > 0``, or ``grad``.
+    """
+    if out is not None:
+        grad = torch.where(out > 0, grad, 0)
+    grad_x = excite(grad, gate).to(x.dtype).contiguous(
+        memory_format=memory_format(x))
+    return [
+        grad_x,
+        excite_gate_grad(grad, x, gate),
+        grad.contiguous(memory_format=memory_format(x))
+        if out is not None and masked else grad.new_empty(0)
+    ]
+
+
+excite_backward = torch.library.custom_op(
+    'mmge::excite_backward', reference_excite_backward, mutates_args=())
+
+
+@excite_backward.register_fake
+def _(grad: Tensor, x: Tensor, gate: Tensor, out: Optional[Tensor] = None,
+      masked: bool = False) -> List[Tensor]:
+    fmt = memory_format(x)
+    return [
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(gate, memory_format=memory_format(gate)),
+        torch.empty_like(grad, memory_format=fmt)
+        if out is not None and masked else grad.new_empty(0)
+    ]
+
+
 def _excite_setup(ctx, inputs, output) -> None:
     x, gate, identity, relu = inputs
     ctx.relu = relu
@@ -225,13 +284,264 @@ def _excite_setup(ctx, inputs, output) -> None:
 
 def _excite_backward(ctx, grad: Tensor):
     x, gate, out = ctx.saved_tensors
-    if ctx.relu:
-        grad = torch.where(out > 0, grad, 0)
-    grad_x = excite(grad, gate).to(x.dtype)
-    grad_gate = excite_gate_grad(grad, x, gate)
-    grad_identity = None if ctx.identity_dtype is None else grad.to(
-        ctx.identity_dtype)
+    with_identity = ctx.identity_dtype is not None
+    if torch.is_grad_enabled():
+        # create_graph: x's gradient as an excite, which has a backward
+        if ctx.relu:
+            grad = torch.where(out > 0, grad, 0)
+        grad_x = excite(grad, gate).to(x.dtype)
+        grad_gate = excite_gate_grad(grad, x, gate)
+    else:
+        grad_x, grad_gate, masked = excite_backward(
+            grad, x, gate, out if ctx.relu else None, with_identity)
+        grad = masked if ctx.relu else grad
+    grad_identity = grad.to(ctx.identity_dtype) if with_identity else None
     return grad_x, grad_gate, grad_identity, None
 
 
 excite.register_autograd(_excite_backward, setup_context=_excite_setup)
+
+# ---------------------------------------------------------------------------
+# conv_gather
+
+
+def _wide(t: Tensor) -> torch.dtype:
+    """The dtype of :func:`conv_gather`'s statistics and arithmetic for an
+    operand ``t``: float32, or float64 for float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _level_norm(c: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                var: Tensor, eps: float, relu: bool) -> Tensor:
+    """A gather level's batch norm (and ReLU) of its convolution ``c``,
+    with float32 (float64) statistics, in ``c``'s dtype."""
+    shape = (1, -1, 1, 1)
+    scale = weight.to(_wide(c)) * torch.rsqrt(var + eps)
+    y = (c.to(_wide(c)) - mean.view(shape)) * scale.view(shape) + \
+        bias.to(_wide(c)).view(shape)
+    y = y.to(c.dtype)
+    return y.relu() if relu else y
+
+
+def _gather_chain(x: Tensor, weights: List[Tensor], norm_weights: List[Tensor],
+                  norm_biases: List[Tensor], running_means: List[Tensor],
+                  running_vars: List[Tensor], training: bool, eps: float,
+                  last_relu: bool) -> List[Tensor]:
+    """:func:`conv_gather`'s formula in ATen operations (differentiable)."""
+    y, means, variances, raws = x, [], [], []
+    levels = len(weights)
+    for i in range(levels):
+        c = F.conv2d(y, weights[i].to(y.dtype), None, 2, 1, 1, y.shape[1])
+        if training:
+            var, mean = torch.var_mean(c.to(_wide(x)), dim=(0, 2, 3),
+                                       correction=0)
+        else:
+            mean = running_means[i].to(_wide(x))
+            var = running_vars[i].to(_wide(x))
+        y = _level_norm(c, norm_weights[i], norm_biases[i], mean, var, eps,
+                        i < levels - 1 or last_relu)
+        means.append(mean)
+        variances.append(var)
+        raws.append(c)
+    return [
+        y.contiguous(memory_format=memory_format(x)),
+        torch.stack(means),
+        torch.stack(variances)
+    ] + [c.contiguous(memory_format=memory_format(x)) for c in raws]
+
+
+def check_levels(x: Tensor, weights: List[Tensor], norm_weights: List[Tensor],
+                 norm_biases: List[Tensor], running_means: List[Tensor],
+                 running_vars: List[Tensor]) -> None:
+    """Refuse operands :func:`conv_gather` does not define."""
+    c = x.shape[1] if x.dim() == 4 else -1
+    lists = (weights, norm_weights, norm_biases, running_means, running_vars)
+    if c < 0 or not weights or len({len(t) for t in lists}) != 1 or any(
+            tuple(w.shape) != (c, 1, 3, 3) for w in weights) or any(
+                tuple(t.shape) != (c, ) for ts in lists[1:] for t in ts):
+        raise ValueError(
+            f'mmge::conv_gather takes x (N, C, H, W) and, per level, a '
+            f'depthwise weight (C, 1, 3, 3) and norm weight, bias, running '
+            f'mean and running variance of shape (C,); got x '
+            f'{tuple(x.shape)} and weights '
+            f'{[tuple(w.shape) for w in weights]}')
+
+
+def reference_conv_gather(x: Tensor, weights: List[Tensor],
+                          norm_weights: List[Tensor],
+                          norm_biases: List[Tensor],
+                          running_means: List[Tensor],
+                          running_vars: List[Tensor], training: bool,
+                          eps: float, last_relu: bool) -> List[Tensor]:
+    """GE-theta's local gather: levels of a depthwise 3x3 convolution of
+    stride 2 and padding 1 (no bias), a batch norm and (on every level but
+    the last, unless ``last_relu``) a ReLU.
+
+    The batch norms use the batch's statistics when ``training`` (biased
+    variance, as ``nn.BatchNorm2d`` normalises), else the running ones;
+    the running statistics are not updated here (the caller does it from
+    the returned statistics). The convolutions run in ``x``'s dtype with
+    their weights rounded to it, as under autocast; the norms' arithmetic
+    is float32, their outputs in ``x``'s dtype.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        weights (list[Tensor]): Per level, the depthwise weight (C, 1, 3, 3).
+        norm_weights (list[Tensor]): Per level, the norm's weight (C,).
+        norm_biases (list[Tensor]): Per level, the norm's bias (C,).
+        running_means (list[Tensor]): Per level, the running mean (C,).
+        running_vars (list[Tensor]): Per level, the running variance (C,).
+        training (bool): Normalise with the batch's statistics.
+        eps (float): The norms' epsilon.
+        last_relu (bool): A ReLU after the last level too.
+
+    Returns:
+        list[Tensor]: ``[context, mean, var, raw_1, ..., raw_L]``: the
+        gather's output (N, C, ceil(H / 2^L), ceil(W / 2^L)) in ``x``'s
+        layout; the statistics each level normalised with, float32 of shape
+        (L, C); each level's convolution output, before its norm.
+    """
+    check_levels(x, weights, norm_weights, norm_biases, running_means,
+                 running_vars)
+    return _gather_chain(x, weights, norm_weights, norm_biases,
+                         running_means, running_vars, training, eps,
+                         last_relu)
+
+
+conv_gather = torch.library.custom_op(
+    'mmge::conv_gather', reference_conv_gather, mutates_args=())
+
+
+def gathered_shapes(x: Tensor, levels: int) -> List[Tuple[int, ...]]:
+    """The shapes of :func:`conv_gather`'s levels' outputs for ``x``."""
+    n, c, h, w = x.shape
+    shapes = []
+    for _ in range(levels):
+        h, w = pooled_size(h, 2), pooled_size(w, 2)
+        shapes.append((n, c, h, w))
+    return shapes
+
+
+@conv_gather.register_fake
+def _(x, weights, norm_weights, norm_biases, running_means, running_vars,
+      training, eps, last_relu):
+    check_levels(x, weights, norm_weights, norm_biases, running_means,
+                 running_vars)
+    fmt = memory_format(x)
+    maps = [
+        x.new_empty(s).contiguous(memory_format=fmt)
+        for s in gathered_shapes(x, len(weights))
+    ]
+    stats = x.new_empty(len(weights), x.shape[1], dtype=_wide(x))
+    return [maps[-1].clone(), stats, stats.clone()] + maps
+
+
+def reference_conv_gather_backward(grad: Tensor, x: Tensor,
+                                   weights: List[Tensor],
+                                   norm_weights: List[Tensor],
+                                   norm_biases: List[Tensor], mean: Tensor,
+                                   var: Tensor, raws: List[Tensor],
+                                   training: bool, eps: float,
+                                   last_relu: bool,
+                                   input_grad: bool) -> List[Tensor]:
+    """The gradients of :func:`conv_gather`.
+
+    Args:
+        grad (Tensor): The context's gradient.
+        x (Tensor): The gather's input.
+        weights, norm_weights, norm_biases (list[Tensor]): As given to
+            :func:`conv_gather`.
+        mean, var (Tensor): The statistics it returned.
+        raws (list[Tensor]): The levels' convolution outputs it returned.
+        training, eps, last_relu: As given to :func:`conv_gather`.
+        input_grad (bool): Compute ``x``'s gradient (else an empty tensor
+            stands for it).
+
+    Returns:
+        list[Tensor]: ``[grad_x, grad_weight_1, ..., grad_weight_L,
+        grad_norm_weight (L, C), grad_norm_bias (L, C)]``, the last two
+        float32.
+    """
+    levels, dtype = len(weights), raws[0].dtype
+    grad_ws, grad_gs, grad_bs = [], [], []
+    dy = grad.to(_wide(x))
+    for i in reversed(range(levels)):
+        c = raws[i].to(_wide(x))
+        shape = (1, -1, 1, 1)
+        invstd = torch.rsqrt(var[i] + eps)
+        xhat = (c - mean[i].view(shape)) * invstd.view(shape)
+        if i < levels - 1 or last_relu:
+            y = _level_norm(raws[i], norm_weights[i], norm_biases[i],
+                            mean[i], var[i], eps, True)
+            dy = torch.where(y > 0, dy, 0)
+        s1 = dy.sum(dim=(0, 2, 3))
+        s2 = (dy * xhat).sum(dim=(0, 2, 3))
+        grad_gs.append(s2)
+        grad_bs.append(s1)
+        dc = dy
+        if training:
+            count = c.numel() // c.shape[1]
+            dc = dy - (s1 / count).view(shape) - xhat * (s2 / count).view(
+                shape)
+        dc = (dc * (norm_weights[i].to(_wide(x)) * invstd).view(shape)).to(
+            dtype)
+        inp = x if i == 0 else _level_norm(
+            raws[i - 1], norm_weights[i - 1], norm_biases[i - 1],
+            mean[i - 1], var[i - 1], eps, True)
+        need_input = i > 0 or input_grad
+        grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+            dc, inp.to(dtype), weights[i].to(dtype), None, [2, 2], [1, 1],
+            [1, 1], False, [0, 0], inp.shape[1], [need_input, True, False])
+        grad_ws.append(grad_w.to(weights[i].dtype))
+        dy = grad_in.to(_wide(x)) if i > 0 else grad_in
+    grad_x = dy.to(x.dtype).contiguous(memory_format=memory_format(x)) \
+        if input_grad else x.new_empty(0)
+    return [grad_x] + grad_ws[::-1] + [
+        torch.stack(grad_gs[::-1]), torch.stack(grad_bs[::-1])
+    ]
+
+
+conv_gather_backward = torch.library.custom_op(
+    'mmge::conv_gather_backward', reference_conv_gather_backward,
+    mutates_args=())
+
+
+@conv_gather_backward.register_fake
+def _(grad, x, weights, norm_weights, norm_biases, mean, var, raws, training,
+      eps, last_relu, input_grad):
+    grad_x = torch.empty_like(x, memory_format=memory_format(x)) \
+        if input_grad else x.new_empty(0)
+    return [grad_x] + [torch.empty_like(w) for w in weights] + [
+        torch.empty_like(mean), torch.empty_like(mean)]
+
+
+def _conv_gather_setup(ctx, inputs, output) -> None:
+    (x, weights, norm_weights, norm_biases, _, _, ctx.training, ctx.eps,
+     ctx.last_relu) = inputs
+    ctx.levels = len(weights)
+    ctx.dtypes = [t.dtype for t in norm_weights], [
+        t.dtype for t in norm_biases]
+    ctx.save_for_backward(x, output[1], output[2], *weights, *norm_weights,
+                          *norm_biases, *output[3:])
+
+
+def _conv_gather_backward(ctx, grads):
+    levels = ctx.levels
+    x, mean, var, *rest = ctx.saved_tensors
+    weights, norm_weights, norm_biases, raws = (
+        rest[:levels], rest[levels:2 * levels], rest[2 * levels:3 * levels],
+        rest[3 * levels:])
+    out = conv_gather_backward(grads[0], x, weights, norm_weights,
+                               norm_biases, mean, var, raws, ctx.training,
+                               ctx.eps, ctx.last_relu,
+                               ctx.needs_input_grad[0])
+    grad_x = out[0] if ctx.needs_input_grad[0] else None
+    g_dtypes, b_dtypes = ctx.dtypes
+    return (grad_x, out[1:1 + levels],
+            [g.to(d) for g, d in zip(out[1 + levels].unbind(), g_dtypes)],
+            [g.to(d) for g, d in zip(out[2 + levels].unbind(), b_dtypes)],
+            [None] * levels, [None] * levels, None, None, None)
+
+
+conv_gather.register_autograd(_conv_gather_backward,
+                              setup_context=_conv_gather_setup)

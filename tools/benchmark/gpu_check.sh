@@ -109,7 +109,7 @@ step() {
 }
 
 step "Op tests" 120 "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/test_triton_kernels.py tests/test_ops.py
+  tests/test_triton_kernels.py tests/test_ops.py tests/test_gather_op.py
 step "ResNet-50, batch ${SMALL[1]}" 90 "${BENCH[@]}" "${SMALL[@]}" \
   --rows control SE formula mmge
 step "ResNet-50, batch ${LARGE[1]}" 90 "${BENCH[@]}" "${LARGE[@]}" \

@@ -53,12 +53,7 @@ def batch_norm_forward(norm: _BatchNorm,
         and ``shift`` (per channel, ``norm(inp) = scale * inp + shift``),
         ``mean``, ``invstd`` (the batch statistics), ``train``.
     """
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and \
-            norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            momentum = 1.0 / float(norm.num_batches_tracked)
+    momentum = count_batch(norm)
     train = uses_batch_stats(norm)
     track = not norm.training or norm.track_running_stats
     running_mean = norm.running_mean if track else None
@@ -71,6 +66,27 @@ def batch_norm_forward(norm: _BatchNorm,
     if not affine:
         return out, dict(mean=mean, invstd=invstd, train=True)
     return out, _state(norm, mean, invstd, train)
+
+
+def count_batch(norm: _BatchNorm) -> float:
+    """Count a batch as ``_BatchNorm.forward`` does (``num_batches_tracked``
+    in training with running statistics) and give the factor of its
+    running-statistics update.
+
+    Args:
+        norm (_BatchNorm): A module :func:`is_plain_batch_norm` accepts.
+
+    Returns:
+        float: ``momentum``, or ``1 / num_batches_tracked`` for a cumulative
+        average (``momentum=None``); 0.0 where nothing is updated.
+    """
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and \
+            norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    return momentum
 
 
 def norm_with_state(norm: nn.Module, inp: torch.Tensor
@@ -256,11 +272,7 @@ def update_running_stats(norm: _BatchNorm, mean: torch.Tensor,
     """
     if not (norm.training and norm.track_running_stats):
         return
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            momentum = 1.0 / float(norm.num_batches_tracked)
+    momentum = count_batch(norm)
     if norm.running_mean is not None:
         norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
     if norm.running_var is not None:

@@ -23,6 +23,7 @@ from mmcv.cnn import ConvModule
 from ... import ops
 from .args import GLOBAL, Extent, Size2d, check_extent, to_size2d
 from .depthwise_conv import GatherConv2d
+from .gather_op import conv_gather
 
 
 class PoolGather(nn.Module):
@@ -62,10 +63,11 @@ class ConvGather(nn.Module):
 
     A local extent ``e`` chains ``log2(e)`` depthwise 3x3 convolutions of
     stride 2 and padding 1 (no bias), each followed by a norm layer and all
-    but the last by an activation. The global extent uses one depthwise
-    convolution whose kernel equals the feature size (no padding, 1x1
-    output), followed by a norm layer; the network is then tied to that
-    feature size.
+    but the last by an activation (on a GPU, with batch norms and ReLUs,
+    the chain runs as one ``mmge::conv_gather`` op). The global extent
+    uses one depthwise convolution whose kernel equals the feature size
+    (no padding, 1x1 output), followed by a norm layer; the network is then
+    tied to that feature size.
 
     Args:
         channels (int): Number of channels.
@@ -123,7 +125,7 @@ class ConvGather(nn.Module):
                 ``feat_size`` the layer was built for.
         """
         self.check_size(x)
-        return self.convs(x)
+        return conv_gather(self, x)  # self.convs(x), fused where possible
 
     def check_size(self, x: torch.Tensor) -> None:
         """Refuse a map of another size than a global extent's.

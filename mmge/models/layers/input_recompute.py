@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ...ops import cpu_kernels, ge_ops
+from . import gather_op
 from .batch_norm import (batch_norm_again, is_plain_batch_norm,
                          norm_with_state)
 from .depthwise_conv import (convolution_backward, cpu_batch_step,
@@ -143,19 +144,15 @@ class ExciteOfRecomputed(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         inp, gate, out = ctx.saved_tensors
-        if ctx.relu:
-            grad = torch.where(out > 0, grad, 0)
         x_dtype, identity_dtype = ctx.dtypes
-        grad_x = grad_gate = grad_identity = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ge_ops.excite(grad, gate).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            # runs before the gather's first backward, which reuses x
-            x = ctx.source.get(inp)
-            grad_gate = ge_ops.excite_gate_grad(grad, x, gate)
+        # runs before the gather's first backward, which reuses x
+        x = ctx.source.get(inp)
+        grad_x, grad_gate, masked = ge_ops.excite_backward(
+            grad, x, gate, out if ctx.relu else None, ctx.with_identity)
+        grad_identity = None
         if ctx.with_identity and ctx.needs_input_grad[2]:
-            grad_identity = grad.to(identity_dtype)
-        return grad_x, grad_gate, grad_identity, None, None, None
+            grad_identity = (masked if ctx.relu else grad).to(identity_dtype)
+        return grad_x.to(x_dtype), grad_gate, grad_identity, None, None, None
 
 
 class ConvOfRecomputed(torch.autograd.Function):
@@ -217,6 +214,50 @@ class PoolOfRecomputed(torch.autograd.Function):
             None, None
 
 
+class GatherOfRecomputed(torch.autograd.Function):
+    """GE-theta's gather on the ``mmge::conv_gather`` op, saving ``inp``
+    and the levels' maps (1/4 of ``x``'s size and below).
+
+    ``apply(x, inp, source, args, *params)``: ``args`` is
+    :func:`~.gather_op.op_args`' answer, ``params`` its weights, norm
+    weights and norm biases (so that autograd hands their gradients on).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inp: torch.Tensor,
+                source: RecomputedInput, args: gather_op.OpArgs,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.source, ctx.args = source, args
+        x = gather_op.compute_input(x)
+        out = ge_ops.conv_gather(x, *args[:-1])
+        gather_op.update(args, out)
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(inp, *params, *out[1:])
+        return out[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        args, levels = ctx.args, len(ctx.args.weights)
+        inp, *saved = ctx.saved_tensors
+        params, (mean, var), raws = saved[:3 * levels], saved[
+            3 * levels:3 * levels + 2], saved[3 * levels + 2:]
+        x = ctx.source.get(inp)
+        ctx.source.release()
+        out = ge_ops.conv_gather_backward(
+            grad, x.to(ctx.dtype), params[:levels],
+            params[levels:2 * levels], params[2 * levels:], mean, var, raws,
+            args.training, args.eps, args.last_relu,
+            ctx.needs_input_grad[0])
+        grad_x = out[0].to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_norm = [
+            g.to(p.dtype) for g, p in zip(
+                [*out[1 + levels].unbind(), *out[2 + levels].unbind()],
+                params[levels:])
+        ]
+        return (grad_x, None, None, None, *out[1:1 + levels], *grad_norm)
+
+
 def first_conv(gather: nn.Module) -> Optional[nn.Module]:
     """The first level of a :class:`ConvGather` whose convolution
     :class:`ConvOfRecomputed` can run: a ``ConvModule`` in the order conv,
@@ -271,11 +312,18 @@ def forward(layer: nn.Module,
     """
     gather = layer.gather
     x, source = RecomputedInput.run(norm, inp)
+    args = gather_op.op_args(gather, x) if isinstance(
+        gather, ConvGather) else None
     if isinstance(gather, PoolGather):
         if gather.extent == GLOBAL:
             context = x.mean(dim=(2, 3), keepdim=True)  # saves no input
         else:
             context = PoolOfRecomputed.apply(x, inp, source, gather.extent)
+    elif args is not None:
+        # the op: one pass over x, the levels' maps kept
+        context = GatherOfRecomputed.apply(x, inp, source, args,
+                                           *args.weights, *args.norm_weights,
+                                           *args.norm_biases)
     else:
         first = first_conv(gather)
         context = ConvOfRecomputed.apply(x, first.conv.weight, inp, source,
