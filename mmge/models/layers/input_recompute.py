@@ -12,9 +12,10 @@ of their backwards to run makes ``x`` once more from it, for both: one
 pass with the norm's statistics from the forward (or, where hooks watch
 the norm, a call of the norm that writes no running statistics).
 Everything else is plain autograd: the gather's levels, at 1/2 resolution
-and below, keep their maps (about 0.66 of ``x``'s size for three levels).
-So a layer costs about the operations of the formula as written, and keeps
-neither ``x`` nor a resized gate. :class:`~.ge_autograd.GEFunction` (the
+and below, keep their maps (about 0.66 of ``x``'s size for three levels;
+on the ``mmge::conv_gather`` op, :class:`GatherOfRecomputed`, only their
+convolutions' outputs, about 0.33). So a layer costs about the operations
+of the formula as written, and keeps neither ``x`` nor a resized gate. :class:`~.ge_autograd.GEFunction` (the
 memory-saving mode) keeps nothing and makes the whole gather again
 instead.
 """
