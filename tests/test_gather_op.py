@@ -22,16 +22,19 @@ from mmge.ops import cuda, ge_ops
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    """The op on CPU tensors, its calls counted."""
+    """The ops on CPU tensors, their calls recorded by name."""
     calls = []
-    op = ge_ops.conv_gather
 
-    def counted(*args):
-        calls.append(1)
-        return op(*args)
+    def counted(name, op):
+        def run(*args):
+            calls.append(name)
+            return op(*args)
+        return run
 
     monkeypatch.setattr(gather_op, 'DEVICES', ('cpu', 'cuda'))
-    monkeypatch.setattr(ge_ops, 'conv_gather', counted)
+    for name in ('conv_gather', 'global_gather'):
+        monkeypatch.setattr(ge_ops, name,
+                            counted(name, getattr(ge_ops, name)))
     return calls
 
 
@@ -72,7 +75,7 @@ def test_the_op_is_the_modules(on_cpu, extent, last_act, training,
         x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_()
         out, want = gather(x), ref.convs(x_ref)
-        assert len(on_cpu) == step + 1
+        assert on_cpu == ['conv_gather'] * (step + 1)
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
         grad = torch.randn_like(out)
         out.backward(grad)
@@ -99,6 +102,32 @@ def test_the_op_under_autocast_runs_in_its_dtype(on_cpu):
                                atol=2e-2)
 
 
+@pytest.mark.parametrize('last_act', (False, True))
+@pytest.mark.parametrize('training', (True, False))
+def test_the_global_extent_runs_its_convolution_on_its_op(
+        on_cpu, last_act, training):
+    """Global-extent GE-theta: its whole-map convolution on
+    ``mmge::global_gather``, then its norm (and activation) as modules:
+    the modules' values, gradients and running statistics."""
+    torch.manual_seed(0)
+    gather = _randomise(ConvGather(6, 'global', feat_size=(7, 9),
+                                   last_act=last_act).double())
+    gather.train(training)
+    ref = copy.deepcopy(gather)
+    x = torch.randn(3, 6, 7, 9, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, want = gather(x), ref.convs(x_ref)
+    assert on_cpu == ['global_gather']
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for a, b in zip(_grads(gather, x), _grads(ref, x_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gather.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 class NotPlainBN(nn.BatchNorm2d):
     """A batch norm with a forward of its own (as SyncBN has)."""
 
@@ -107,12 +136,12 @@ class NotPlainBN(nn.BatchNorm2d):
 
 
 @pytest.mark.parametrize('case', ('device', 'hook', 'norm', 'act',
-                                  'mixed modes', 'one value', 'global'))
+                                  'mixed modes', 'one value', 'global hook'))
 def test_the_modules_run_where_the_op_does_not_compute(on_cpu, case):
     """Off the op's devices, with a hook on any level, another norm or
     activation, levels in different modes, a batch norm in training over
-    one value per channel (which raises, as the module does) and the global
-    extent, the modules run."""
+    one value per channel (which raises, as the module does) and a hook on
+    a global extent's convolution, the modules run."""
     torch.manual_seed(0)
     size = (16, 16)
     kwargs = {}
@@ -120,13 +149,13 @@ def test_the_modules_run_where_the_op_does_not_compute(on_cpu, case):
         kwargs['norm_cfg'] = dict(type='GN', num_groups=2)
     if case == 'act':
         kwargs['act_cfg'] = dict(type='LeakyReLU')
-    if case == 'global':
+    if case == 'global hook':
         kwargs = dict(extent='global', feat_size=size)
     gather = ConvGather(8, kwargs.pop('extent', 4), **kwargs)
     if case == 'device':
         gather_op.DEVICES = ('cuda', )
-    if case == 'hook':
-        gather.convs[1].conv.register_forward_hook(lambda *a: None)
+    if case in ('hook', 'global hook'):
+        gather.convs[-1].conv.register_forward_hook(lambda *a: None)
     if case == 'mixed modes':
         gather.convs[0].bn.eval()
     if case == 'norm':
@@ -141,15 +170,17 @@ def test_the_modules_run_where_the_op_does_not_compute(on_cpu, case):
 
 
 @pytest.mark.parametrize('variant', ('theta', 'theta_plus'))
+@pytest.mark.parametrize('extent', (4, 'global'))
 @pytest.mark.parametrize('size', ((16, 16), (19, 22)))
 def test_default_mode_on_the_op_keeps_no_full_resolution_map(
-        on_cpu, variant, size):
+        on_cpu, variant, extent, size):
     """A block's GE after a batch norm, default mode, on the op: the
     formula's values and gradients and the running statistics moved once;
     autograd keeps the norm's input and no other map of its size."""
     torch.manual_seed(0)
-    layer = _randomise(GatherExcite(8, variant=variant, extent=4,
-                                    reduction=2).double())
+    layer = _randomise(GatherExcite(
+        8, variant=variant, extent=extent, reduction=2,
+        feat_size=size if extent == 'global' else None).double())
     norm = _randomise(nn.BatchNorm2d(8).double())
     ref_layer, ref_norm = copy.deepcopy(layer), copy.deepcopy(norm)
     inp = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
@@ -162,7 +193,8 @@ def test_default_mode_on_the_op_keeps_no_full_resolution_map(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = ge_block_tail(layer, inp, identity, norm=norm, relu=True)
-    assert len(on_cpu) == 1
+    assert on_cpu == ['global_gather' if extent == 'global' else
+                      'conv_gather']
     full = [t for t in saved.values() if t.shape == inp.shape]
     assert [t.data_ptr() for t in full] == [inp.data_ptr()] or \
         sorted(t.data_ptr() for t in full) == sorted(
@@ -187,7 +219,9 @@ def test_default_mode_on_the_op_keeps_no_full_resolution_map(
 
 
 @pytest.mark.parametrize('channels_last', (False, True))
-def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last):
+@pytest.mark.parametrize('extent', (8, 'global'))
+def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last,
+                                            extent):
     """The same block tail with the op's CUDA kernels (Triton; in its
     interpreter on CPU tensors where there is no GPU) in float32: the
     formula's values and gradients in float64."""
@@ -200,11 +234,14 @@ def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last):
         return run
 
     monkeypatch.setattr(gather_op, 'DEVICES', ('cpu', 'cuda'))
-    monkeypatch.setattr(ge_ops, 'conv_gather', counted(cuda.conv_gather))
-    monkeypatch.setattr(ge_ops, 'conv_gather_backward',
-                        counted(cuda.conv_gather_backward))
+    names = ('global_gather', 'global_gather_backward') \
+        if extent == 'global' else ('conv_gather', 'conv_gather_backward')
+    for name in names:
+        monkeypatch.setattr(ge_ops, name, counted(getattr(cuda, name)))
     torch.manual_seed(0)
-    layer = _randomise(GatherExcite(8, variant='theta', extent=8))
+    layer = _randomise(GatherExcite(
+        8, variant='theta', extent=extent,
+        feat_size=(19, 22) if extent == 'global' else None))
     norm = _randomise(nn.BatchNorm2d(8))
     ref_layer, ref_norm = copy.deepcopy(layer).double(), copy.deepcopy(
         norm).double()
@@ -226,7 +263,7 @@ def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last):
     got = torch.autograd.grad(out, [inp, *layer.parameters()], grad)
     exp = torch.autograd.grad(want, [inp, *ref_layer.parameters()],
                               grad.double())
-    assert calls == [cuda.conv_gather, cuda.conv_gather_backward]
+    assert calls == [getattr(cuda, name) for name in names]
     for a, b in zip(got, exp):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4,
                                    atol=1e-5)

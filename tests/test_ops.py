@@ -176,6 +176,28 @@ def test_opcheck_conv_gather(channels_last, training):
                      input_grad))
 
 
+@pytest.mark.parametrize('channels_last', (False, True))
+def test_global_gather(channels_last):
+    """``mmge::global_gather``: the definition (a depthwise convolution
+    whose kernel is the map), PyTorch's checks, gradcheck, and operands of
+    other shapes refused with the op's name."""
+    torch.manual_seed(0)
+    x = _layout(torch.randn(2, 3, 5, 4, dtype=torch.float64),
+                channels_last).requires_grad_()
+    weight = torch.randn(3, 1, 5, 4, dtype=torch.float64,
+                         requires_grad=True)
+    want = (x * weight.transpose(0, 1)).sum(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(ge_ops.global_gather(x, weight), want)
+    opcheck(ge_ops.global_gather, (x, weight))
+    torch.autograd.gradcheck(ge_ops.global_gather, (x, weight))
+    for input_grad in (True, False):
+        opcheck(ge_ops.global_gather_backward,
+                (torch.randn(2, 3, 1, 1, dtype=torch.float64), x.detach(),
+                 weight.detach(), input_grad))
+    with pytest.raises(ValueError, match=r'mmge::global_gather.*\(3, 1, 4'):
+        ge_ops.global_gather(x, torch.randn(3, 1, 4, 4))
+
+
 @pytest.mark.parametrize('training', (False, True))
 def test_conv_gather_gradcheck_and_bad_operands(training):
     """The backward op is the forward's derivative (float64); operands of

@@ -234,3 +234,23 @@ def test_excite_backward(size, channels_last, dtype):
             for a, b in zip(got, want):
                 assert a.shape == b.shape and a.stride() == b.stride()
                 torch.testing.assert_close(a.double(), b, **_tol(dtype))
+
+
+@pytest.mark.parametrize('size, channels_last, dtype', CASES)
+def test_global_gather_and_its_backward(size, channels_last, dtype):
+    """Global-extent GE-theta's whole-map convolution: the output, and the
+    input's and the weight's gradients (the weight's alone too)."""
+    torch.manual_seed(0)
+    x = _make((3, 5) + size, dtype, channels_last)
+    # a float32 weight that x's dtype holds exactly (the op rounds it)
+    weight = _make((5, 1) + size, dtype).float()
+    _check(cuda.global_gather(x, weight), (x, weight),
+           ge_ops.reference_global_gather, dtype)
+    grad = _make((3, 5, 1, 1), dtype, channels_last)
+    for input_grad in (True, False):
+        got = cuda.global_gather_backward(grad, x, weight, input_grad)
+        want = ge_ops.reference_global_gather_backward(
+            grad.double(), x.double(), weight.double(), input_grad)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.stride() == b.stride()
+            torch.testing.assert_close(a.double(), b, **_tol(dtype))

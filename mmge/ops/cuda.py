@@ -389,13 +389,6 @@ def pool_gather_backward(grad: Tensor, x: Tensor, extent: int) -> Tensor:
     return out
 
 
-ge_ops.pool_gather.register_kernel('cuda')(pool_gather)
-ge_ops.pool_gather_backward.register_kernel('cuda')(pool_gather_backward)
-ge_ops.excite.register_kernel('cuda')(excite)
-ge_ops.excite_gate_grad.register_kernel('cuda')(excite_gate_grad)
-ge_ops.excite_backward.register_kernel('cuda')(excite_backward)
-
-
 # ---------------------------------------------------------------------------
 # conv_gather: GE-theta's gather, levels of a depthwise 3x3 convolution of
 # stride 2, a batch norm and a ReLU. Each kernel works on tiles of
@@ -841,5 +834,118 @@ def conv_gather_backward(grad: Tensor, x: Tensor, weights, norm_weights,
     return [grad_x] + grad_w + [grad_g, grad_b]
 
 
+# ---------------------------------------------------------------------------
+# global_gather: global-extent GE-theta's whole-map depthwise convolution
+
+
+@triton.jit
+def _global_kernel(x_ptr, w_ptr, out_ptr, C, HW, W, sxn, sxc, sxh, sxw,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one sample, a block of channels: sum over the map of x * weight
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_P):
+        k = start + tl.arange(0, BLOCK_P)
+        m = (k < HW)[:, None] & cm[None, :]
+        v = tl.load(x_ptr + n * sxn + ((k // W) * sxh + (k % W) * sxw)[:, None]
+                    + (c * sxc)[None, :], mask=m, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + (c * HW)[None, :] + k[:, None], mask=m,
+                     other=0.0)
+        acc += v * wv.to(dt).to(tl.float32)
+    tl.store(out_ptr + n * C + c,
+             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _global_input_grad_kernel(grad_ptr, w_ptr, out_ptr, P, C, HW, W, sgn,
+                              sgc, son, soc, soh, sow, BLOCK_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    # x's gradient: grad[n, c] * weight[c] at every cell
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (p < P)[:, None] & cm[None, :]
+    n = p // HW
+    k = p % HW
+    g = tl.load(grad_ptr + (n * sgn)[:, None] + (c * sgc)[None, :], mask=m,
+                other=0.0).to(tl.float32)
+    wv = tl.load(w_ptr + (c * HW)[None, :] + k[:, None], mask=m, other=0.0)
+    tl.store(out_ptr + (n * son + (k // W) * soh + (k % W) * sow)[:, None] +
+             (c * soc)[None, :],
+             (g * wv.to(out_ptr.dtype.element_ty).to(tl.float32)).to(
+                 out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _global_weight_grad_kernel(grad_ptr, x_ptr, out_ptr, N, C, HW, W, sgn,
+                               sgc, sxn, sxc, sxh, sxw, BLOCK_P: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+    # the weight's gradient: sum over the batch of grad[n, c] * x[n, c]
+    k = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (k < HW)[:, None] & cm[None, :]
+    offs = ((k // W) * sxh + (k % W) * sxw)[:, None] + (c * sxc)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for n in range(0, N):
+        g = tl.load(grad_ptr + n * sgn + c * sgc, mask=cm, other=0.0)
+        v = tl.load(x_ptr + n * sxn + offs, mask=m, other=0.0)
+        acc += g.to(tl.float32)[None, :] * v.to(tl.float32)
+    tl.store(out_ptr + (c * HW)[None, :] + k[:, None],
+             acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def global_gather(x: Tensor, weight: Tensor) -> Tensor:
+    """The kernel of ``mmge::global_gather``: one launch, one read of
+    ``x``."""
+    ge_ops.check_global(x, weight)
+    if not _takes(x) or weight.device != x.device or not x.numel():
+        return ge_ops.reference_global_gather(x, weight)
+    n, c, height, width = x.shape
+    # (N, C, 1, 1) is contiguous in either layout
+    out = torch.empty((n, c, 1, 1), dtype=x.dtype, device=x.device)
+    block_p, block_c = _blocks(c)
+    _global_kernel[(n, triton.cdiv(c, block_c))](
+        x, weight.contiguous(), out, c, height * width, width, *x.stride(),
+        BLOCK_P=block_p, BLOCK_C=block_c)
+    return out
+
+
+def global_gather_backward(grad: Tensor, x: Tensor, weight: Tensor,
+                           input_grad: bool):
+    """The kernel of ``mmge::global_gather_backward``: one launch for the
+    weight's gradient (a read of ``x``), one for ``x``'s (a write)."""
+    if not _takes(grad, x) or weight.device != x.device or not x.numel():
+        return ge_ops.reference_global_gather_backward(grad, x, weight,
+                                                       input_grad)
+    n, c, height, width = x.shape
+    hw = height * width
+    block_p, block_c = _blocks(c)
+    weight = weight.contiguous()
+    grad_weight = torch.empty_like(weight)
+    _global_weight_grad_kernel[(triton.cdiv(hw, block_p),
+                                triton.cdiv(c, block_c))](
+        grad, x, grad_weight, n, c, hw, width, grad.stride(0),
+        grad.stride(1), *x.stride(), BLOCK_P=block_p, BLOCK_C=block_c)
+    if not input_grad:
+        return [x.new_empty(0), grad_weight]
+    grad_x = torch.empty_like(x, memory_format=ge_ops.memory_format(x))
+    _global_input_grad_kernel[(triton.cdiv(n * hw, block_p),
+                               triton.cdiv(c, block_c))](
+        grad, weight, grad_x, n * hw, c, hw, width, grad.stride(0),
+        grad.stride(1), *grad_x.stride(), BLOCK_P=block_p, BLOCK_C=block_c)
+    return [grad_x, grad_weight]
+
+
+ge_ops.pool_gather.register_kernel('cuda')(pool_gather)
+ge_ops.pool_gather_backward.register_kernel('cuda')(pool_gather_backward)
+ge_ops.excite.register_kernel('cuda')(excite)
+ge_ops.excite_gate_grad.register_kernel('cuda')(excite_gate_grad)
+ge_ops.excite_backward.register_kernel('cuda')(excite_backward)
 ge_ops.conv_gather.register_kernel('cuda')(conv_gather)
 ge_ops.conv_gather_backward.register_kernel('cuda')(conv_gather_backward)
+ge_ops.global_gather.register_kernel('cuda')(global_gather)
+ge_ops.global_gather_backward.register_kernel('cuda')(global_gather_backward)

@@ -545,3 +545,99 @@ def _conv_gather_backward(ctx, grads):
 
 conv_gather.register_autograd(_conv_gather_backward,
                               setup_context=_conv_gather_setup)
+
+# ---------------------------------------------------------------------------
+# global_gather
+
+
+def check_global(x: Tensor, weight: Tensor) -> None:
+    """Refuse operands :func:`global_gather` does not define."""
+    if x.dim() != 4 or tuple(weight.shape) != (x.shape[1], 1,
+                                               *x.shape[2:]):
+        raise ValueError(
+            f'mmge::global_gather takes x (N, C, H, W) and a depthwise '
+            f'weight (C, 1, H, W) of the map\'s size; got x '
+            f'{tuple(x.shape)} and weight {tuple(weight.shape)}')
+
+
+def reference_global_gather(x: Tensor, weight: Tensor) -> Tensor:
+    """The convolution of global-extent GE-theta's gather: a depthwise
+    convolution whose kernel is the whole map (no padding, one output cell),
+    in ``x``'s dtype with the weight rounded to it, as under autocast.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        weight (Tensor): (C, 1, H, W).
+
+    Returns:
+        Tensor: (N, C, 1, 1), ``sum(x[n, c] * weight[c])``.
+    """
+    check_global(x, weight)
+    return F.conv2d(x, weight.to(x.dtype), None, 1, 0, 1,
+                    x.shape[1]).contiguous(memory_format=memory_format(x))
+
+
+global_gather = torch.library.custom_op(
+    'mmge::global_gather', reference_global_gather, mutates_args=())
+
+
+@global_gather.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    check_global(x, weight)
+    return x.new_empty(x.shape[0], x.shape[1], 1, 1).contiguous(
+        memory_format=memory_format(x))
+
+
+def reference_global_gather_backward(grad: Tensor, x: Tensor, weight: Tensor,
+                                     input_grad: bool) -> List[Tensor]:
+    """The gradients of :func:`global_gather`.
+
+    Args:
+        grad (Tensor): The output's gradient, (N, C, 1, 1).
+        x (Tensor): The input.
+        weight (Tensor): The weight.
+        input_grad (bool): Compute ``x``'s gradient (else an empty tensor
+            stands for it).
+
+    Returns:
+        list[Tensor]: ``[grad_x, grad_weight]``: ``grad[n, c] *
+        weight[c]`` in ``x``'s dtype and layout, and ``sum_n grad[n, c] *
+        x[n, c]`` in ``weight``'s dtype.
+    """
+    wide = torch.promote_types(x.dtype, torch.float32)
+    g = grad.to(wide).reshape(grad.shape[0], grad.shape[1], 1, 1)
+    grad_weight = (g * x.to(wide)).sum(0).to(weight.dtype).contiguous(
+    ).view(weight.shape)
+    if not input_grad:
+        return [x.new_empty(0), grad_weight]
+    grad_x = (g * weight.to(x.dtype).to(wide).transpose(0, 1)).to(
+        x.dtype).contiguous(memory_format=memory_format(x))
+    return [grad_x, grad_weight]
+
+
+global_gather_backward = torch.library.custom_op(
+    'mmge::global_gather_backward', reference_global_gather_backward,
+    mutates_args=())
+
+
+@global_gather_backward.register_fake
+def _(grad, x, weight, input_grad):
+    grad_x = torch.empty_like(x, memory_format=memory_format(x)) \
+        if input_grad else x.new_empty(0)
+    return [grad_x, torch.empty_like(weight)]
+
+
+def _global_setup(ctx, inputs, output) -> None:
+    x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _global_backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight = global_gather_backward(grad, x, weight,
+                                                 ctx.needs_input_grad[0])
+    return grad_x if ctx.needs_input_grad[0] else None, grad_weight
+
+
+global_gather.register_autograd(_global_backward,
+                                setup_context=_global_setup)

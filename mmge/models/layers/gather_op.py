@@ -1,4 +1,5 @@
-""":class:`~.gather.ConvGather` on the ``mmge::conv_gather`` op.
+""":class:`~.gather.ConvGather` on the ``mmge::conv_gather`` op (and a
+global extent's convolution on ``mmge::global_gather``).
 
 Where a device has kernels of its own for the op (CUDA: Triton), GE-theta's
 local gather runs as that one op instead of its modules: every level's
@@ -87,6 +88,20 @@ def op_args(gather: nn.Module, x: torch.Tensor) -> Optional[OpArgs]:
                   levels[-1].with_activation, norms)
 
 
+def whole_map(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv(x)`` is global-extent GE-theta's convolution (its
+    kernel the whole map) on a device with kernels of its own for
+    ``mmge::global_gather``, without hooks, while not traced for export."""
+    return x.device.type in DEVICES and x.dim() == 4 and \
+        not torch.jit.is_tracing() and \
+        not torch.compiler.is_exporting() and is_plain_conv(conv) and \
+        conv.bias is None and conv.groups == x.shape[1] and \
+        tuple(conv.kernel_size) == tuple(x.shape[2:]) and \
+        conv.stride == (1, 1) and conv.padding == (0, 0) and \
+        conv.dilation == (1, 1) and conv.padding_mode == 'zeros' and \
+        not cpu_kernels.hooked(conv)
+
+
 def compute_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the dtype its convolutions run in: autocast's where it is
     on (``conv2d`` is on its lower-precision list; the op is not)."""
@@ -107,8 +122,10 @@ def update(args: OpArgs, out: List[torch.Tensor]) -> None:
 
 
 def conv_gather(gather: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``gather.convs(x)``: on the op (with autograd) where
-    :func:`op_args` allows, else the modules.
+    """``gather.convs(x)``: on ``mmge::conv_gather`` (with autograd) where
+    :func:`op_args` allows; for the global extent, its convolution on
+    ``mmge::global_gather`` where :func:`whole_map` allows; else the
+    modules.
 
     Args:
         gather (ConvGather): The gather.
@@ -119,7 +136,16 @@ def conv_gather(gather: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     args = op_args(gather, x)
     if args is None:
-        return gather.convs(x)
+        level = gather.convs[0]
+        if gather.feat_size is None or len(gather.convs) != 1 or \
+                tuple(level.order) != ('conv', 'norm', 'act') or \
+                not whole_map(level.conv, x) or cpu_kernels.hooked(gather):
+            return gather.convs(x)
+        # the global extent: its convolution on the op, then the modules
+        y = ge_ops.global_gather(compute_input(x), level.conv.weight)
+        if level.with_norm:
+            y = level.norm(y)
+        return level.activate(y) if level.with_activation else y
     out = ge_ops.conv_gather(compute_input(x), *args[:-1])
     update(args, out)
     return out[0]

@@ -15,9 +15,9 @@ Everything else is plain autograd: the gather's levels, at 1/2 resolution
 and below, keep their maps (about 0.66 of ``x``'s size for three levels;
 on the ``mmge::conv_gather`` op, :class:`GatherOfRecomputed`, only their
 convolutions' outputs, about 0.33). So a layer costs about the operations
-of the formula as written, and keeps neither ``x`` nor a resized gate. :class:`~.ge_autograd.GEFunction` (the
-memory-saving mode) keeps nothing and makes the whole gather again
-instead.
+of the formula as written, and keeps neither ``x`` nor a resized gate.
+:class:`~.ge_autograd.GEFunction` (the memory-saving mode) keeps nothing
+and makes the whole gather again instead.
 """
 from typing import Optional, Tuple
 
@@ -170,8 +170,12 @@ class ConvOfRecomputed(torch.autograd.Function):
                 inp: torch.Tensor, source: RecomputedInput, conv: nn.Conv2d,
                 step: Optional[int]) -> torch.Tensor:
         ctx.source, ctx.conv, ctx.step = source, conv, step
-        out = F.conv2d(x, weight, None, conv.stride, conv.padding,
-                       conv.dilation, conv.groups)
+        ctx.whole = gather_op.whole_map(conv, x)
+        if ctx.whole:  # the global extent's, on its op
+            out = ge_ops.global_gather(gather_op.compute_input(x), weight)
+        else:
+            out = F.conv2d(x, weight, None, conv.stride, conv.padding,
+                           conv.dilation, conv.groups)
         # the dtype the convolution ran in (bfloat16 under autocast)
         ctx.dtype = out.dtype
         ctx.save_for_backward(inp, weight)
@@ -185,8 +189,13 @@ class ConvOfRecomputed(torch.autograd.Function):
         x = source.get(inp)
         source.release()
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
-        grad_x, grad_weight = convolution_backward(
-            grad, x.to(ctx.dtype), weight, conv, mask, ctx.step)
+        if ctx.whole:
+            grad_x, grad_weight = ge_ops.global_gather_backward(
+                grad, x.to(ctx.dtype), weight, mask[0])
+            grad_x = grad_x if mask[0] else None
+        else:
+            grad_x, grad_weight = convolution_backward(
+                grad, x.to(ctx.dtype), weight, conv, mask, ctx.step)
         return (None if grad_x is None else grad_x.to(x.dtype), grad_weight,
                 None, None, None, None)
 
