@@ -319,3 +319,26 @@ def test_a_block_tail_under_autocast_on_each_device(monkeypatch, device):
     for i, (a, b) in enumerate(pairs):
         assert (a.double() - b).norm() <= (0.03 if i < 3 else 0.15) * \
             b.norm() + 1e-3
+
+
+def test_compile_fullgraph_keeps_the_op(on_cpu):
+    """``torch.compile(fullgraph=True)`` of a GE-theta layer on the op (no
+    graph break in the gather, the running statistics updated in the
+    compiled graph): the eager modules' values, gradients and buffers."""
+    torch.manual_seed(0)
+    layer = _randomise(GatherExcite(8, variant='theta', extent=4))
+    ref = copy.deepcopy(layer)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = torch.compile(layer, fullgraph=True)(x)
+    assert 'conv_gather' in on_cpu
+    gather_op.DEVICES = ('cuda', )
+    want = ref(x_ref)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for a, b in zip(_grads(layer, x), _grads(ref, x_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(layer.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
