@@ -54,6 +54,28 @@ def _grads(module, *tensors):
     return [t.grad for t in tensors] + [p.grad for p in module.parameters()]
 
 
+def _compare(module, ref, x, x_ref, out, want, tol=1e-12):
+    """``out = module(x)`` against ``want = ref(x_ref)`` (the same input):
+    values, gradients (input, every parameter) and buffers, within ``tol``
+    (100 times that for gradients)."""
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for a, b in zip(_grads(module, x), _grads(ref, x_ref)):
+        torch.testing.assert_close(a, b, rtol=100 * tol, atol=10 * tol)
+    for a, b in zip(module.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def _check_against_modules(gather, ref, size):
+    """``gather(x)`` (on an op) against ``ref``'s modules on the same
+    float64 input."""
+    x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    _compare(gather, ref, x, x_ref, gather(x), ref.convs(x_ref))
+
+
 @pytest.mark.parametrize('extent', (2, 4, 8))
 @pytest.mark.parametrize('last_act', (False, True))
 @pytest.mark.parametrize('training', (True, False))
@@ -72,18 +94,8 @@ def test_the_op_is_the_modules(on_cpu, extent, last_act, training,
     gather.train(training)
     ref = copy.deepcopy(gather)
     for step in range(2):
-        x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_()
-        out, want = gather(x), ref.convs(x_ref)
+        _check_against_modules(gather, ref, size)
         assert on_cpu == ['conv_gather'] * (step + 1)
-        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        want.backward(grad)
-        for a, b in zip(_grads(gather, x), _grads(ref, x_ref)):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-        for a, b in zip(gather.buffers(), ref.buffers()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_the_op_under_autocast_runs_in_its_dtype(on_cpu):
@@ -114,18 +126,8 @@ def test_the_global_extent_runs_its_convolution_on_its_op(
                                    last_act=last_act).double())
     gather.train(training)
     ref = copy.deepcopy(gather)
-    x = torch.randn(3, 6, 7, 9, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    out, want = gather(x), ref.convs(x_ref)
+    _check_against_modules(gather, ref, (7, 9))
     assert on_cpu == ['global_gather']
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    want.backward(grad)
-    for a, b in zip(_grads(gather, x), _grads(ref, x_ref)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for a, b in zip(gather.buffers(), ref.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 class NotPlainBN(nn.BatchNorm2d):
@@ -333,12 +335,4 @@ def test_compile_fullgraph_keeps_the_op(on_cpu):
     out = torch.compile(layer, fullgraph=True)(x)
     assert 'conv_gather' in on_cpu
     gather_op.DEVICES = ('cuda', )
-    want = ref(x_ref)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    want.backward(grad)
-    for a, b in zip(_grads(layer, x), _grads(ref, x_ref)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(layer.buffers(), ref.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _compare(layer, ref, x, x_ref, out, ref(x_ref), tol=1e-5)

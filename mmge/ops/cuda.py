@@ -427,6 +427,36 @@ def _normed(v, scale, shift, m, dt):
 
 
 @triton.jit
+def _in_affine(scale_ptr, shift_ptr, c, cm, NORM_IN: tl.constexpr):
+    """The previous level's affine (scale, shift) for channels ``c`` where
+    a level's input is normalised on the fly, else zeros (unused)."""
+    if NORM_IN:
+        scale = tl.load(scale_ptr + c, mask=cm, other=0.0)
+        shift = tl.load(shift_ptr + c, mask=cm, other=0.0)
+    else:
+        scale = tl.zeros(c.shape, dtype=tl.float32)
+        shift = tl.zeros(c.shape, dtype=tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _tap(in_ptr, n, oi, oj, kh, kw, c, pm, cm, H, W, sin, sic, sih, siw,
+         scale, shift, dt, NORM_IN: tl.constexpr):
+    """The input under tap (kh, kw) of output cells (oi, oj) of a level
+    (stride 2, padding 1): x, or the previous level's convolution
+    normalised (NORM_IN); 0 in the padding."""
+    i = oi * 2 - 1 + kh
+    j = oj * 2 - 1 + kw
+    ok = pm & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+    m = ok[:, None] & cm[None, :]
+    v = tl.load(_at(in_ptr, n, i, j, c, sin, sic, sih, siw), mask=m,
+                other=0.0).to(tl.float32)
+    if NORM_IN:
+        v = _normed(v, scale, shift, m, dt)
+    return v
+
+
+@triton.jit
 def _partials(r, m, count, part_ptr, row, C, c, cm):
     """A tile's per-channel sum and sum of squared deviations from its own
     mean (``count`` cells), for Chan's merge in the statistics kernel."""
@@ -447,20 +477,12 @@ def _level_kernel(in_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, part_ptr, P,
     # convolution normalised on the fly (NORM_IN)
     n, oi, oj, c, pm, cm = _tile(P, C, OW, OH, BLOCK_P, BLOCK_C)
     dt = out_ptr.dtype.element_ty
-    if NORM_IN:
-        scale = tl.load(scale_ptr + c, mask=cm, other=0.0)
-        shift = tl.load(shift_ptr + c, mask=cm, other=0.0)
+    scale, shift = _in_affine(scale_ptr, shift_ptr, c, cm, NORM_IN)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for kh in tl.static_range(3):
-        i = oi * 2 - 1 + kh
         for kw in tl.static_range(3):
-            j = oj * 2 - 1 + kw
-            ok = pm & (i >= 0) & (i < H) & (j >= 0) & (j < W)
-            m = ok[:, None] & cm[None, :]
-            v = tl.load(_at(in_ptr, n, i, j, c, sin, sic, sih, siw), mask=m,
-                        other=0.0).to(tl.float32)
-            if NORM_IN:
-                v = _normed(v, scale, shift, m, dt)
+            v = _tap(in_ptr, n, oi, oj, kh, kw, c, pm, cm, H, W, sin, sic,
+                     sih, siw, scale, shift, dt, NORM_IN)
             wv = tl.load(w_ptr + c * 9 + kh * 3 + kw, mask=cm, other=0.0)
             acc += v * wv.to(dt).to(tl.float32)[None, :]
     m = pm[:, None] & cm[None, :]
@@ -627,20 +649,12 @@ def _weight_grad_kernel(dyhat_ptr, raw_ptr, coef_ptr, in_ptr, scale_ptr,
     dt = raw_ptr.dtype.element_ty
     dc = _dconv(dyhat_ptr, raw_ptr, coef_ptr, n, oi, oj, c,
                 pm[:, None] & cm[None, :], C, OH, OW, srn, src, srh, srw, dt)
-    if NORM_IN:
-        scale = tl.load(scale_ptr + c, mask=cm, other=0.0)
-        shift = tl.load(shift_ptr + c, mask=cm, other=0.0)
+    scale, shift = _in_affine(scale_ptr, shift_ptr, c, cm, NORM_IN)
     row = tl.program_id(0).to(tl.int64) * 9
     for kh in tl.static_range(3):
-        i = oi * 2 - 1 + kh
         for kw in tl.static_range(3):
-            j = oj * 2 - 1 + kw
-            ok = pm & (i >= 0) & (i < H) & (j >= 0) & (j < W)
-            m = ok[:, None] & cm[None, :]
-            v = tl.load(_at(in_ptr, n, i, j, c, sin, sic, sih, siw), mask=m,
-                        other=0.0).to(tl.float32)
-            if NORM_IN:
-                v = _normed(v, scale, shift, m, dt)
+            v = _tap(in_ptr, n, oi, oj, kh, kw, c, pm, cm, H, W, sin, sic,
+                     sih, siw, scale, shift, dt, NORM_IN)
             tl.store(part_ptr + (row + kh * 3 + kw) * C + c,
                      tl.sum(dc * v, axis=0), mask=cm)
 
