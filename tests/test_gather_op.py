@@ -222,8 +222,9 @@ def test_default_mode_on_the_op_keeps_no_full_resolution_map(
 
 @pytest.mark.parametrize('channels_last', (False, True))
 @pytest.mark.parametrize('extent', (8, 'global'))
+@pytest.mark.parametrize('variant', ('theta', 'theta_plus'))
 def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last,
-                                            extent):
+                                            extent, variant):
     """The same block tail with the op's CUDA kernels (Triton; in its
     interpreter on CPU tensors where there is no GPU) in float32: the
     formula's values and gradients in float64."""
@@ -242,7 +243,7 @@ def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last,
         monkeypatch.setattr(ge_ops, name, counted(getattr(cuda, name)))
     torch.manual_seed(0)
     layer = _randomise(GatherExcite(
-        8, variant='theta', extent=extent,
+        8, variant=variant, extent=extent, reduction=2,
         feat_size=(19, 22) if extent == 'global' else None))
     norm = _randomise(nn.BatchNorm2d(8))
     ref_layer, ref_norm = copy.deepcopy(layer).double(), copy.deepcopy(
@@ -258,6 +259,8 @@ def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last,
     out = input_recompute.forward(layer, norm, inp, None, relu=True)
     x = ref_norm(inp.double())
     ctx = ref_layer.gather.convs(x)
+    if ref_layer.excite.mlp is not None:
+        ctx = ref_layer.excite.mlp(ctx)
     want = (x * F.interpolate(ctx, size=(19, 22), mode='nearest').sigmoid()
             ).relu()
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -266,9 +269,11 @@ def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last,
     exp = torch.autograd.grad(want, [inp, *ref_layer.parameters()],
                               grad.double())
     assert calls == [getattr(cuda, name) for name in names]
+    # float32 against float64; the global extent's batch norm sees two
+    # values per channel, which float32 resolves less well
     for a, b in zip(got, exp):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-3,
+                                   atol=1e-4 if extent == 'global' else 1e-5)
     for a, b in zip(layer.buffers(), ref_layer.buffers()):
         torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-5, atol=1e-6)
 
