@@ -285,16 +285,14 @@ def _excite_setup(ctx, inputs, output) -> None:
 def _excite_backward(ctx, grad: Tensor):
     x, gate, out = ctx.saved_tensors
     with_identity = ctx.identity_dtype is not None
-    if torch.is_grad_enabled():
-        # create_graph: x's gradient as an excite, which has a backward
-        if ctx.relu:
-            grad = torch.where(out > 0, grad, 0)
-        grad_x = excite(grad, gate).to(x.dtype)
-        grad_gate = excite_gate_grad(grad, x, gate)
-    else:
-        grad_x, grad_gate, masked = excite_backward(
-            grad, x, gate, out if ctx.relu else None, with_identity)
-        grad = masked if ctx.relu else grad
+    # with create_graph, the reference: x's gradient is then an excite,
+    # which has a backward
+    backward = reference_excite_backward if torch.is_grad_enabled() \
+        else excite_backward
+    grad_x, grad_gate, masked = backward(grad, x, gate,
+                                         out if ctx.relu else None,
+                                         with_identity)
+    grad = masked if ctx.relu else grad
     grad_identity = grad.to(ctx.identity_dtype) if with_identity else None
     return grad_x, grad_gate, grad_identity, None
 

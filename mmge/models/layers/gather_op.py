@@ -39,8 +39,8 @@ class OpArgs(NamedTuple):
 
 def _level(m: nn.Module, channels: int) -> bool:
     """Whether a level (a ``ConvModule``) is what the op computes."""
-    conv, norm = m._modules.get('conv'), m._modules.get('bn')
-    act = m._modules.get('activate')
+    conv, norm = m.conv, m.norm
+    act = m.activate if m.with_activation else None
     return tuple(m.order) == ('conv', 'norm', 'act') and \
         not m.with_explicit_padding and is_plain_conv(conv) and \
         conv.bias is None and conv.kernel_size == (3, 3) and \
@@ -74,7 +74,7 @@ def op_args(gather: nn.Module, x: torch.Tensor) -> Optional[OpArgs]:
     if not all(_level(m, channels) for m in levels) or not all(
             m.with_activation for m in levels[:-1]):
         return None
-    norms = [m.bn for m in levels]
+    norms = [m.norm for m in levels]
     training = norms[0].training
     if any(n.training != training or n.eps != norms[0].eps for n in norms):
         return None
