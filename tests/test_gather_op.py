@@ -2,10 +2,11 @@
 as on a GPU) against its modules: values, gradients, running statistics,
 what autograd keeps, and where the modules run instead.
 
-The op runs where a device has kernels of its own (CUDA); these tests add
-the CPU to :data:`mmge.models.layers.gather_op.DEVICES`, so that the op's
+The op runs where a device has kernels of its own (CUDA; the CPU in
+float32); these tests let it run on the CPU in every dtype
+(:data:`mmge.models.layers.gather_op.KERNELS`), so that in float64 the op's
 reference implementation (or, in one test, the Triton kernels in Triton's
-interpreter) stands in for them."""
+interpreter) stands in for a GPU's kernels."""
 import copy
 
 import pytest
@@ -17,7 +18,14 @@ from mmge.models import GatherExcite
 from mmge.models.layers import gather_op
 from mmge.models.layers.gather import ConvGather
 from mmge.models.layers.ge_block import ge_block_tail
-from mmge.ops import cuda, ge_ops
+from mmge.ops import cpu_kernels, cuda, ge_ops
+
+
+def everywhere(monkeypatch, devices=('cpu', 'cuda')):
+    """The gather ops on ``devices`` in every dtype."""
+    for op in gather_op.KERNELS:
+        monkeypatch.setitem(gather_op.KERNELS, op,
+                            dict.fromkeys(devices))
 
 
 @pytest.fixture
@@ -31,7 +39,7 @@ def on_cpu(monkeypatch):
             return op(*args)
         return run
 
-    monkeypatch.setattr(gather_op, 'DEVICES', ('cpu', 'cuda'))
+    everywhere(monkeypatch)
     for name in ('conv_gather', 'global_gather'):
         monkeypatch.setattr(ge_ops, name,
                             counted(name, getattr(ge_ops, name)))
@@ -130,6 +138,40 @@ def test_the_global_extent_runs_its_convolution_on_its_op(
     assert on_cpu == ['global_gather']
 
 
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason='the native CPU kernels are not built')
+@pytest.mark.parametrize('extent', (2, 8))
+@pytest.mark.parametrize('training', (True, False))
+def test_on_the_cpu_float32_nchw_maps_take_the_c_kernel(
+        monkeypatch, extent, training):
+    """By default, on the CPU a float32 NCHW map's gather with autograd on
+    is the op on its C kernel, with the modules' values, gradients and
+    running statistics; a channels-last map, a bfloat16 one (under
+    autocast) and a call without autograd run the modules."""
+    calls = []
+    kernel = cpu_kernels.conv_gather
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, 'conv_gather', counted)
+    torch.manual_seed(0)
+    gather = _randomise(ConvGather(12, extent)).train(training)
+    ref = copy.deepcopy(gather)
+    x = torch.randn(2, 12, 19, 22, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = gather(x)
+    assert len(calls) == 1
+    _compare(gather, ref, x, x_ref, out, ref.convs(x_ref), tol=1e-5)
+    gather(x.detach().contiguous(memory_format=torch.channels_last))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        gather(x.detach())
+    with torch.no_grad():
+        gather(x.detach())
+    assert len(calls) == 1
+
+
 class NotPlainBN(nn.BatchNorm2d):
     """A batch norm with a forward of its own (as SyncBN has)."""
 
@@ -139,7 +181,8 @@ class NotPlainBN(nn.BatchNorm2d):
 
 @pytest.mark.parametrize('case', ('device', 'hook', 'norm', 'act',
                                   'mixed modes', 'one value', 'global hook'))
-def test_the_modules_run_where_the_op_does_not_compute(on_cpu, case):
+def test_the_modules_run_where_the_op_does_not_compute(monkeypatch, on_cpu,
+                                                       case):
     """Off the op's devices, with a hook on any level, another norm or
     activation, levels in different modes, a batch norm in training over
     one value per channel (which raises, as the module does) and a hook on
@@ -155,7 +198,7 @@ def test_the_modules_run_where_the_op_does_not_compute(on_cpu, case):
         kwargs = dict(extent='global', feat_size=size)
     gather = ConvGather(8, kwargs.pop('extent', 4), **kwargs)
     if case == 'device':
-        gather_op.DEVICES = ('cuda', )
+        everywhere(monkeypatch, ('cuda', ))
     if case in ('hook', 'global hook'):
         gather.convs[-1].conv.register_forward_hook(lambda *a: None)
     if case == 'mixed modes':
@@ -236,7 +279,7 @@ def test_default_mode_on_the_triton_kernels(monkeypatch, channels_last,
             return kernel(*args)
         return run
 
-    monkeypatch.setattr(gather_op, 'DEVICES', ('cpu', 'cuda'))
+    everywhere(monkeypatch)
     names = ('global_gather', 'global_gather_backward') \
         if extent == 'global' else ('conv_gather', 'conv_gather_backward')
     for name in names:
@@ -296,7 +339,7 @@ def test_a_block_tail_under_autocast_on_each_device(monkeypatch, device):
         calls.append(args[0].device.type)
         return op(*args)
 
-    monkeypatch.setattr(gather_op, 'DEVICES', ('cpu', 'cuda'))
+    everywhere(monkeypatch)
     monkeypatch.setattr(ge_ops, 'conv_gather', counted)
     torch.manual_seed(0)
     layer = _randomise(GatherExcite(16, variant='theta', extent=8)).to(device)
@@ -339,5 +382,5 @@ def test_compile_fullgraph_keeps_the_op(on_cpu):
     x_ref = x.detach().clone().requires_grad_()
     out = torch.compile(layer, fullgraph=True)(x)
     assert 'conv_gather' in on_cpu
-    gather_op.DEVICES = ('cuda', )
+    gather_op.KERNELS['conv_gather'] = {'cuda': None}
     _compare(layer, ref, x, x_ref, out, ref(x_ref), tol=1e-5)

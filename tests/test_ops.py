@@ -176,6 +176,90 @@ def test_opcheck_conv_gather(channels_last, training):
                      input_grad))
 
 
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason='the native CPU kernels are not built')
+@pytest.mark.parametrize('channels_last', (False, True))
+@pytest.mark.parametrize('size', SIZES)
+def test_excite_backward_cpu_kernel(monkeypatch, size, channels_last):
+    """``mmge::excite_backward`` on the CPU in float32 runs the C kernel:
+    x's and the gate's gradients and the masked gradient of the float64
+    definition, every extent and the global one, through the ReLU's mask
+    and without it, in x's layout (a gate in the other layout too)."""
+    calls = []
+    kernel = cpu_kernels.excite_backward
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu_kernels, 'excite_backward', counted)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cases = list(itertools.product(EXTENTS + ('global', ), (False, True)))
+    for extent, relu in cases:
+        x = _layout(torch.randn(2, 11, *size), channels_last)
+        gate = _layout(torch.rand(2, 11, *_gate_size(size, extent)),
+                       not channels_last)
+        out = ge_ops.excite(x, gate, None, True) if relu else None
+        grad = _layout(torch.randn_like(x), channels_last)
+        got = ge_ops.excite_backward(grad, x, gate, out, relu)
+        want = ge_ops.reference_excite_backward(
+            grad.double(), x.double(), gate.double(),
+            None if out is None else out.double(), relu)
+        assert got[0].is_contiguous(memory_format=fmt)
+        assert got[1].shape == gate.shape
+        assert got[2].numel() == (x.numel() if relu else 0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(cases)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason='the native CPU kernels are not built')
+@pytest.mark.parametrize('channels_last', (False, True))
+@pytest.mark.parametrize('training', (False, True))
+@pytest.mark.parametrize('size', SIZES)
+def test_conv_gather_cpu_kernel(monkeypatch, size, training, channels_last):
+    """``mmge::conv_gather`` and its backward on the CPU in float32 run the
+    C kernel: the float64 definition's context, statistics, levels' maps
+    and gradients (x's, the weights', the norms'), every extent, with and
+    without a last ReLU, in x's layout."""
+    calls = []
+    kernel = cpu_kernels.conv_gather
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, 'conv_gather', counted)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for levels, last_relu in itertools.product((1, 2, 3), (False, True)):
+        x = _layout(torch.randn(2, 11, *size), channels_last)
+        params = _levels(levels, channels=11)
+        wide = [[t.double() for t in ts] for ts in params]
+        got = ge_ops.conv_gather(x, *params, training, 1e-5, last_relu)
+        want = ge_ops.reference_conv_gather(x.double(), *wide, training,
+                                            1e-5, last_relu)
+        assert len(got) == len(want) == 3 + levels
+        for a, b in zip(got, want):
+            if a.dim() == 4:
+                assert a.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+        grad = torch.randn_like(got[0])
+        got_g = ge_ops.conv_gather_backward(
+            grad, x, *params[:3], got[1], got[2], got[3:], training, 1e-5,
+            last_relu, True)
+        want_g = ge_ops.reference_conv_gather_backward(
+            grad.double(), x.double(), *wide[:3], want[1], want[2],
+            want[3:], training, 1e-5, last_relu, True)
+        assert got_g[0].is_contiguous(memory_format=fmt)
+        for a, b in zip(got_g, want_g):
+            assert a.shape == b.shape and a.dtype is torch.float32
+            torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+    assert len(calls) == 6
+
+
 @pytest.mark.parametrize('channels_last', (False, True))
 def test_global_gather(channels_last):
     """``mmge::global_gather``: the definition (a depthwise convolution

@@ -129,7 +129,9 @@ struct conv_gather_args {
   const int64_t *row_index, *col_index;
   /* backward: grad (N, C, H, W), the gradient of the excite's output; gate
    * and dcontext (N, C, hL, wL), or NULL: then gate = sigmoid(context) and
-   * dcontext = grad_gate * gate * (1 - gate) (GE-theta) */
+   * dcontext = grad_gate * gate * (1 - gate) (GE-theta). grad NULL (with
+   * dcontext, without gate): the gather's backward alone, dx without the
+   * excite's direct term */
   const float *grad, *gate, *dcontext;
   /* the (N, C, hL, wL) tensors (gate, dcontext, context, grad_gate) are
    * channels-last in memory, (N, hL, wL, C), when small_cl: the layout of
@@ -144,6 +146,10 @@ struct conv_gather_args {
    * input for it (GE-theta-plus's backward runs the kernel twice) */
   const float *level1_in;
   float *level1_out;
+  /* forward: each level's convolution output (N, C, h_l, w_l), before its
+   * norm, in x's layout (channels-last with cl), at raw[l - 1] (the array
+   * NULL, or an entry NULL: not written) */
+  float *const *raw;
   /* outputs, each optional: context (N, C, hL, wL); the batch mean and
    * biased variance of the training levels (L, C); grad_gate, the adjoint
    * of the resize applied to grad * y (N, C, hL, wL); the backward (when
@@ -314,12 +320,19 @@ INLINE void load_small(float *dst, const float *src, int64_t N, int64_t C,
         dst[(n * m + t) * LANES + k] = src[small_at(n, C, c0 + k, m, t, cl)];
 }
 
+/* (stored a sample's planes at a time, or runs of the block's channels) */
 INLINE void store_small(float *dst, const float *src, int64_t N, int64_t C,
                         int64_t c0, int64_t m, int active, int cl) {
-  for (int64_t n = 0; n < N; ++n)
+  for (int64_t n = 0; n < N; ++n) {
+    const float *s = src + n * m * LANES;
+    if (!cl) {
+      store_row(dst + (n * C + c0) * m, s, m, m, active);
+      continue;
+    }
+    float *d = dst + n * m * C + c0;
     for (int64_t t = 0; t < m; ++t)
-      for (int k = 0; k < active; ++k)
-        dst[small_at(n, C, c0 + k, m, t, cl)] = src[(n * m + t) * LANES + k];
+      memcpy(d + t * C, s + t * LANES, sizeof(float) * (size_t)active);
+  }
 }
 
 /* a (C, ) or (C, 9) parameter's values for one block: lanes past the
@@ -729,8 +742,8 @@ INLINE vf cl_gather_taps(const float *const *dz, const int64_t *at,
   return dy;
 }
 
-/* dx at position (p, q) of sample n, every block: grad * resize(gate) +
- * level 1's input gradient (cl_gather_taps; its kernels' terms into acc,
+/* dx at position (p, q) of sample n, every block: grad * resize(gate)
+ * (grow NULL: none) + level 1's input gradient (cl_gather_taps; its kernels' terms into acc,
  * 9 per block); with the fused norm, through its backward (its mean terms
  * md, mdx known) */
 INLINE void cl_input_grad_cell(const struct conv_gather_args *a,
@@ -747,10 +760,11 @@ INLINE void cl_input_grad_cell(const struct conv_gather_args *a,
     const int active = (int)min64(LANES, C - c0);
     const float *dzb[2] = {dz[0] + b * a->cl_pz, dz[1] + b * a->cl_pz};
     const vf xv = load_lanes(xrow + q * C + c0, active);
-    vf d = load_lanes(grow + q * C + c0, active) *
-               V(a->cl_gate + b * a->cl_pg + cell) +
-           cl_gather_taps(dzb, at, taps, rows, cols, st->K1,
+    vf d = cl_gather_taps(dzb, at, taps, rows, cols, st->K1,
                           xv * st->A + st->B, acc + 9 * b);
+    if (grow)
+      d += load_lanes(grow + q * C + c0, active) *
+           V(a->cl_gate + b * a->cl_pg + cell);
     if (train)
       d = st->A * (d - st->md - (xv - st->nmean) * st->ninvstd * st->mdx);
     else if (fuse)
@@ -794,7 +808,8 @@ CLONED static void cl_postpass_units(const void *args_, int64_t first,
           a->cl_z + (n * h1 + ri[rows - 1]) * w1 * LANES};
       for (int64_t t = 0; t < blocks * 9; ++t) acc[t] = splat(0.f);
       const int64_t row_at = (n * H + p) * W * C;
-      const float *grow = a->grad + row_at, *xrow = a->x + row_at;
+      const float *grow = a->grad ? a->grad + row_at : NULL;
+      const float *xrow = a->x + row_at;
       float *orow = a->dx + row_at;
       const int64_t gate_at = (n * a->h[L] + a->row_index[p]) * wL;
       for (int64_t q = 0; q < W; ++q) {
@@ -1007,6 +1022,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     for (int64_t l = 1; l <= L; ++l) {
       const int64_t hl = a->h[l], wl = a->w[l], ml = hl * wl, m = N * ml;
       const float *z = buf + a->off_z[l];
+      if (a->raw && a->raw[l - 1])
+        store_small(a->raw[l - 1], z, N, C, c0, ml, active, a->cl);
       if (a->train[l - 1]) {
         vd s = {0}, s2 = {0};
         for (int64_t t0 = 0; t0 < m; t0 += CHUNK) {
@@ -1091,8 +1108,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
     if (!backward) continue;
 
     /* the gate and the context's gradient */
-    if (a->gate) {
-      load_small(gate, a->gate, N, C, c0, mL, active, a->small_cl);
+    if (a->dcontext) {
+      if (a->gate) load_small(gate, a->gate, N, C, c0, mL, active, a->small_cl);
       load_small(dctx, a->dcontext, N, C, c0, mL, active, a->small_cl);
     } else {
       for (int64_t t = 0; t < N * mL; ++t) {
@@ -1178,7 +1195,8 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
                     widen(st->ninvstd);
       }
       memcpy(a->cl_z + block * a->cl_pz, dz1, sizeof(float) * m1);
-      memcpy(a->cl_gate + block * a->cl_pg, gate, sizeof(float) * mg);
+      if (a->grad)
+        memcpy(a->cl_gate + block * a->cl_pg, gate, sizeof(float) * mg);
       /* y's affine for the second pass (cl_init's may be x - mean's) */
       st->A = A;
       st->B = B;
@@ -1208,16 +1226,20 @@ CLONED static void conv_gather_blocks(const void *args_, int64_t first,
       memset(dP, 0, sizeof(float) * (H + 2) * stride);
       conv_backward(P, dP, W, K[1], dz1 + n * a->h[1] * a->w[1] * LANES,
                     a->h[1], a->w[1], dK[1]);
-      const float *g = a->grad + (n * C + c0) * HW;
       float *out = a->dx + (n * C + c0) * HW;
       for (int64_t p = 0; p < H; ++p) {
         const float *gr = gate + (n * hL + a->row_index[p]) * wL * LANES;
         const float *dr = dP + (p + 1) * stride + LANES;
-        load_row(G, g + p * W, HW, W, active, one, zero);
-        for (int64_t q = 0; q < W; ++q)
-          V(D + q * LANES) = V(G + q * LANES) *
-                                 V(gr + a->col_index[q] * LANES) +
-                             V(dr + q * LANES);
+        if (a->grad) {
+          load_row(G, a->grad + (n * C + c0) * HW + p * W, HW, W, active,
+                   one, zero);
+          for (int64_t q = 0; q < W; ++q)
+            V(D + q * LANES) = V(G + q * LANES) *
+                                   V(gr + a->col_index[q] * LANES) +
+                               V(dr + q * LANES);
+        } else {
+          memcpy(D, dr, sizeof(float) * W * LANES);
+        }
         if (fuse) {
           const float *xr = a->x + (n * C + c0) * HW + p * W;
           load_row(X, xr, HW, W, active, one, -nmean * one);  /* x - mean */
@@ -1329,7 +1351,9 @@ static int mlp_backward_blocks(struct conv_gather_args *a,
  * MLP, without the MLP or with identity, out, relu, gate, dcontext, level1,
  * context or grad_gate), 7 for running statistics to update (run_mean...)
  * in a call with grad or dx, or for a level that does not train or lacks
- * run_var, or without run_momentum. With x_cl, x, grad, dx and the
+ * run_var, or without run_momentum, 8 for a backward without grad (the
+ * gather's alone) without dcontext or with gate, excite or the norm, or
+ * for raw in a backward. With x_cl, x, grad, dx and the
  * excite's identity and out are channels-last, (N, H, W, C) in memory;
  * else contiguous. With x_cl, a
  * forward call with grad and level1_out may take the norm's statistics
@@ -1346,7 +1370,7 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
                    const int64_t *col_index, const float *grad,
                    const float *gate, const float *dcontext,
                    const float *level1_in, float *level1_out,
-                   float *context, float *mean, float *var,
+                   float *const *raw, float *context, float *mean, float *var,
                    float *grad_gate, float *dx, float *dweight,
                    float *dgamma, float *dbeta, const float *norm_gamma,
                    const float *norm_beta, double norm_eps, int norm_batch,
@@ -1371,6 +1395,9 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
     return 4;
   if (norm_rvar && (scale || norm_batch || !norm_rmean)) return 4;
   if (run_mean && (grad || dx)) return 7;
+  /* the gather's backward alone: the context's gradient, no excite */
+  if (dx && !grad && (!dcontext || gate || excite || norm_invstd)) return 8;
+  if (raw && dx) return 8;
   for (int l = 0; run_mean && l < levels; ++l)
     if (run_mean[l] && (!train[l] || !run_var[l] || !run_momentum)) return 7;
   for (int l = 0; l < levels; ++l)
@@ -1391,7 +1418,7 @@ int ge_conv_gather(const float *x, const float *scale, const float *shift,
       .train = train, .relu = relu, .levels = levels, .N = N, .C = C, .H = H,
       .W = W, .row_index = row_index, .col_index = col_index, .grad = grad,
       .gate = gate, .dcontext = dcontext, .level1_in = level1_in,
-      .level1_out = level1_out, .context = context, .mean = mean, .var = var,
+      .level1_out = level1_out, .raw = raw, .context = context, .mean = mean, .var = var,
       .grad_gate = grad_gate, .dx = dx, .dweight = dweight, .dgamma = dgamma,
       .dbeta = dbeta, .norm_gamma = norm_gamma, .norm_beta = norm_beta,
       .norm_mean_in = norm_mean_in, .norm_invstd = norm_invstd,

@@ -131,21 +131,49 @@ int ge_pool_forward(const float *x, const float *scale, const float *shift,
  * the nearest resize (h, w) -> (H, W) applied to grad * x. The indices are
  * those F.interpolate(mode='nearest') uses, non-decreasing. */
 
+/* The excite's whole backward (excite_backward) is the same pass: with y
+ * (the output of an excite with its ReLU) grad is first masked by y > 0
+ * (and written to masked when given), and with gate the input's gradient
+ * dx = grad * resize(gate) is written on the way. */
+
 struct gate_grad_args {
   const float *grad, *x, *scale, *shift;
   const int64_t *row_index, *col_index;
   float *out;
   int64_t channels, H, W, h, w;
+  const float *y, *gate;
+  float *dx, *masked;
 };
 
+/* A row of excite_backward: v = g (0 where y <= 0, with MASK), m <- v
+ * (with WRITE_M), acc += v * x, dx <- v * wide (the gate's row resized) */
+INLINE void excite_backward_row(const float *restrict g,
+                                const float *restrict x,
+                                const float *restrict y,
+                                const float *restrict wide,
+                                float *restrict acc, float *restrict dx,
+                                float *restrict m, int64_t W, int MASK,
+                                int WRITE_M) {
+  for (int64_t q = 0; q < W; ++q) {
+    float v = g[q];
+    if (MASK) v = y[q] > 0.f ? v : 0.f;
+    if (WRITE_M) m[q] = v;
+    acc[q] += v * x[q];
+    dx[q] = v * wide[q];
+  }
+}
+
 static void gate_grad_planes(const void *args_, int64_t first, int64_t last,
-                             float *acc) {
+                             float *buf) {
   const struct gate_grad_args *a = (const struct gate_grad_args *)args_;
   const int64_t H = a->H, W = a->W, h = a->h, w = a->w;
-  /* acc: one row of grad * x summed over the rows of one gate row, (W) */
+  /* acc: one row of grad * x summed over the rows of one gate row; wide:
+   * the gate's row resized to W (W each) */
+  float *acc = buf, *wide = buf + W;
   for (int64_t plane = first; plane < last; ++plane) {
-    const float *g = a->grad + plane * H * W;
-    const float *x = a->x + plane * H * W;
+    const int64_t at = plane * H * W;
+    const float *g = a->grad + at;
+    const float *x = a->x + at;
     float *out = a->out + plane * h * w;
     float sc, sh;
     plane_affine(a->scale, a->shift, plane % a->channels, &sc, &sh);
@@ -156,12 +184,27 @@ static void gate_grad_planes(const void *args_, int64_t first, int64_t last,
       int64_t i = a->row_index[p], end = p + 1;
       while (end < H && a->row_index[end] == i) ++end;
       memset(acc, 0, sizeof(float) * W);
+      if (a->gate)
+        widen_gate_row(a->gate + plane * h * w + i * w, a->col_index, 1,
+                       wide, W);
       for (; p < end; ++p) {
         const float *gr = g + p * W, *xr = x + p * W;
-        if (a->scale)
+        if (a->dx) {
+          const int64_t r = at + p * W;
+          const float *yr = a->y ? a->y + r : NULL;
+          float *m = a->masked ? a->masked + r : NULL;
+          /* constant cases, each loop vectorised */
+          if (m)
+            excite_backward_row(gr, xr, yr, wide, acc, a->dx + r, m, W, 1, 1);
+          else if (yr)
+            excite_backward_row(gr, xr, yr, wide, acc, a->dx + r, m, W, 1, 0);
+          else
+            excite_backward_row(gr, xr, yr, wide, acc, a->dx + r, m, W, 0, 0);
+        } else if (a->scale) {
           for (int64_t q = 0; q < W; ++q) acc[q] += gr[q] * (sc * xr[q] + sh);
-        else
+        } else {
           for (int64_t q = 0; q < W; ++q) acc[q] += gr[q] * xr[q];
+        }
       }
       float *o = out + i * w;
       for (int64_t q = 0; q < W; ++q) o[a->col_index[q]] += acc[q];
@@ -175,7 +218,8 @@ int ge_gate_grad(const float *grad, const float *x, const float *scale,
                  int64_t channels, int64_t H, int64_t W, int64_t h, int64_t w,
                  int threads) {
   struct gate_grad_args a = {grad, x, scale, shift, row_index, col_index,
-                             out, channels, H, W, h, w};
+                             out, channels, H, W, h, w, NULL, NULL, NULL,
+                             NULL};
   return for_planes(gate_grad_planes, &a, planes, H * W, W, threads);
 }
 
@@ -508,7 +552,32 @@ struct gate_grad_nhwc_args {
   const int64_t *row_index, *col_index;
   float *out;
   int64_t C, H, W, h, w;
+  const float *y, *gate;
+  float *dx, *masked;
 };
+
+/* One cell's channels of excite_backward: g = grad (where y > 0 with y),
+ * masked <- g, d += g * x, dx <- g * gate */
+INLINE void excite_backward_cell(const struct gate_grad_nhwc_args *a,
+                                 int64_t at, float *d, const float *gate) {
+  const int64_t C = a->C;
+  const float *g = a->grad + at, *x = a->x + at, *y = a->y ? a->y + at : NULL;
+  float *m = a->masked ? a->masked + at : NULL, *dx = a->dx + at;
+  int64_t c = 0;
+  for (; c + LANES <= C; c += LANES) {
+    vf v = load(g + c);
+    if (y) v = where_positive(load(y + c), v);
+    if (m) store(m + c, v);
+    store(d + c, load(d + c) + v * load(x + c));
+    store(dx + c, v * load(gate + c));
+  }
+  for (; c < C; ++c) {
+    const float v = y && !(y[c] > 0.f) ? 0.f : g[c];
+    if (m) m[c] = v;
+    d[c] += v * x[c];
+    dx[c] = v * gate[c];
+  }
+}
 
 CLONED static void gate_grad_nhwc_rows(const void *args_, int64_t first,
                                        int64_t last, float *buf) {
@@ -527,6 +596,11 @@ CLONED static void gate_grad_nhwc_rows(const void *args_, int64_t first,
         const int64_t at = ((n * H + p) * W + q) * C;
         const float *g = a->grad + at, *x = a->x + at;
         float *d = o + a->col_index[q] * C;
+        if (a->dx) {
+          excite_backward_cell(a, at, d,
+                               a->gate + (row * w + a->col_index[q]) * C);
+          continue;
+        }
         int64_t c = 0;
         for (; c + LANES <= C; c += LANES) {
           vf y = load(x + c);
@@ -545,9 +619,35 @@ int ge_gate_grad_nhwc(const float *grad, const float *x, const float *scale,
                       int64_t C, int64_t H, int64_t W, int64_t h, int64_t w,
                       int threads) {
   struct gate_grad_nhwc_args a = {grad, x, scale, shift, row_index,
-                                  col_index, out, C, H, W, h, w};
+                                  col_index, out, C, H, W, h, w,
+                                  NULL, NULL, NULL, NULL};
   return for_planes(gate_grad_nhwc_rows, &a, N * h, (H / h + 1) * W * C, 0,
                     threads);
+}
+
+/* ------------------------------------------------------------------------ */
+/* excite_backward: the excite's gradients in one pass over grad and x (and
+ * y): g = grad, masked by y > 0 where y (the output of an excite with its
+ * ReLU) is given, and then written to masked when given; dx = g *
+ * resize(gate); dgate = the resize's adjoint of g * x. gate and dgate are
+ * (N, C, h, w), the others (N, C, H, W); all channels-last in memory with
+ * cl, else contiguous. */
+int ge_excite_backward(const float *grad, const float *x, const float *y,
+                       const float *gate, const int64_t *row_index,
+                       const int64_t *col_index, float *dx, float *masked,
+                       float *dgate, int64_t N, int64_t C, int64_t H,
+                       int64_t W, int64_t h, int64_t w, int cl,
+                       int threads) {
+  if (cl) {
+    struct gate_grad_nhwc_args a = {grad, x, NULL, NULL, row_index,
+                                    col_index, dgate, C, H, W, h, w,
+                                    y, gate, dx, masked};
+    return for_planes(gate_grad_nhwc_rows, &a, N * h, (H / h + 1) * W * C,
+                      0, threads);
+  }
+  struct gate_grad_args a = {grad, x, NULL, NULL, row_index, col_index,
+                             dgate, C, H, W, h, w, y, gate, dx, masked};
+  return for_planes(gate_grad_planes, &a, N * C, H * W, 2 * W, threads);
 }
 
 /* ------------------------------------------------------------------------ */

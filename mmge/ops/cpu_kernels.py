@@ -86,8 +86,10 @@ def _library() -> Optional[ctypes.CDLL]:
         [ctypes.c_int] * 2
     lib.ge_gate_grad_nhwc.argtypes = [_PTR] * 7 + [_I64] * 6 + \
         [ctypes.c_int]
+    lib.ge_excite_backward.argtypes = [_PTR] * 9 + [_I64] * 6 + \
+        [ctypes.c_int] * 2
     lib.ge_conv_gather.argtypes = [_PTR] * 11 + [ctypes.c_int] + \
-        [_I64] * 4 + [_PTR] * 17 + [ctypes.c_double, ctypes.c_int] + \
+        [_I64] * 4 + [_PTR] * 18 + [ctypes.c_double, ctypes.c_int] + \
         [_PTR] * 2 + [ctypes.c_int] + [_PTR] * 11 + [ctypes.c_int] * 3
     lib.ge_pool_forward_nhwc.argtypes = [_PTR] * 4 + [_I64] * 5 + \
         [ctypes.c_int]
@@ -98,14 +100,17 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_excite_nhwc, lib.ge_gate_grad_nhwc,
+               lib.ge_excite_backward,
                lib.ge_pool_forward_nhwc, lib.ge_input_grad_nhwc,
                lib.ge_pool_excite, lib.ge_conv_gather, lib.ge_norm_affine):
         fn.restype = ctypes.c_int
     return lib
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the native kernels were built and load.
+    """Whether the native kernels were built and load (a constant to
+    ``torch.compile``, which does not trace the loading).
 
     Returns:
         bool: True when ``mmge._ge_cpu`` is installed and loads.
@@ -220,6 +225,11 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f'mmge native kernel {name}: running statistics '
                          f'are updated in a forward call only, for levels '
                          f'that train')
+    if status == 8:
+        raise ValueError(f'mmge native kernel {name}: a backward without '
+                         f'grad is the gather\'s alone: it takes dcontext, '
+                         f'and no gate, excite or norm; raw is a forward '
+                         f'output')
     if status == 6:
         raise ValueError(f'mmge native kernel {name}: the excite runs in '
                          f'a forward call, or in a backward one as an MLP '
@@ -517,6 +527,48 @@ def gate_grad(grad: torch.Tensor,
     return out
 
 
+def excite_backward(grad: torch.Tensor,
+                    x: torch.Tensor,
+                    gate: torch.Tensor,
+                    out: Optional[torch.Tensor] = None,
+                    masked: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor,
+                               Optional[torch.Tensor]]:
+    """The gradients of ``x * resize(gate)`` (of its ReLU, given its
+    output ``out``) in one pass over ``grad`` and ``x``.
+
+    Args:
+        grad (Tensor): Gradient of the output, (N, C, H, W), in ``x``'s
+            layout.
+        x (Tensor): The features, (N, C, H, W), contiguous or
+            channels-last.
+        gate (Tensor): The gate, (N, C, h, w) (copied to ``x``'s layout
+            where it is not in it).
+        out (Tensor, optional): The output of the excite with its ReLU, in
+            ``x``'s layout: ``grad`` is masked by ``out > 0``.
+        masked (bool): Also return the masked gradient (with ``out``).
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor | None]: ``x``'s gradient (in its
+        layout), the gate's (in ``x``'s layout) and the masked gradient.
+    """
+    n, c, height, width = x.shape
+    h, w = gate.shape[-2:]
+    cl = channels_last(x)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    gate = gate.contiguous(memory_format=fmt)
+    rows, cols = nearest_index(height, h), nearest_index(width, w)
+    grad_x = torch.empty_like(x, memory_format=fmt)
+    grad_gate = torch.empty_like(gate, memory_format=fmt)
+    grad_masked = torch.empty_like(x, memory_format=fmt) \
+        if out is not None and masked else None
+    _check(_library().ge_excite_backward(
+        _ptr(grad), _ptr(x), _ptr(out), _ptr(gate), _ptr(rows), _ptr(cols),
+        _ptr(grad_x), _ptr(grad_masked), _ptr(grad_gate), n, c, height,
+        width, h, w, int(cl), torch.get_num_threads()), 'ge_excite_backward')
+    return grad_x, grad_gate, grad_masked
+
+
 def input_grad(grad: torch.Tensor,
                gate: torch.Tensor,
                pool_grad: Optional[torch.Tensor] = None,
@@ -741,6 +793,8 @@ class ConvGatherResult(NamedTuple):
             batch variance, (C, ).
         out (Tensor | None): With ``excite``, the excite's output,
             (N, C, H, W) (the context is then not returned).
+        raw (tuple[Tensor] | None): With ``keep_raw``, each level's
+            convolution output before its norm, in ``x``'s layout.
     """
     context: Optional[torch.Tensor]
     mean: torch.Tensor
@@ -750,6 +804,7 @@ class ConvGatherResult(NamedTuple):
     norm_mean: Optional[torch.Tensor]
     norm_var: Optional[torch.Tensor]
     out: Optional[torch.Tensor] = None
+    raw: Optional[Tuple[torch.Tensor, ...]] = None
 
 
 class ConvGatherGrads(NamedTuple):
@@ -889,6 +944,11 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
     out = {k: (torch.empty_like(x) if k in ('dx', 'out') else
                x.new_empty(v)) if k in outputs else None
            for k, v in out.items()}
+    out['raw'] = tuple(
+        x.new_empty(n, c, *conv_gather_size(height, width, k)).contiguous(
+            memory_format=torch.channels_last if x_cl else
+            torch.contiguous_format)
+        for k in range(1, levels + 1)) if 'raw' in outputs else None
     layout = torch.channels_last if small_cl else torch.contiguous_format
     for k in ('context', 'grad_gate'):
         if out[k] is not None:
@@ -910,9 +970,10 @@ def conv_gather_args(x, params, scale, shift, grad, gate, dcontext, outputs,
         (ctypes.c_int * levels)(*params.relu), levels, n, c, height, width,
         _ptr(rows), _ptr(cols),
         _ptr(grad), _ptr(gate), _ptr(dcontext), _ptr(level1),
-        *[_ptr(out[k]) for k in ('level1', 'context', 'mean', 'var',
-                                 'grad_gate', 'dx', 'dweight', 'dgamma',
-                                 'dbeta')],
+        _ptr(out['level1']),
+        None if out['raw'] is None else _pointers(out['raw']),
+        *[_ptr(out[k]) for k in ('context', 'mean', 'var', 'grad_gate', 'dx',
+                                 'dweight', 'dgamma', 'dbeta')],
         _ptr(gamma), _ptr(beta), float(eps),
         int(norm is not None and rvar is None), _ptr(mean), _ptr(invstd),
         train,
@@ -944,7 +1005,8 @@ def conv_gather(x: torch.Tensor,
                 excite: Optional[Excitation] = None,
                 stats: Optional['NormStats'] = None,
                 keep_context: bool = False,
-                running: Optional[RunningUpdate] = None) -> ConvGatherResult:
+                running: Optional[RunningUpdate] = None,
+                keep_raw: bool = False) -> ConvGatherResult:
     """GE-theta's parametric gather of ``y = scale[c] * x + shift[c]``,
     of ``y = norm(x)``, or of ``x``; with ``excite``, its excite too.
 
@@ -980,6 +1042,8 @@ def conv_gather(x: torch.Tensor,
             ``context``). Defaults to False.
         running (RunningUpdate, optional): Update these running statistics
             of the training levels in the call (not with ``grad``).
+        keep_raw (bool): Also return each level's convolution output (the
+            ``mmge::conv_gather`` op's ``raw``). Defaults to False.
 
     Returns:
         ConvGatherResult: The context (or the excite's output) and
@@ -994,7 +1058,8 @@ def conv_gather(x: torch.Tensor,
         ('mean', 'var') if any(params.train) else ()) + (
             ('grad_gate', ) if grad is not None else ()) + (
                 ('level1', ) if keep_level1 else ()) + (
-                    ('norm_mean', 'norm_var') if batch_norm else ())
+                    ('norm_mean', 'norm_var') if batch_norm else ()) + (
+                        ('raw', ) if keep_raw else ())
     out = _conv_gather(x, params, scale, shift, grad, None, None, want,
                        norm=norm, stats=stats,
                        small_cl=channels_last or keep_context, excite=excite,
@@ -1005,7 +1070,7 @@ def conv_gather(x: torch.Tensor,
 def conv_gather_backward(
         x: torch.Tensor,
         params: ConvGatherParams,
-        grad: torch.Tensor,
+        grad: Optional[torch.Tensor],
         scale: Optional[torch.Tensor] = None,
         shift: Optional[torch.Tensor] = None,
         gate: Optional[torch.Tensor] = None,
@@ -1025,12 +1090,16 @@ def conv_gather_backward(
     the MLP's backward runs inside the call, between the gather's forward
     and backward); else ``gate`` is the gate that was applied and
     ``dcontext`` the gradient of the context (GE-theta-plus whose MLP ran
-    in between, on a first call's ``grad_gate``).
+    in between, on a first call's ``grad_gate``). Without ``grad`` (and
+    ``gate``) it is the gather's backward alone: ``dcontext`` is the
+    context's gradient and there is no excite's term.
 
     Args:
         x (Tensor): (N, C, H, W), :func:`usable`.
         params (ConvGatherParams): The gather's levels.
-        grad (Tensor): Gradient of the output, (N, C, H, W).
+        grad (Tensor | None): Gradient of the output, (N, C, H, W); None
+            for the gather's backward alone (given ``dcontext``, not
+            ``gate``, ``stats`` or ``mlp``).
         scale (Tensor, optional): Per-channel scale, (C, ).
         shift (Tensor, optional): Per-channel shift, (C, ).
         gate (Tensor, optional): The gate, (N, C, h, w); read
@@ -1055,7 +1124,12 @@ def conv_gather_backward(
     Returns:
         ConvGatherGrads: The gradients.
     """
-    if (gate is None) != (dcontext is None):
+    if grad is None and (dcontext is None or gate is not None or
+                         stats is not None or mlp is not None):
+        raise ValueError('conv_gather_backward without grad is the '
+                         'gather\'s backward alone: it takes dcontext, and '
+                         'no gate, stats or mlp')
+    if grad is not None and (gate is None) != (dcontext is None):
         raise ValueError('conv_gather_backward takes gate and dcontext '
                          'together, or neither')
     if mlp is not None and (gate is not None or level1 is not None):
@@ -1078,7 +1152,8 @@ def conv_gather_backward(
         want += tuple(k for k, t in zip(MLP_GRADS, mlp[:4]) if t is not None)
     out = _conv_gather(x, params, scale, shift, grad, gate, dcontext, want,
                        level1, stats=stats,
-                       small_cl=gate is not None and channels_last(gate),
+                       small_cl=dcontext is not None and channels_last(
+                           dcontext if gate is None else gate),
                        excite=None if mlp is None else Excitation(
                            mlp=mlp, context=context))
     return ConvGatherGrads(*[out[k] for k in ConvGatherGrads._fields])

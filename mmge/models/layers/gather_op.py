@@ -1,15 +1,17 @@
 """:class:`~.gather.ConvGather` on the ``mmge::conv_gather`` op (and a
 global extent's convolution on ``mmge::global_gather``).
 
-Where a device has kernels of its own for the op (CUDA: Triton), GE-theta's
-local gather runs as that one op instead of its modules: every level's
-depthwise convolution, batch norm and ReLU in a few launches, reading the
-input once. The op normalises with the batch's statistics and returns them;
-the running statistics are updated here, as the batch norms would
-(:func:`~.batch_norm.update_running_stats`). Elsewhere (the CPU, where the
-modules run ATen's kernels and :class:`~.depthwise_conv.GatherConv2d`'s
-workarounds) and for modules the op does not compute (another norm, such as
-SyncBN; another activation; hooks), the modules run.
+Where a device has kernels of its own for the op (:data:`KERNELS`: CUDA's
+Triton kernels; the CPU's C kernel for float32 NCHW maps with autograd on),
+GE-theta's local gather runs as that one op instead of its modules: every
+level's depthwise convolution, batch norm and ReLU reading the input once.
+The op normalises with the batch's statistics and returns them; the running
+statistics are updated here, as the batch norms would
+(:func:`~.batch_norm.update_running_stats`). Elsewhere (on the CPU other
+dtypes, channels-last maps and inference, where the modules run ATen's
+kernels and :class:`~.depthwise_conv.GatherConv2d`'s workarounds) and for
+modules the op does not compute (another norm, such as SyncBN; another
+activation; hooks), the modules run.
 """
 from typing import List, NamedTuple, Optional
 
@@ -20,8 +22,38 @@ from ...ops import cpu_kernels, ge_ops
 from .batch_norm import is_plain_batch_norm, update_running_stats
 from .depthwise_conv import is_plain_conv
 
-#: device types with kernels of their own for ``mmge::conv_gather``
-DEVICES = ('cuda', )
+
+def _c_kernel_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the CPU's C kernel is the faster gather for ``x`` run in
+    ``dtype``: float32 NCHW maps with autograd on (twice as fast as the
+    modules on ResNet-50's maps, forward and backward). On channels-last
+    maps oneDNN's depthwise convolutions are as fast; without autograd the
+    levels' maps the op returns for backward cost more than it saves
+    (GE-ResNet-50 compiled: 1.24x of plain in inference, 1.19x on the
+    modules); other dtypes have no C kernel."""
+    return dtype is torch.float32 and x.is_contiguous() and \
+        torch.is_grad_enabled() and cpu_kernels.available()
+
+
+#: per op, the device types with kernels of their own for it and, where
+#: they do not take every input, which inputs they take
+KERNELS = {
+    'conv_gather': {'cuda': None, 'cpu': _c_kernel_takes},
+    'global_gather': {'cuda': None},
+}
+
+
+def has_kernels(op: str, x: torch.Tensor) -> bool:
+    """Whether ``x``'s device has kernels of its own for ``mmge::<op>`` that
+    take ``x`` in the dtype the op would run in (:func:`compute_input`'s),
+    and the model is not traced for export (exporters get the modules' ATen
+    ops)."""
+    kernels = KERNELS[op]
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or \
+            x.device.type not in kernels:
+        return False
+    takes = kernels[x.device.type]
+    return takes is None or takes(x, _compute_dtype(x))
 
 
 class OpArgs(NamedTuple):
@@ -59,13 +91,12 @@ def op_args(gather: nn.Module, x: torch.Tensor) -> Optional[OpArgs]:
         x (Tensor): Its input, (N, C, H, W).
 
     Returns:
-        OpArgs | None: None off the op's devices, while traced for export,
+        OpArgs | None: None where :func:`has_kernels` says no,
         for levels the op does not compute, with forward hooks, or where a
         batch norm in training would see one value per channel (it
         raises then).
     """
-    if x.device.type not in DEVICES or x.dim() != 4 or \
-            torch.jit.is_tracing() or torch.compiler.is_exporting() or \
+    if x.dim() != 4 or not has_kernels('conv_gather', x) or \
             getattr(gather, 'feat_size', None) is not None or \
             cpu_kernels.hooked(gather):
         return None
@@ -91,10 +122,9 @@ def op_args(gather: nn.Module, x: torch.Tensor) -> Optional[OpArgs]:
 def whole_map(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``conv(x)`` is global-extent GE-theta's convolution (its
     kernel the whole map) on a device with kernels of its own for
-    ``mmge::global_gather``, without hooks, while not traced for export."""
-    return x.device.type in DEVICES and x.dim() == 4 and \
-        not torch.jit.is_tracing() and \
-        not torch.compiler.is_exporting() and is_plain_conv(conv) and \
+    ``mmge::global_gather`` (:func:`has_kernels`), without hooks."""
+    return x.dim() == 4 and has_kernels('global_gather', x) and \
+        is_plain_conv(conv) and \
         conv.bias is None and conv.groups == x.shape[1] and \
         tuple(conv.kernel_size) == tuple(x.shape[2:]) and \
         conv.stride == (1, 1) and conv.padding == (0, 0) and \
@@ -102,13 +132,18 @@ def whole_map(conv: nn.Module, x: torch.Tensor) -> bool:
         not cpu_kernels.hooked(conv)
 
 
-def compute_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the dtype its convolutions run in: autocast's where it is
-    on (``conv2d`` is on its lower-precision list; the op is not)."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``x``'s convolutions run in: autocast's where it is on
+    (``conv2d`` is on its lower-precision list; the ops are not)."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.is_floating_point():
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def compute_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype its convolutions run in (:func:`_compute_dtype`)."""
+    return x.to(_compute_dtype(x))
 
 
 def update(args: OpArgs, out: List[torch.Tensor]) -> None:
