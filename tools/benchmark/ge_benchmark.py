@@ -26,9 +26,10 @@ bf16 runs each forward and loss under
 ``torch.autocast(dtype=torch.bfloat16)``, as MMEngine's
 ``AmpOptimWrapper(dtype='bfloat16')`` does. --compile MODE
 wraps every model in ``torch.compile(mode=MODE)`` (its compilations happen
-in the warm-up); the saved bytes are then counted on the eager modules
-(the compiled graphs choose what they save themselves: the peak memory
-column shows that).
+in the warm-up, with dynamo's recompile limit raised to fit every model: a
+model past it fails instead of running eager); the saved bytes are then
+counted on the eager modules (the compiled graphs choose what they save
+themselves: the peak memory column shows that).
 
 Every time is also given as a ratio to the plain network. The plain
 network runs between every two other runs (plain, A, plain, B, plain, ...,
@@ -329,6 +330,12 @@ def main(argv=None):
             for n, m in models.items()}
     eager = models
     if args.compile != 'none':
+        # every model (the networks share their forward's code) compiles
+        # once per mode: past dynamo's recompile limit the rest would run
+        # eager, unnoticed; fail instead of timing that
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, 4 * len(models))
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         models = {n: torch.compile(m, mode=args.compile)
                   for n, m in models.items()}
     amp = args.amp
