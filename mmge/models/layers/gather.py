@@ -63,8 +63,9 @@ class ConvGather(nn.Module):
 
     A local extent ``e`` chains ``log2(e)`` depthwise 3x3 convolutions of
     stride 2 and padding 1 (no bias), each followed by a norm layer and all
-    but the last by an activation (on a GPU, with batch norms and ReLUs,
-    the chain runs as one ``mmge::conv_gather`` op). The global extent
+    but the last by an activation (with batch norms and ReLUs, on a GPU and
+    in CPU training on float32 NCHW maps, the chain runs as one
+    ``mmge::conv_gather`` op: ``gather_op.KERNELS``). The global extent
     uses one depthwise convolution whose kernel equals the feature size
     (no padding, 1x1 output), followed by a norm layer; the network is then
     tied to that feature size.
