@@ -18,6 +18,7 @@ from mmge.models import GatherExcite
 from mmge.models.layers import gather_op
 from mmge.models.layers.gather import ConvGather
 from mmge.models.layers.ge_block import ge_block_tail
+from helpers.spy import record_calls
 from mmge.ops import cpu_kernels, cuda, ge_ops
 
 
@@ -148,14 +149,7 @@ def test_on_the_cpu_float32_nchw_maps_take_the_c_kernel(
     is the op on its C kernel, with the modules' values, gradients and
     running statistics; a channels-last map, a bfloat16 one (under
     autocast) and a call without autograd run the modules."""
-    calls = []
-    kernel = cpu_kernels.conv_gather
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_kernels, 'conv_gather', counted)
+    calls = record_calls(monkeypatch, cpu_kernels, 'conv_gather')
     torch.manual_seed(0)
     gather = _randomise(ConvGather(12, extent)).train(training)
     ref = copy.deepcopy(gather)

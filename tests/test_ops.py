@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
+from helpers.spy import record_calls
 from mmge import ops
 from mmge.ops import cpu_kernels, ge_ops
 
@@ -185,14 +186,7 @@ def test_excite_backward_cpu_kernel(monkeypatch, size, channels_last):
     x's and the gate's gradients and the masked gradient of the float64
     definition, every extent and the global one, through the ReLU's mask
     and without it, in x's layout (a gate in the other layout too)."""
-    calls = []
-    kernel = cpu_kernels.excite_backward
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return kernel(*args)
-
-    monkeypatch.setattr(cpu_kernels, 'excite_backward', counted)
+    calls = record_calls(monkeypatch, cpu_kernels, 'excite_backward')
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     cases = list(itertools.product(EXTENTS + ('global', ), (False, True)))
@@ -224,14 +218,7 @@ def test_conv_gather_cpu_kernel(monkeypatch, size, training, channels_last):
     C kernel: the float64 definition's context, statistics, levels' maps
     and gradients (x's, the weights', the norms'), every extent, with and
     without a last ReLU, in x's layout."""
-    calls = []
-    kernel = cpu_kernels.conv_gather
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_kernels, 'conv_gather', counted)
+    calls = record_calls(monkeypatch, cpu_kernels, 'conv_gather')
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for levels, last_relu in itertools.product((1, 2, 3), (False, True)):
