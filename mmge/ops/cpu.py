@@ -75,7 +75,7 @@ def excite_gate_grad(grad: Tensor, x: Tensor, gate: Tensor) -> Tensor:
         memory_format=ge_ops.memory_format(gate))
 
 
-def _levels(x: Tensor, weights: List[Tensor], norm_weights: List[Tensor],
+def _levels(weights: List[Tensor], norm_weights: List[Tensor],
             norm_biases: List[Tensor], means: List[Tensor],
             variances: List[Tensor], training: bool, eps: float,
             last_relu: bool) -> Optional[cpu_kernels.ConvGatherParams]:
@@ -103,7 +103,7 @@ def conv_gather(x: Tensor, weights: List[Tensor], norm_weights: List[Tensor],
                 last_relu: bool) -> List[Tensor]:
     ge_ops.check_levels(x, weights, norm_weights, norm_biases, running_means,
                         running_vars)
-    params = _levels(x, weights, norm_weights, norm_biases, running_means,
+    params = _levels(weights, norm_weights, norm_biases, running_means,
                      running_vars, training, eps, last_relu)
     if params is None or not _native(x):
         return ge_ops.reference_conv_gather(x, weights, norm_weights,
@@ -127,7 +127,7 @@ def conv_gather_backward(grad: Tensor, x: Tensor, weights: List[Tensor],
                          input_grad: bool) -> List[Tensor]:
     # the C kernel runs the levels again from x (with the same batch
     # statistics) instead of reading ``raws``
-    params = _levels(x, weights, norm_weights, norm_biases, list(mean),
+    params = _levels(weights, norm_weights, norm_biases, list(mean),
                      list(var), training, eps, last_relu)
     if params is None or not _native(x) or grad.dtype is not torch.float32:
         return ge_ops.reference_conv_gather_backward(
