@@ -911,3 +911,85 @@ int ge_norm_affine(const float *weight, const float *bias, const float *mean,
   }
   return 0;
 }
+
+/* ------------------------------------------------------------------------ */
+/* batch_stats: the sums a batch norm's statistics are made of, per plane
+ * (NCHW, one (n, c) map) or per row (NHWC, one (n, p) row of W cells by C
+ * channels): out[k, c] = (sum of x - pivot[c], sum of (x - pivot[c])^2),
+ * in double, pivot[c] a value of channel c (the sums then stay small next
+ * to the squares of the mean). Each part is summed by one thread in a fixed
+ * order, and the caller adds the parts in order: the statistics do not
+ * depend on the number of threads. */
+
+struct stats_args {
+  const float *x, *pivot;
+  double *out;
+  int64_t C, H, W;
+};
+
+CLONED static void stats_planes(const void *args_, int64_t first,
+                                int64_t last, float *unused) {
+  const struct stats_args *a = (const struct stats_args *)args_;
+  const int64_t n = a->H * a->W;
+  (void)unused;
+  for (int64_t plane = first; plane < last; ++plane) {
+    const float *x = a->x + plane * n;
+    const float p = a->pivot[plane % a->C];
+    const vf pv = splat(p);
+    vf s = splat(0.f), q = splat(0.f);
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) {
+      const vf d = load(x + k) - pv;
+      s += d;
+      q += d * d;
+    }
+    double s1 = sum_lanes(s), s2 = sum_lanes(q);
+    for (; k < n; ++k) {
+      const double d = (double)x[k] - p;
+      s1 += d;
+      s2 += d * d;
+    }
+    a->out[2 * plane] = s1;
+    a->out[2 * plane + 1] = s2;
+  }
+}
+
+/* acc: 2 * C floats of scratch per thread */
+CLONED static void stats_rows_nhwc(const void *args_, int64_t first,
+                                   int64_t last, float *acc) {
+  const struct stats_args *a = (const struct stats_args *)args_;
+  const int64_t C = a->C, W = a->W;
+  float *s = acc, *q = acc + C;
+  for (int64_t row = first; row < last; ++row) {
+    const float *x = a->x + row * W * C;
+    memset(acc, 0, sizeof(float) * 2 * C);
+    for (int64_t j = 0; j < W; ++j) {
+      const float *xc = x + j * C;
+      int64_t c = 0;
+      for (; c + LANES <= C; c += LANES) {
+        const vf d = load(xc + c) - load(a->pivot + c);
+        store(s + c, load(s + c) + d);
+        store(q + c, load(q + c) + d * d);
+      }
+      for (; c < C; ++c) {
+        const float d = xc[c] - a->pivot[c];
+        s[c] += d;
+        q[c] += d * d;
+      }
+    }
+    double *o = a->out + row * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = s[c];
+      o[C + c] = q[c];
+    }
+  }
+}
+
+int ge_batch_stats(const float *x, const float *pivot, double *out,
+                   int64_t N, int64_t C, int64_t H, int64_t W, int nhwc,
+                   int threads) {
+  struct stats_args a = {x, pivot, out, C, H, W};
+  if (nhwc)
+    return for_planes(stats_rows_nhwc, &a, N * H, W * C, 2 * C, threads);
+  return for_planes(stats_planes, &a, N * C, H * W, 0, threads);
+}

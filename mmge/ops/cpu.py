@@ -141,3 +141,139 @@ def conv_gather_backward(grad: Tensor, x: Tensor, weights: List[Tensor],
     # one tensor per level (an op's outputs do not alias each other)
     grad_weights = [d.view(c, 1, 3, 3).clone() for d in out.dweight]
     return [grad_x] + grad_weights + [out.dgamma, out.dbeta]
+
+
+def _mlp(mlp: List[Tensor],
+         mlp_relu: bool) -> Optional[cpu_kernels.MLPParams]:
+    """GE-theta-plus's MLP as the C kernel takes it (None without one)."""
+    return cpu_kernels.MLPParams(*mlp, mlp_relu) if mlp else None
+
+
+def _block_native(x: Tensor, identity: Optional[Tensor], extent: int,
+                  params: Optional[cpu_kernels.ConvGatherParams],
+                  vectors: List[Optional[Tensor]],
+                  mlp: List[Tensor]) -> bool:
+    """Whether the C kernels take a block tail: float32 maps in one layout
+    (:func:`_native`), the levels :func:`_levels` accepts (or a pool of a
+    local extent the C pool takes), contiguous float32 parameters, and an
+    MLP only after levels (the C kernels run it in the gather's call)."""
+    if not _native(x, identity) or (params is None and (mlp or extent < 2)):
+        return False
+    return all(t is None or (t.dtype is torch.float32 and t.is_contiguous())
+               for t in vectors + list(mlp))
+
+
+@ge_ops.block_tail.register_kernel('cpu')
+def block_tail(x: Tensor, identity: Optional[Tensor], norm_weight: Tensor,
+               norm_bias: Tensor, norm_mean: Optional[Tensor],
+               norm_var: Optional[Tensor], norm_training: bool,
+               norm_eps: float, extent: int, weights: List[Tensor],
+               norm_weights: List[Tensor], norm_biases: List[Tensor],
+               running_means: List[Tensor], running_vars: List[Tensor],
+               training: bool, eps: float, last_relu: bool,
+               mlp: List[Tensor], mlp_relu: bool,
+               relu: bool) -> List[Tensor]:
+    ge_ops.check_block(x, identity, norm_weight, norm_bias, norm_mean,
+                       norm_var, norm_training, extent, weights, norm_weights,
+                       norm_biases, running_means, running_vars, mlp)
+    if identity is not None and identity.stride() != x.stride():
+        identity = identity.contiguous(memory_format=ge_ops.memory_format(x))
+    params = _levels(weights, norm_weights, norm_biases, running_means,
+                     running_vars, training, eps, last_relu) \
+        if weights else None
+    running = (None, None) if norm_training else (norm_mean, norm_var)
+    if (weights and params is None) or not _block_native(
+            x, identity, extent, params,
+            [norm_weight, norm_bias, *running], mlp):
+        return ge_ops.reference_block_tail(
+            x, identity, norm_weight, norm_bias, norm_mean, norm_var,
+            norm_training, norm_eps, extent, weights, norm_weights,
+            norm_biases, running_means, running_vars, training, eps,
+            last_relu, mlp, mlp_relu, relu)
+    empty = x.new_empty(0)
+    if params is None:
+        # GE-theta-minus: the statistics in one pass, then the pool and the
+        # excite of the norm's output made on the fly
+        if norm_training:
+            mean, var = cpu_kernels.batch_stats(x)
+        else:
+            mean, var = norm_mean.clone(), norm_var.clone()
+        scale = norm_weight * (var + norm_eps).rsqrt()
+        shift = norm_bias - mean * scale
+        gate = cpu_kernels.pool_gather(x, extent, scale, shift).sigmoid_()
+        out = cpu_kernels.excite(x, gate, identity, scale=scale, shift=shift,
+                                 relu=relu)
+        return [out, mean, var, empty, empty.clone(), empty.clone()]
+    # GE-theta(-plus): the norm, the gather, the MLP and the excite in one
+    # call, the norm's output never materialised
+    result = cpu_kernels.conv_gather(
+        x, params, norm=cpu_kernels.FusedNorm(norm_weight, norm_bias,
+                                              norm_eps, *running),
+        excite=cpu_kernels.Excitation(identity, relu, _mlp(mlp, mlp_relu)),
+        keep_context=bool(mlp))
+    if norm_training:
+        mean, var = result.norm_mean, result.norm_var
+    else:
+        mean, var = norm_mean.clone(), norm_var.clone()
+    if training:
+        level_mean, level_var = result.mean, result.var
+    else:
+        level_mean, level_var = torch.stack(running_means), torch.stack(
+            running_vars)
+    return [result.out, mean, var, level_mean, level_var,
+            result.context if mlp else empty]
+
+
+@ge_ops.block_tail_backward.register_kernel('cpu')
+def block_tail_backward(grad: Tensor, x: Tensor, out: Optional[Tensor],
+                        norm_weight: Tensor, norm_bias: Tensor, mean: Tensor,
+                        var: Tensor, norm_training: bool, norm_eps: float,
+                        extent: int, weights: List[Tensor],
+                        norm_weights: List[Tensor], norm_biases: List[Tensor],
+                        level_mean: Tensor, level_var: Tensor, training: bool,
+                        eps: float, last_relu: bool, mlp: List[Tensor],
+                        mlp_relu: bool, context: Tensor) -> List[Tensor]:
+    fmt = ge_ops.memory_format(x)
+    if grad.stride() != x.stride():
+        grad = grad.contiguous(memory_format=fmt)
+    if out is not None and out.stride() != x.stride():
+        out = out.contiguous(memory_format=fmt)
+    params = _levels(weights, norm_weights, norm_biases, list(level_mean),
+                     list(level_var), training, eps, last_relu) \
+        if weights else None
+    if (weights and params is None) or grad.dtype is not torch.float32 or \
+            not _native(x, grad, out) or not _block_native(
+                x, None, extent, params, [norm_weight, norm_bias, mean, var],
+                mlp):
+        return ge_ops.reference_block_tail_backward(
+            grad, x, out, norm_weight, norm_bias, mean, var, norm_training,
+            norm_eps, extent, weights, norm_weights, norm_biases, level_mean,
+            level_var, training, eps, last_relu, mlp, mlp_relu, context)
+    masked = x.new_empty(0)
+    if out is not None:
+        grad = masked = torch.ops.aten.threshold_backward(grad, out, 0)
+    invstd = (var + norm_eps).rsqrt()
+    scale = norm_weight * invstd
+    shift = norm_bias - mean * scale
+    if params is None:
+        gate = cpu_kernels.pool_gather(x, extent, scale, shift).sigmoid_()
+        grad_gate = cpu_kernels.gate_grad(grad, x, gate.shape[-2:], scale,
+                                          shift)
+        grad_y = cpu_kernels.input_grad(grad, gate,
+                                        grad_gate.mul_(gate).mul_(1 - gate),
+                                        extent)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, norm_weight, mean, var, mean, invstd, norm_training,
+            norm_eps, [True, True, True])
+        return [grad_x, masked, grad_w, grad_b]
+    g = cpu_kernels.conv_gather_backward(
+        x, params, grad, scale, shift,
+        stats=cpu_kernels.NormStats(mean, invstd, norm_training),
+        mlp=_mlp(mlp, mlp_relu), context=context if mlp else None)
+    c, levels = x.shape[1], len(weights)
+    grad_mlp = [getattr(g, k).view_as(t) for k, t in zip(
+        cpu_kernels.MLP_GRADS, mlp)] if mlp else []
+    return [g.dx, masked, g.norm_dweight, g.norm_dbias] + [
+        d.view(c, 1, 3, 3).clone() for d in g.dweight] + [
+            g.dgamma[k].clone() for k in range(levels)] + [
+                g.dbeta[k].clone() for k in range(levels)] + grad_mlp

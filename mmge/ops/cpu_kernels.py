@@ -52,7 +52,7 @@ from .resize import channels_last, nearest_index
 
 __all__ = [
     'available', 'usable', 'maps_usable', 'hooked', 'channels_last',
-    'norm_affine', 'pool_gather',
+    'norm_affine', 'batch_stats', 'pool_gather',
     'excite', 'pool_excite', 'gate_grad',
     'input_grad', 'ConvGatherParams', 'FusedNorm', 'MLPParams',
     'Excitation', 'NormStats',
@@ -98,11 +98,14 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.ge_pool_excite.argtypes = [_PTR] * 7 + [_I64] * 5 + [_PTR] * 4 + \
         [ctypes.c_double] + [ctypes.c_int] * 3
     lib.ge_norm_affine.argtypes = [_PTR] * 4 + [ctypes.c_double, _I64, _PTR]
+    lib.ge_batch_stats.argtypes = [_PTR] * 3 + [_I64] * 4 + \
+        [ctypes.c_int] * 2
     for fn in (lib.ge_pool_forward, lib.ge_gate_grad, lib.ge_input_grad,
                lib.ge_excite, lib.ge_excite_nhwc, lib.ge_gate_grad_nhwc,
                lib.ge_excite_backward,
                lib.ge_pool_forward_nhwc, lib.ge_input_grad_nhwc,
-               lib.ge_pool_excite, lib.ge_conv_gather, lib.ge_norm_affine):
+               lib.ge_pool_excite, lib.ge_conv_gather, lib.ge_norm_affine,
+               lib.ge_batch_stats):
         fn.restype = ctypes.c_int
     return lib
 
@@ -305,6 +308,33 @@ def norm_affine(mean: torch.Tensor, var: torch.Tensor,
         _ptr(weight), _ptr(bias), _ptr(mean), _ptr(var), float(eps), c,
         _ptr(out)), 'ge_norm_affine')
     return out.unbind(0)
+
+
+def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch norm's batch statistics of ``x``, in one pass.
+
+    Args:
+        x (Tensor): (N, C, H, W), :func:`maps_usable` (contiguous or
+            channels-last), with more than one value per channel.
+
+    Returns:
+        tuple[Tensor, Tensor]: The mean and the biased variance per
+        channel, (C, ) float32, the same whatever the number of threads.
+    """
+    n, c, height, width = x.shape
+    # each channel's sums taken about one of its values
+    pivot = x[0, :, 0, 0].contiguous()
+    nhwc = channels_last(x)
+    parts = torch.empty((n * height, 2, c) if nhwc else (n, c, 2),
+                        dtype=torch.float64)
+    _check(_library().ge_batch_stats(
+        _ptr(x), _ptr(pivot), _ptr(parts), n, c, height, width, int(nhwc),
+        torch.get_num_threads()), 'ge_batch_stats')
+    sums = parts.sum(0) if nhwc else parts.sum(0).t()
+    count = n * height * width
+    shift = sums[0] / count
+    var = (sums[1] / count - shift * shift).clamp_(min=0)
+    return (pivot.double() + shift).float(), var.float()
 
 
 def pool_gather(x: torch.Tensor,

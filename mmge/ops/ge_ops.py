@@ -42,7 +42,9 @@ __all__ = [
     'reference_conv_gather_backward',
     'reference_pool_gather', 'reference_pool_gather_backward',
     'reference_excite', 'reference_excite_gate_grad', 'check_maps',
-    'memory_format', 'pooled_size', 'product_dtype'
+    'memory_format', 'pooled_size', 'product_dtype', 'block_tail',
+    'block_tail_backward', 'reference_block_tail',
+    'reference_block_tail_backward'
 ]
 
 
@@ -639,3 +641,266 @@ def _global_backward(ctx, grad: Tensor):
 
 global_gather.register_autograd(_global_backward,
                                 setup_context=_global_setup)
+
+# ---------------------------------------------------------------------------
+# block_tail
+
+
+def check_block(x: Tensor, identity: Optional[Tensor], norm_weight: Tensor,
+                norm_bias: Tensor, norm_mean: Optional[Tensor],
+                norm_var: Optional[Tensor], norm_training: bool, extent: int,
+                weights: List[Tensor], norm_weights: List[Tensor],
+                norm_biases: List[Tensor], running_means: List[Tensor],
+                running_vars: List[Tensor], mlp: List[Tensor]) -> None:
+    """Refuse operands :func:`block_tail` does not define."""
+    c = x.shape[1] if x.dim() == 4 else -1
+    norm = [norm_weight, norm_bias] + ([] if norm_training else
+                                       [norm_mean, norm_var])
+    if c < 0 or any(t is None or tuple(t.shape) != (c, ) for t in norm):
+        raise ValueError(
+            f'mmge::block_tail takes x (N, C, H, W) and its batch norm\'s '
+            f'weight and bias (and, without batch statistics, running mean '
+            f'and variance) of shape (C,); got x {tuple(x.shape)} and '
+            f'{[None if t is None else tuple(t.shape) for t in norm]}')
+    if identity is not None and identity.shape != x.shape:
+        raise ValueError(f'mmge::block_tail: identity must have the shape '
+                         f'of x {tuple(x.shape)}, got '
+                         f'{tuple(identity.shape)}')
+    if weights:
+        check_levels(x, weights, norm_weights, norm_biases, running_means,
+                     running_vars)
+    elif extent < 2:
+        raise ValueError(f'mmge::block_tail without gather levels pools: '
+                         f'extent must be >= 2, got {extent}')
+    if len(mlp) not in (0, 4):
+        raise ValueError(f'mmge::block_tail takes the MLP as [weight1, '
+                         f'bias1, weight2, bias2] or [], got {len(mlp)} '
+                         f'tensors')
+
+
+def _block_forward(x, identity, norm_weight, norm_bias, norm_mean, norm_var,
+                   norm_training, norm_eps, extent, weights, norm_weights,
+                   norm_biases, running_means, running_vars, training, eps,
+                   last_relu, mlp, mlp_relu, relu) -> List[Tensor]:
+    """:func:`block_tail`'s formula in ATen operations (differentiable)."""
+    wide = _wide(x)
+    if norm_training:
+        var, mean = torch.var_mean(x.to(wide), dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = norm_mean.to(wide), norm_var.to(wide)
+    y = _level_norm(x, norm_weight, norm_bias, mean, var, norm_eps, False)
+    if weights:
+        context, level_mean, level_var = _gather_chain(
+            y, weights, norm_weights, norm_biases, running_means,
+            running_vars, training, eps, last_relu)[:3]
+    else:
+        context = reference_pool_gather(y, extent)
+        level_mean = level_var = x.new_empty(0, dtype=wide)
+    gate = context
+    if mlp:
+        gate = F.conv2d(context, mlp[0], mlp[1])
+        gate = F.conv2d(gate.relu() if mlp_relu else gate, mlp[2], mlp[3])
+    # the op: differentiable (its reference writes into a new tensor)
+    out = excite(y, gate.sigmoid(), identity, relu)
+    return [out, mean, var, level_mean, level_var,
+            context if mlp else x.new_empty(0)]
+
+
+def reference_block_tail(x: Tensor, identity: Optional[Tensor],
+                         norm_weight: Tensor, norm_bias: Tensor,
+                         norm_mean: Optional[Tensor],
+                         norm_var: Optional[Tensor], norm_training: bool,
+                         norm_eps: float, extent: int, weights: List[Tensor],
+                         norm_weights: List[Tensor],
+                         norm_biases: List[Tensor],
+                         running_means: List[Tensor],
+                         running_vars: List[Tensor], training: bool,
+                         eps: float, last_relu: bool, mlp: List[Tensor],
+                         mlp_relu: bool, relu: bool) -> List[Tensor]:
+    """The end of a residual block with GE: ``relu(y * resize(gate(y)) +
+    identity)`` with ``y = batch_norm(x)``.
+
+    The gate is ``sigmoid(context)``, or with ``mlp`` ``sigmoid(mlp(
+    context))`` (GE-theta-plus); the context is :func:`conv_gather` of
+    ``y`` given levels (GE-theta), else :func:`pool_gather` of ``y`` with
+    ``extent`` (GE-theta-minus). The batch norms use the batch's statistics
+    where told (``norm_training``, ``training``), else the running ones;
+    no running statistic is updated here (the caller does it from the
+    returned statistics).
+
+    Args:
+        x (Tensor): The block norm's input, (N, C, H, W).
+        identity (Tensor, optional): The shortcut, of ``x``'s shape.
+        norm_weight, norm_bias (Tensor): The block norm's affine, (C,).
+        norm_mean, norm_var (Tensor, optional): Its running statistics,
+            (C,); read only without ``norm_training``.
+        norm_training (bool): The block norm uses the batch's statistics.
+        norm_eps (float): Its epsilon.
+        extent (int): The pool's extent ratio, without levels.
+        weights, norm_weights, norm_biases, running_means, running_vars,
+        training, eps, last_relu: The gather's levels, as
+            :func:`conv_gather` takes them (all empty for a pool).
+        mlp (list[Tensor]): ``[weight1, bias1, weight2, bias2]`` of the
+            excite's two 1x1 convolutions, or empty.
+        mlp_relu (bool): A ReLU between them.
+        relu (bool): The block's ReLU after the sum.
+
+    Returns:
+        list[Tensor]: ``[out, mean, var, level_mean, level_var, context]``:
+        the block's output in ``x``'s layout; the block norm's statistics
+        (C,) and the levels' (L, C), float32 (empty for a pool); the
+        context where there is an MLP (its backward reads it), else empty.
+    """
+    check_block(x, identity, norm_weight, norm_bias, norm_mean, norm_var,
+                norm_training, extent, weights, norm_weights, norm_biases,
+                running_means, running_vars, mlp)
+    out = _block_forward(x, identity, norm_weight, norm_bias, norm_mean,
+                         norm_var, norm_training, norm_eps, extent, weights,
+                         norm_weights, norm_biases, running_means,
+                         running_vars, training, eps, last_relu, mlp,
+                         mlp_relu, relu)
+    if not norm_training:  # an op's outputs do not alias its inputs
+        out[1], out[2] = out[1].clone(), out[2].clone()
+    return out
+
+
+#: the compiler may hand the block ops their maps in either layout (the
+#: kernels take both): its convolutions' layout, with no copies between
+FLEXIBLE = (torch.Tag.flexible_layout, )
+
+block_tail = torch.library.custom_op(
+    'mmge::block_tail', reference_block_tail, mutates_args=(),
+    tags=FLEXIBLE)
+
+
+@block_tail.register_fake
+def _(x, identity, norm_weight, norm_bias, norm_mean, norm_var,
+      norm_training, norm_eps, extent, weights, norm_weights, norm_biases,
+      running_means, running_vars, training, eps, last_relu, mlp, mlp_relu,
+      relu):
+    check_block(x, identity, norm_weight, norm_bias, norm_mean, norm_var,
+                norm_training, extent, weights, norm_weights, norm_biases,
+                running_means, running_vars, mlp)
+    n, c = x.shape[:2]
+    wide = _wide(x)
+    if weights:
+        small = gathered_shapes(x, len(weights))[-1]
+        stats = x.new_empty(len(weights), c, dtype=wide)
+    else:
+        small = (n, c, pooled_size(x.shape[2], extent),
+                 pooled_size(x.shape[3], extent))
+        stats = x.new_empty(0, dtype=wide)
+    context = x.new_empty(small).contiguous(
+        memory_format=torch.channels_last) if mlp else x.new_empty(0)
+    return [torch.empty_like(x, memory_format=memory_format(x)),
+            x.new_empty(c, dtype=wide), x.new_empty(c, dtype=wide), stats,
+            stats.clone(), context]
+
+
+def reference_block_tail_backward(
+        grad: Tensor, x: Tensor, out: Optional[Tensor], norm_weight: Tensor,
+        norm_bias: Tensor, mean: Tensor, var: Tensor, norm_training: bool,
+        norm_eps: float, extent: int, weights: List[Tensor],
+        norm_weights: List[Tensor], norm_biases: List[Tensor],
+        level_mean: Tensor, level_var: Tensor, training: bool, eps: float,
+        last_relu: bool, mlp: List[Tensor], mlp_relu: bool,
+        context: Tensor) -> List[Tensor]:
+    """The gradients of :func:`block_tail`: its formula run again from
+    ``x`` (with the same statistics) and differentiated.
+
+    Args:
+        grad (Tensor): The output's gradient.
+        x (Tensor): The block norm's input.
+        out (Tensor, optional): The output, where the block's ReLU ran: its
+            sign masks ``grad``.
+        norm_weight, norm_bias: As given to :func:`block_tail`.
+        mean, var (Tensor): The block norm's statistics it returned.
+        norm_training, norm_eps, extent, weights, norm_weights,
+        norm_biases: As given to :func:`block_tail`.
+        level_mean, level_var (Tensor): The levels' statistics it returned.
+        training, eps, last_relu, mlp, mlp_relu: As given to
+            :func:`block_tail`.
+        context (Tensor): The context it returned (read by the CPU kernel).
+
+    Returns:
+        list[Tensor]: ``[grad_x, grad_identity, grad_norm_weight,
+        grad_norm_bias, *grad_weights, *grad_norm_weights,
+        *grad_norm_biases, *grad_mlp]``; ``grad_identity`` is ``grad``
+        masked by the ReLU, or empty without ``out`` (it is ``grad``).
+    """
+    if out is not None:
+        grad = torch.where(out > 0, grad, 0)
+    inputs = [x, norm_weight, norm_bias, *weights, *norm_weights,
+              *norm_biases, *mlp]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        lx, lw, lb = leaves[:3]
+        levels = len(weights)
+        lws, lgs, lbs = (leaves[3:3 + levels],
+                         leaves[3 + levels:3 + 2 * levels],
+                         leaves[3 + 2 * levels:3 + 3 * levels])
+        product = _block_forward(
+            lx, None, lw, lb, mean, var, norm_training, norm_eps, extent,
+            lws, lgs, lbs, list(level_mean), list(level_var), training, eps,
+            last_relu, leaves[3 + 3 * levels:], mlp_relu, False)[0]
+    grads = torch.autograd.grad(product, leaves, grad, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g.to(t.dtype)
+             for g, t in zip(grads, inputs)]
+    fmt = memory_format(x)
+    masked = grad.contiguous(memory_format=fmt) if out is not None else \
+        x.new_empty(0)
+    return [grads[0].contiguous(memory_format=fmt), masked] + grads[1:]
+
+
+block_tail_backward = torch.library.custom_op(
+    'mmge::block_tail_backward', reference_block_tail_backward,
+    mutates_args=(), tags=FLEXIBLE)
+
+
+@block_tail_backward.register_fake
+def _(grad, x, out, norm_weight, norm_bias, mean, var, norm_training,
+      norm_eps, extent, weights, norm_weights, norm_biases, level_mean,
+      level_var, training, eps, last_relu, mlp, mlp_relu, context):
+    fmt = memory_format(x)
+    masked = torch.empty_like(x, memory_format=fmt) if out is not None \
+        else x.new_empty(0)
+    return [torch.empty_like(x, memory_format=fmt), masked] + [
+                torch.empty_like(t) for t in (norm_weight, norm_bias,
+                                              *weights, *norm_weights,
+                                              *norm_biases, *mlp)]
+
+
+def _block_setup(ctx, inputs, output) -> None:
+    (x, identity, norm_weight, norm_bias, _, _, ctx.norm_training,
+     ctx.norm_eps, ctx.extent, weights, norm_weights, norm_biases, _, _,
+     ctx.training, ctx.eps, ctx.last_relu, mlp, ctx.mlp_relu,
+     ctx.relu) = inputs
+    ctx.counts = len(weights), len(mlp)
+    ctx.identity_dtype = None if identity is None else identity.dtype
+    ctx.save_for_backward(x, output[0] if ctx.relu else None, norm_weight,
+                          norm_bias, *output[1:], *weights, *norm_weights,
+                          *norm_biases, *mlp)
+
+
+def _block_backward(ctx, grads):
+    levels, hidden = ctx.counts
+    (x, out, norm_weight, norm_bias, mean, var, level_mean, level_var,
+     context, *rest) = ctx.saved_tensors
+    weights, norm_weights, norm_biases, mlp = (
+        rest[:levels], rest[levels:2 * levels], rest[2 * levels:3 * levels],
+        rest[3 * levels:])
+    g = block_tail_backward(
+        grads[0], x, out, norm_weight, norm_bias, mean, var,
+        ctx.norm_training, ctx.norm_eps, ctx.extent, weights, norm_weights,
+        norm_biases, level_mean, level_var, ctx.training, ctx.eps,
+        ctx.last_relu, mlp, ctx.mlp_relu, context)
+    grad_identity = None if ctx.identity_dtype is None else (
+        g[1] if ctx.relu else grads[0]).to(ctx.identity_dtype)
+    k = 4 + 3 * levels
+    return (g[0], grad_identity, g[2], g[3], None, None, None, None, None,
+            g[4:4 + levels], g[4 + levels:4 + 2 * levels],
+            g[4 + 2 * levels:k], [None] * levels, [None] * levels, None,
+            None, None, g[k:], None, None)
+
+
+block_tail.register_autograd(_block_backward, setup_context=_block_setup)

@@ -35,11 +35,21 @@ def _c_kernel_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
         torch.is_grad_enabled() and cpu_kernels.available()
 
 
+def _c_block_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the CPU's C kernels take a block's tail (norm, GE, shortcut
+    and ReLU as ``mmge::block_tail``) on ``x`` run in ``dtype``: float32
+    maps, either layout, while ``torch.compile`` traces (eager training
+    and inference call the same kernels through their own paths)."""
+    return dtype is torch.float32 and torch.compiler.is_compiling() and \
+        cpu_kernels.available()
+
+
 #: per op, the device types with kernels of their own for it and, where
 #: they do not take every input, which inputs they take
 KERNELS = {
     'conv_gather': {'cuda': None, 'cpu': _c_kernel_takes},
     'global_gather': {'cuda': None},
+    'block_tail': {'cpu': _c_block_takes},
 }
 
 
@@ -83,12 +93,16 @@ def _level(m: nn.Module, channels: int) -> bool:
         (act is None or type(act) is nn.ReLU)
 
 
-def op_args(gather: nn.Module, x: torch.Tensor) -> Optional[OpArgs]:
+def op_args(gather: nn.Module,
+            x: torch.Tensor,
+            op: str = 'conv_gather') -> Optional[OpArgs]:
     """The op's arguments for ``gather(x)``, or None where the modules run.
 
     Args:
         gather (ConvGather): The gather, of a local extent.
         x (Tensor): Its input, (N, C, H, W).
+        op (str): The op that takes them: ``'conv_gather'``, or
+            ``'block_tail'`` (then ``x`` is the block norm's input).
 
     Returns:
         OpArgs | None: None where :func:`has_kernels` says no,
@@ -96,7 +110,7 @@ def op_args(gather: nn.Module, x: torch.Tensor) -> Optional[OpArgs]:
         batch norm in training would see one value per channel (it
         raises then).
     """
-    if x.dim() != 4 or not has_kernels('conv_gather', x) or \
+    if x.dim() != 4 or not has_kernels(op, x) or \
             getattr(gather, 'feat_size', None) is not None or \
             cpu_kernels.hooked(gather):
         return None

@@ -14,11 +14,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...ops import cpu_kernels
-from . import input_recompute
-from .batch_norm import is_plain_batch_norm
+from ...ops import cpu_kernels, ge_ops
+from . import gather_op, input_recompute
+from .args import GLOBAL
+from .batch_norm import (is_plain_batch_norm, update_running_stats,
+                         uses_batch_stats)
 from .gather import ConvGather
-from .ge_autograd import GEFunction, native_inference, native_plan
+from .ge_autograd import GEFunction, native_inference, native_plan, plain_mlp
 from .prepared_inference import PreparedInference
 
 
@@ -60,6 +62,67 @@ def fusable_relu(act: nn.Module, layer: nn.Module) -> bool:
     # block's forward (hooked() also sees global hooks)
     return type(act) is nn.ReLU and not cpu_kernels.hooked(act) and \
         not (layer._forward_hooks or layer._forward_pre_hooks)
+
+
+def block_tail_op(ge: nn.Module, norm: nn.Module, x: torch.Tensor,
+                  identity: Optional[torch.Tensor],
+                  relu: bool) -> Optional[torch.Tensor]:
+    """``relu(ge(norm(x)) + identity)`` as one ``mmge::block_tail`` op,
+    where the device's kernels take it (``gather_op.KERNELS``) and the
+    op computes these modules: a plain affine batch norm, GE-theta-minus
+    or GE-theta(-plus) of a local extent whose levels
+    :func:`~.gather_op.op_args` accepts, a plain MLP
+    (:func:`~.ge_autograd.plain_mlp`), no forward hooks. The running
+    statistics are updated here from the op's, as the norms would.
+
+    Args:
+        ge (GatherExcite): The GE layer.
+        norm (nn.Module): The block's norm before it.
+        x (Tensor): The norm's input, (N, C, H, W).
+        identity (Tensor, optional): The shortcut, of ``x``'s shape.
+        relu (bool): Then the block's ReLU.
+
+    Returns:
+        Tensor | None: The block's output, or None where the op does not
+        take the call.
+    """
+    if x.dim() != 4 or ge.extent == GLOBAL or \
+            not gather_op.has_kernels('block_tail', x) or \
+            not is_plain_batch_norm(norm) or norm.weight is None or \
+            norm.bias is None or \
+            cpu_kernels.hooked(ge.gather, ge.excite, norm):
+        return None
+    batch = uses_batch_stats(norm)
+    n, c, h, w = x.shape
+    if batch and n * h * w < 2:
+        return None  # the module raises ValueError: let it
+    levels = None
+    if isinstance(ge.gather, ConvGather):
+        levels = gather_op.op_args(ge.gather, x, 'block_tail')
+        if levels is None:
+            return None
+    mlp, mlp_relu = [], False
+    if ge.excite.mlp is not None:
+        if not plain_mlp(ge.excite):
+            return None
+        first, second = (m.conv for m in ge.excite.mlp)
+        mlp = [first.weight, first.bias, second.weight, second.bias]
+        mlp_relu = ge.excite.mlp[0].with_activation
+    gather = levels[:-1] if levels is not None else (
+        [], [], [], [], [], False, 0.0, False)
+    out = ge_ops.block_tail(x, identity, norm.weight, norm.bias,
+                            norm.running_mean, norm.running_var, batch,
+                            norm.eps, ge.extent, *gather, mlp, mlp_relu,
+                            relu)
+    if batch:
+        update_running_stats(norm, out[1].detach(), out[2].detach(),
+                             n * h * w)
+    if levels is not None and levels.training:
+        for k, (level, size) in enumerate(zip(
+                levels.norms, ge_ops.gathered_shapes(x, len(levels.norms)))):
+            update_running_stats(level, out[3][k].detach(),
+                                 out[4][k].detach(), n * size[2] * size[3])
+    return out[0]
 
 
 def ge_block_tail(ge: nn.Module,
@@ -133,7 +196,12 @@ def ge_block_tail(ge: nn.Module,
         x, norm = norm(x), None
         plan = native_plan(ge, norm, x, identity)
     if torch.compiler.is_compiling():
-        # the ops: the compiler plans the memory between them
+        # the whole tail as one op where its kernels take it; else the
+        # ops, and the compiler plans the memory between them
+        out = None if norm is None else block_tail_op(ge, norm, x,
+                                                      identity, relu)
+        if out is not None:
+            return out
         if norm is not None:
             x = norm(x)
         return ge.excite(x, ge.gather(x), identity, relu)
