@@ -38,10 +38,8 @@ def _c_kernel_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
 def _c_block_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the CPU's C kernels take a block's tail (norm, GE, shortcut
     and ReLU as ``mmge::block_tail``) on ``x`` run in ``dtype``: float32
-    maps, either layout, while ``torch.compile`` traces (eager training
-    and inference call the same kernels through their own paths)."""
-    return dtype is torch.float32 and torch.compiler.is_compiling() and \
-        cpu_kernels.available()
+    maps, either layout."""
+    return dtype is torch.float32 and cpu_kernels.available()
 
 
 #: per op, the device types with kernels of their own for it and, where

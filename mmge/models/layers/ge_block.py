@@ -196,8 +196,9 @@ def ge_block_tail(ge: nn.Module,
         x, norm = norm(x), None
         plan = native_plan(ge, norm, x, identity)
     if torch.compiler.is_compiling():
-        # the whole tail as one op where its kernels take it; else the
-        # ops, and the compiler plans the memory between them
+        # the whole tail as one op where its kernels take it (in eager
+        # mode GEFunction and native_inference call the same kernels);
+        # else the ops, and the compiler plans the memory between them
         out = None if norm is None else block_tail_op(ge, norm, x,
                                                       identity, relu)
         if out is not None:
