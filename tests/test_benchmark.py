@@ -178,6 +178,35 @@ def test_detection_benchmark_prints_every_row():
     assert _ratio(rows[2][4]) == _ratio(rows[1][4])
 
 
+def test_detection_benchmark_gives_every_model_the_same_rois(monkeypatch):
+    """RoIAlign's cost grows with the RoIs' sizes: the baseline and the GE
+    detector, whose random weights differ, pool the same RoIs."""
+    import torch
+    from mmcv import ops
+    spec = importlib.util.spec_from_file_location(
+        'detection_benchmark',
+        osp.join(ROOT, 'tools/benchmark/detection_benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(['--size', '96', '128', '--boxes', '2',
+                              '--rois', '8'])
+    models = module.build_models(args)
+    batch = module.make_batch(args)
+    seen = []
+    forward = ops.RoIAlign.forward
+
+    def recorded(self, features, rois):
+        seen.append(rois.clone())
+        return forward(self, features, rois)
+
+    monkeypatch.setattr(ops.RoIAlign, 'forward', recorded)
+    with torch.no_grad():
+        for model in models.values():
+            module.losses(model, batch)
+    assert len(seen) == 2 and seen[0].shape == (8, 5)
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
+
+
 def test_kernel_benchmark_prints_every_map():
     rows = _table([
         'tools/benchmark/kernel_benchmark.py', '--batch', '2', '--repeats',

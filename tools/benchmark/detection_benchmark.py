@@ -109,13 +109,17 @@ def random_weights(cfg):
 
 
 def fixed_proposals(model):
-    """Zero the RPN's box regression, so that its proposals are its anchors
-    in every model, whatever the rest of the (random) weights."""
-    reg = getattr(getattr(model, 'rpn_head', None), 'rpn_reg', None)
-    if reg is not None:
-        with torch.no_grad():
-            reg.weight.zero_()
-            reg.bias.zero_()
+    """Zero the RPN's box regression and its scores, so that its proposals
+    are the same anchors in every model, whatever the rest of the (random)
+    weights: RoIAlign's cost grows with the RoIs' sizes, and random scores
+    would pick other anchors for each model."""
+    head = getattr(model, 'rpn_head', None)
+    for name in ('rpn_reg', 'rpn_cls'):
+        layer = getattr(head, name, None)
+        if layer is not None:
+            with torch.no_grad():
+                layer.weight.zero_()
+                layer.bias.zero_()
 
 
 def build_models(args):
@@ -158,6 +162,8 @@ def make_batch(args):
 
 
 def losses(model, batch):
+    # the RoI sampler draws the same RoIs in every call of every model
+    torch.manual_seed(0)
     data = model.data_preprocessor(batch, True)
     loss, _ = model.parse_losses(model(**data, mode='loss'))
     return loss
