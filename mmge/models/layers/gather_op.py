@@ -158,14 +158,16 @@ def compute_input(x: torch.Tensor) -> torch.Tensor:
     return x.to(_compute_dtype(x))
 
 
-def update(args: OpArgs, out: List[torch.Tensor]) -> None:
-    """Update the norms' running statistics from the op's output."""
+def update(args: OpArgs, x: torch.Tensor, mean: torch.Tensor,
+           var: torch.Tensor) -> None:
+    """Update the levels' running statistics from the batch statistics
+    (L, C) an op returned for the gather's input ``x``."""
     if not args.training:
         return
-    mean, var = out[1].detach(), out[2].detach()
-    for k, (norm, raw) in enumerate(zip(args.norms, out[3:])):
-        update_running_stats(norm, mean[k], var[k],
-                             raw.numel() // max(raw.shape[1], 1))
+    mean, var = mean.detach(), var.detach()
+    shapes = ge_ops.gathered_shapes(x, len(args.norms))
+    for k, (norm, (n, _, h, w)) in enumerate(zip(args.norms, shapes)):
+        update_running_stats(norm, mean[k], var[k], n * h * w)
 
 
 def conv_gather(gather: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -194,5 +196,5 @@ def conv_gather(gather: nn.Module, x: torch.Tensor) -> torch.Tensor:
             y = level.norm(y)
         return level.activate(y) if level.with_activation else y
     out = ge_ops.conv_gather(compute_input(x), *args[:-1])
-    update(args, out)
+    update(args, x, out[1], out[2])
     return out[0]

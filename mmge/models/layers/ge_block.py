@@ -117,11 +117,8 @@ def block_tail_op(ge: nn.Module, norm: nn.Module, x: torch.Tensor,
     if batch:
         update_running_stats(norm, out[1].detach(), out[2].detach(),
                              n * h * w)
-    if levels is not None and levels.training:
-        for k, (level, size) in enumerate(zip(
-                levels.norms, ge_ops.gathered_shapes(x, len(levels.norms)))):
-            update_running_stats(level, out[3][k].detach(),
-                                 out[4][k].detach(), n * size[2] * size[3])
+    if levels is not None:
+        gather_op.update(levels, x, out[3], out[4])
     return out[0]
 
 

@@ -240,7 +240,7 @@ class GatherOfRecomputed(torch.autograd.Function):
         ctx.source, ctx.args = source, args
         x = gather_op.compute_input(x)
         out = ge_ops.conv_gather(x, *args[:-1])
-        gather_op.update(args, out)
+        gather_op.update(args, x, out[1], out[2])
         ctx.dtype = x.dtype
         ctx.save_for_backward(inp, *params, *out[1:])
         return out[0]
